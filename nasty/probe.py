@@ -1,0 +1,74 @@
+"""The KD probe: does a student learn *less* from the defended teacher than from labels alone?
+
+For every probe student: ``scratch`` (labels only), ``kd`` from the normal teacher and ``kd``
+from the defended teacher, trained identically on the attacker's data (``probe.train_subset``
+labelled images), scored on the test split.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+from .attacks import run_attack
+from .checkpoint import atomic_write_json
+from .config import train_config
+from .runs import data_from_config, save_model
+
+
+def slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
+
+
+def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str], None]) -> dict:
+    p = cfg["probe"]
+    pdata = data if p["train_subset"] is None else data_from_config(cfg, normalization=(data.mean, data.std), train_subset=p["train_subset"])
+    tcfg = train_config(cfg, p["train"])
+    params = {"temperature": p["temperature"], "alpha": p["alpha"]}
+    rows = []
+    for student in p["students"]:
+        accs = {}
+        for key, method, teacher in (("scratch", "scratch", None), ("kd_normal", "kd", normal), ("kd_defended", "kd", defended)):
+            run_dir = out / slug(student) / key
+            model, res = run_attack(method, data=pdata, teachers=[teacher] if teacher is not None else [], student=student,
+                                    train=tcfg, params=params if method == "kd" else {}, out_dir=run_dir, log=log)
+            save_model(run_dir, model, pdata, cfg, {"test": {k: res[k] for k in ("accuracy", "per_class_accuracy")}})
+            atomic_write_json(run_dir / "result.json", res)
+            accs[key] = res["accuracy"]
+            log(f"[probe] {student} {key}: test accuracy {res['accuracy']:.2f}")
+        rows.append({
+            "student": student,
+            "scratch_accuracy": accs["scratch"],
+            "kd_normal_accuracy": accs["kd_normal"],
+            "kd_defended_accuracy": accs["kd_defended"],
+            "kd_gain_normal": accs["kd_normal"] - accs["scratch"],
+            "kd_gain_defended": accs["kd_defended"] - accs["scratch"],
+        })
+    first = rows[0]
+    return {
+        "student": first["student"],
+        "scratch_accuracy": first["scratch_accuracy"],
+        "kd_normal_accuracy": first["kd_normal_accuracy"],
+        "kd_defended_accuracy": first["kd_defended_accuracy"],
+        "train_images": int(len(pdata.y_train)),
+        "students": rows,
+    }
+
+
+def verdict_text(result: dict) -> str:
+    lines = [f"teacher accuracy: normal {result['normal_accuracy']:.2f}%, defended {result['defended_accuracy']:.2f}% "
+             f"({-result['accuracy_drop']:+.2f} points)"]
+    probe = result.get("probe")
+    if probe:
+        held = 0
+        for r in probe["students"]:
+            ok = r["kd_defended_accuracy"] < r["scratch_accuracy"]
+            held += ok
+            lines.append(f"student {r['student']}: scratch {r['scratch_accuracy']:.2f}, KD from normal {r['kd_normal_accuracy']:.2f} "
+                         f"({r['kd_gain_normal']:+.2f}), KD from defended {r['kd_defended_accuracy']:.2f} ({r['kd_gain_defended']:+.2f}) -> "
+                         + ("defense holds (KD worse than labels alone)" if ok else "defense does NOT hold (KD helps the thief)"))
+        lines.append(f"verdict: KD from the defended teacher is worse than labels alone for {held} of {len(probe['students'])} probe students")
+    else:
+        lines.append("verdict: probe skipped (--no-probe); the defense is untested")
+    return "\n".join(lines)
