@@ -268,12 +268,14 @@ def defenses_cmd(as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors, documented exit codes (0 ok, 1 gate failed, 2 bad input, 3 could not complete)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        with click.Context(cli, info_name="nasty") as ctx:
+            click.echo(cli.get_help(ctx))
+        return 0
     try:
-        rv = cli.main(args=argv, prog_name="nasty", standalone_mode=False)
+        rv = cli.main(args=args, prog_name="nasty", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.NoArgsIsHelp as e:  # pragma: no cover - click version dependent
-        click.echo(e.ctx.get_help() if e.ctx else "", err=True)
-        return 2
     except click.UsageError as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return 2

@@ -1,0 +1,43 @@
+"""Shared fixtures: small real data (digits, bundled with scikit-learn) and tiny trained models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from nasty.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(digits):
+    """A small CNN trained for a few epochs on digits (about 95% test accuracy), frozen."""
+    from nasty.models import create_model
+    from nasty.train import TrainConfig, ce_objective, fit
+
+    model = create_model("cnn:width=0.5", digits.num_classes, digits.in_channels, digits.image_size)
+    fit(model, ce_objective(), digits, TrainConfig(epochs=8, batch_size=64, lr=0.05, seed=0), log=None)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the CLI in-process; returns (exit_code, stdout, stderr)."""
+    from nasty.cli import main
+
+    def run(*args: str):
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
