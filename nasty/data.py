@@ -406,7 +406,7 @@ def load_dataset(
             raise NastyError(f"normalization has {mean.numel()} channels but dataset {name} has {x_tr.shape[1]}")
 
     def norm(x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x)).float() / scale
+        t = torch.from_numpy(np.array(x, copy=True)).float() / scale
         return (t - mean[None, :, None, None]) / std[None, :, None, None]
 
     info.update({"val_fraction": val_fraction, "split_seed": split_seed})

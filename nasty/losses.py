@@ -40,7 +40,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch
     ce = F.cross_entropy(student_logits, y) if y is not None else student_logits.new_zeros(())
     a = alpha if y is not None else 1.0
     loss = a * temperature**2 * kl + (1 - a) * ce
-    return loss, {"kd_kl": float(kl), "ce": float(ce)}
+    return loss, {"kd_kl": kl.item(), "ce": ce.item()}
 
 
 def adversary_kl(teacher_logits: torch.Tensor, adversary_logits: torch.Tensor, tau: float,
@@ -66,4 +66,4 @@ def nasty_loss(teacher_logits: torch.Tensor, adversary_logits: torch.Tensor, y: 
     """
     kl = adversary_kl(teacher_logits, adversary_logits, tau, weight, kl_cap)
     ce = F.cross_entropy(teacher_logits, y)
-    return ce - omega * tau**2 * kl, {"ce": float(ce), "kl_adv": float(kl)}
+    return ce - omega * tau**2 * kl, {"ce": ce.item(), "kl_adv": kl.item()}

@@ -20,7 +20,7 @@ from .data import DataBundle, load_dataset
 from .errors import NastyError
 from .metrics import evaluate
 from .models import create_model
-from .train import ce_objective, fit
+from .train import ce_objective, fit, seed_everything
 
 
 def prepare_out_dir(out: str | Path | None, force: bool, default_name: str) -> Path:
@@ -65,6 +65,7 @@ def train_normal(cfg: dict, data: DataBundle, out_dir: Path, *, model_spec: str 
     """Supervised training (CE, optional label smoothing); saves the checkpoint into ``out_dir``."""
     tcfg = train_config(cfg, train_override)
     smoothing = {**cfg["train"], **(train_override or {})}["label_smoothing"]
+    seed_everything(tcfg.seed, tcfg.deterministic)  # the initial weights depend on the seed too
     model = new_model(model_spec or cfg["model"]["name"], data)
     res = fit(model, ce_objective(smoothing), data, tcfg, run_dir=out_dir, desc=desc, **({"log": log} if log else {}))
     metrics = {"test": test_metrics(model, data), "best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy,

@@ -86,6 +86,9 @@ class AttackContext:
     cache_teacher: bool = True
     x_train: torch.Tensor | None = None  # query images when they are not the labelled split (surrogate data)
     info: dict = field(default_factory=dict)
+    teacher_cache: Any = None  # nasty.audit.cache.TeacherOutputCache: outputs shared across run_attack calls
+    augment: str = "none"  # distillation-time augmentation: none, mixup[:ALPHA], cutmix[:ALPHA]
+    notes: list[str] = field(default_factory=list)  # caveats an attack reports (copied into the result)
 
     @property
     def teacher(self) -> Oracle:
@@ -93,7 +96,31 @@ class AttackContext:
 
     def frozen_teacher(self, oracle: Oracle | None = None, n: int | None = None) -> Frozen:
         x = self.x_train if self.x_train is not None else self.data.x_train
+        if self.teacher_cache is not None and self.cache_teacher:
+            shared = self.teacher_cache.frozen(oracle or self.teacher, x, n or len(x))
+            if shared is not None:
+                return shared
         return Frozen(oracle or self.teacher, n or len(x), cache=self.cache_teacher)
+
+    def train_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images the student trains on and their labels (``-1`` where the attacker has none)."""
+        if self.x_train is not None:
+            return self.x_train, torch.full((len(self.x_train),), -1, dtype=torch.long)
+        return self.data.x_train, self.data.y_train
+
+    def mixer(self) -> "Mixer":
+        """The distillation-time augmentation of this run (identity for ``none``), seeded by the run's seed."""
+        from .augment import Mixer
+
+        return Mixer(self.augment, self.train.seed)
+
+    def fit(self, model: nn.Module, objective, *, eval_model: nn.Module | None = None, desc: str = "", cfg: TrainConfig | None = None):
+        """The one training loop on the attacker's data (``nasty.train.fit``), logging through ``log``."""
+        from ..train import fit
+
+        x, y = self.train_split()
+        return fit(model, objective, self.data, cfg or self.train, eval_model=eval_model, run_dir=self.run_dir, desc=desc,
+                   x_train=x, y_train=y, **({"log": self.log} if self.log else {}))
 
 
 class Attack:
@@ -106,6 +133,9 @@ class Attack:
     needs_labels: ClassVar[bool] = True  # refuses to run without ground-truth labels
     uses_labels: ClassVar[bool] = True  # reads them when present (False: teacher outputs only)
     needs_teacher: ClassVar[bool] = True
+    min_teachers: ClassVar[int] = 1
+    max_teachers: ClassVar[int | None] = 1  # None: any number (ensemble)
+    supports_augment: ClassVar[bool] = False  # mixup/cutmix of the distillation batches (soft-label attacks)
     params: ClassVar[dict[str, Any]] = {}  # name -> default
 
     def __init__(self, **params: Any):
@@ -134,11 +164,8 @@ class Attack:
 
     def train(self, ctx: AttackContext) -> tuple[nn.Module, dict]:
         """Train and return the student (the module evaluated on the test split) and extra results."""
-        from ..train import fit
-
         student = self.build_student(ctx)
-        res = fit(student, self.objective(ctx, student), ctx.data, ctx.train, run_dir=ctx.run_dir,
-                  desc=f"{self.name}:{ctx.student}", x_train=ctx.x_train, **({"log": ctx.log} if ctx.log else {}))
+        res = ctx.fit(student, self.objective(ctx, student), desc=f"{self.name}:{ctx.student}")
         return student, {"best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy}
 
 
@@ -147,3 +174,159 @@ def check_temperature_alpha(p: dict) -> None:
         raise NastyError(f"temperature must be positive, got {p['temperature']}")
     if not 0 <= p["alpha"] <= 1:
         raise NastyError(f"alpha must be in [0, 1], got {p['alpha']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# pieces shared by the attacks: per-sample KD, stage hooks, white-box teacher features
+
+
+def kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(sigma_T(z_T) || sigma_T(z_S))`` per sample (classes the oracle hid, ``p_T = 0``, count 0)."""
+    log_pt = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_ps = F.log_softmax(student_logits / temperature, dim=1)
+    pt = log_pt.exp()
+    keep = pt > 0
+    per = (pt * (torch.where(keep, log_pt, 0.0) - torch.where(keep, log_ps, 0.0))).sum(1)
+    return temperature**2 * per
+
+
+def stage_names(model: nn.Module, what: str = "model") -> list[str]:
+    names = list(getattr(model, "stage_names", []) or [])
+    if not names:
+        raise NastyError(f"{what} {type(model).__name__} exposes no stage_names; feature attacks need them")
+    return names
+
+
+def resolve_stage(model: nn.Module, index: int, what: str) -> str:
+    """1-based stage index (negative counts from the end) -> the stage's submodule name."""
+    names = stage_names(model, what)
+    if isinstance(index, bool) or not isinstance(index, int) or index == 0 or abs(index) > len(names):
+        raise NastyError(f"{what} stage {index!r} out of range: it has {len(names)} stages ({', '.join(names)}); "
+                         f"use 1..{len(names)} or a negative index")
+    return names[index - 1] if index > 0 else names[index]
+
+
+class FeatureTap:
+    """Forward hooks that keep the latest output of named submodules (a model's stages)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.feats: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in dict.fromkeys(names):
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise NastyError(f"{type(model).__name__} has no submodule {name!r}") from None
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            self.feats[name] = output
+
+        return hook
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.feats[name]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.feats = [], {}
+
+
+class TappedStudent(nn.Module):
+    """A student plus trainable extras (auxiliary heads, adapters) that ``fit`` optimises together.
+
+    ``forward`` returns the student's own logits; the outputs of the tapped stages are in
+    ``tap[name]`` afterwards. Call :meth:`release` after training: it removes the hooks and returns
+    the bare student (what gets evaluated and saved).
+    """
+
+    def __init__(self, student: nn.Module, stages: list[str], extra: nn.ModuleDict):
+        super().__init__()
+        self.student = student
+        self.extra = extra
+        self.tap = FeatureTap(student, stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def release(self) -> nn.Module:
+        self.tap.remove()
+        return self.student
+
+
+@torch.no_grad()
+def probe_shapes(model: nn.Module, stages: list[str], in_channels: int, image_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """Shapes (without the batch dimension) of ``stages``' outputs, from one forward pass on zeros."""
+    tap = FeatureTap(model, stages)
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, in_channels, *image_size))
+        return {s: tuple(tap[s].shape[1:]) for s in stages}
+    finally:
+        tap.remove()
+        model.train(was_training)
+
+
+class TeacherFeatures:
+    """White-box teacher: logits and stage outputs flattened into one tensor so :class:`Frozen` caches them.
+
+    ``unpack`` turns a cached row block back into ``(logits, [features per stage])``. Counts one
+    query per image on the oracle.
+    """
+
+    def __init__(self, oracle: Oracle, stages: list[str], in_channels: int, image_size: tuple[int, int]):
+        self.oracle, self.stages = oracle, list(stages)
+        model = oracle.model
+        self.shapes = [probe_shapes(model, self.stages, in_channels, image_size)[s] for s in self.stages]
+        with torch.no_grad():
+            model.eval()
+            self.num_classes = int(model(torch.zeros(1, in_channels, *image_size)).shape[1])
+        self.sizes = [self.num_classes] + [int(torch.tensor(s).prod()) for s in self.shapes]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.oracle.model
+        model.eval()
+        self.oracle.queries += len(x)
+        tap = FeatureTap(model, self.stages)
+        try:
+            z = model(x)
+            return torch.cat([z] + [tap[s].flatten(1) for s in self.stages], 1)
+        finally:
+            tap.remove()
+
+    def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        parts = flat.split(self.sizes, dim=1)
+        return parts[0], [p.reshape(len(flat), *s) for p, s in zip(parts[1:], self.shapes)]
+
+
+def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger of two ``(..., H, W)`` maps to the smaller's size."""
+    if a.shape[-2:] == b.shape[-2:]:
+        return a, b
+    h, w = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
+
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[-2:] == (h, w):
+            return t
+        lead = t.shape[:-2]
+        return F.adaptive_avg_pool2d(t.reshape(-1, 1, *t.shape[-2:]), (h, w)).reshape(*lead, h, w)
+
+    return pool(a), pool(b)
+
+
+def load_surrogate(spec: str, data_root: str | None, like: DataBundle, *, val_fraction: float = 0.1, split_seed: int = 0,
+                   download: bool = False) -> DataBundle:
+    """Another dataset's images as unlabelled queries (KnockoffNets), normalised like the teacher's
+    inputs; its training split is the query pool, its validation split selects the epoch."""
+    from ..data import load_dataset
+
+    s = load_dataset(spec, data_root, val_fraction=val_fraction, split_seed=split_seed, download=download,
+                     normalization=(like.mean, like.std))
+    if s.in_channels != like.in_channels or s.image_size != like.image_size:
+        raise NastyError(f"surrogate {spec} gives {s.in_channels}x{s.image_size[0]}x{s.image_size[1]} images but the teacher takes "
+                         f"{like.in_channels}x{like.image_size[0]}x{like.image_size[1]}")
+    return s

@@ -4,9 +4,13 @@ adversary, ``L = CE(z_T, y) - omega * tau^2 * KL(sigma_tau(z_T) || sigma_tau(z_A
 
 Extensions (all off by default): ``omega_warmup`` ramps omega linearly over the first epochs;
 ``kl_cap`` bounds each sample's KL; with several adversaries the KL terms are averaged.
+Subclasses narrow or reshape the KL term through two hooks: :meth:`NastyTeacher.sample_weight`
+(which samples it acts on) and :meth:`NastyTeacher.combine` (how several adversaries count).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +19,22 @@ from ..errors import NastyError
 from ..losses import adversary_kl
 from . import Defense, register_defense
 
+# [defense] keys only some defenses read -> the defenses that read them (refused elsewhere, never ignored)
+OPTIONAL_KEYS = {
+    "protect_classes": "class-selective or budget",
+    "protect_by": "class-selective or budget",
+    "combine": "multi-adversary or budget",
+    "max_accuracy_drop": "budget",
+    "dual_lr": "budget",
+    "omega_max": "budget",
+}
+
 
 @register_defense
 class NastyTeacher(Defense):
     name = "nasty"
     summary = "Ma et al. 2021: CE minus omega*tau^2*KL to a frozen normal adversary"
+    uses: ClassVar[frozenset[str]] = frozenset()  # which OPTIONAL_KEYS this defense reads
 
     def validate(self) -> None:
         c = self.cfg
@@ -31,28 +46,38 @@ class NastyTeacher(Defense):
             raise NastyError(f"omega_warmup must be >= 0 epochs, got {c['omega_warmup']}")
         if c["kl_cap"] is not None and not c["kl_cap"] > 0:
             raise NastyError(f"kl_cap must be positive, got {c['kl_cap']}")
+        from ..config import SCHEMA
+
+        for key, where in OPTIONAL_KEYS.items():
+            if key in c and key not in self.uses and c[key] != SCHEMA["defense"][key][1]:
+                raise NastyError(f"defense {self.name} does not use {key} (set to {c[key]!r}); it belongs to --defense {where}")
 
     def omega_at(self, epoch: int) -> float:
         warm = self.cfg["omega_warmup"]
         return self.cfg["omega"] * (min(1.0, (epoch + 1) / warm) if warm else 1.0)
 
-    def sample_weight(self, batch) -> torch.Tensor | None:
+    def sample_weight(self, batch, adversary_logits: list[torch.Tensor]) -> torch.Tensor | None:
         """Per-sample weight of the KL term (``None``: every sample). Subclasses narrow it."""
         return None
 
     def combine(self, kls: list[torch.Tensor]) -> torch.Tensor:
-        """How the KL terms of several adversaries combine (here: their mean)."""
+        """How the (batch-mean) KL terms of several adversaries combine (here: their mean)."""
         return torch.stack(kls).mean()
 
-    def objective(self, adversaries):
+    def kl_term(self, z: torch.Tensor, batch, adversary_logits: list[torch.Tensor]) -> torch.Tensor:
+        """The combined, weighted, capped KL of the teacher's logits ``z`` to every adversary."""
         tau, cap = self.cfg["tau"], self.cfg["kl_cap"]
+        w = self.sample_weight(batch, adversary_logits)
+        return self.combine([adversary_kl(z, a, tau, w, cap) for a in adversary_logits])
+
+    def objective(self, adversaries):
+        tau = self.cfg["tau"]
 
         def objective(model, batch, epoch):
             z = model(batch.x)
             omega = self.omega_at(epoch)
-            w = self.sample_weight(batch)
-            kl = self.combine([adversary_kl(z, adv(batch), tau, w, cap) for adv in adversaries])
+            kl = self.kl_term(z, batch, [adv(batch) for adv in adversaries])
             ce = F.cross_entropy(z, batch.y)
-            return ce - omega * tau**2 * kl, {"ce": float(ce), "kl_adv": float(kl), "omega": omega}
+            return ce - omega * tau**2 * kl, {"ce": ce.item(), "kl_adv": kl.item(), "omega": omega}
 
         return objective

@@ -8,6 +8,7 @@ are its intermediate stages (used by feature distillation and auxiliary heads).
 from __future__ import annotations
 
 import ast
+import re
 import difflib
 import inspect
 from typing import Any, Callable
@@ -39,7 +40,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"cnn:width=0.25"`` -> ``("cnn", {"width": 0.25})``. Values are Python literals."""
     name, _, rest = spec.partition(":")
     kwargs: dict[str, Any] = {}
-    for part in filter(None, rest.split(",")):
+    for part in filter(None, re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", rest)):
         key, eq, value = part.partition("=")
         if not eq:
             raise NastyError(f"model option {part!r} in {spec!r} is not KEY=VALUE")
