@@ -69,6 +69,9 @@ def verdict_text(result: dict) -> str:
                          f"({r['kd_gain_normal']:+.2f}), KD from defended {r['kd_defended_accuracy']:.2f} ({r['kd_gain_defended']:+.2f}) -> "
                          + ("defense holds (KD worse than labels alone)" if ok else "defense does NOT hold (KD helps the thief)"))
         lines.append(f"verdict: KD from the defended teacher is worse than labels alone for {held} of {len(probe['students'])} probe students")
+        if result["accuracy_drop"] > 1.0:
+            lines.append(f"warning: the defended teacher lost {result['accuracy_drop']:.2f} points of accuracy; a defense that "
+                         "ruins the teacher protects nothing worth stealing (lower --omega or fine-tune with --init-from)")
     else:
         lines.append("verdict: probe skipped (--no-probe); the defense is untested")
     return "\n".join(lines)
