@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,22 +38,121 @@ def versions() -> dict[str, str]:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: a crash leaves the old file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class WriteFailed(NastyError):
+    """Writing a file failed (disk full, permissions); the previous file is intact (exit code 3)."""
+
+    exit_code = 3
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _stage(path: Path, data: bytes) -> str:
+    """Write ``data`` to a synced temporary file beside ``path``; return its name."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteFailed(f"cannot write {path}: {e.strerror or e}; the previous file is unchanged") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600 files; checkpoints are meant to be shared
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as e:
+        _unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteFailed(f"cannot write {path}: {e.strerror or e}; the previous file is unchanged") from None
         raise
+    return tmp
+
+
+def _unlink(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_files(files: list[tuple[Path, bytes]]) -> None:
+    """Write several files so that either all are replaced or none is.
+
+    Every file is first written to a synced temporary file beside its target; the temporaries are
+    then renamed over the targets. If a rename fails (disk full, permissions), the targets already
+    replaced are restored from hard-linked backups, so a failed save never leaves a new weights file
+    beside an old sidecar. Raises :class:`WriteFailed`. Under torchrun only rank 0 writes.
+    """
+    from .distributed import is_main
+
+    if not is_main():
+        return
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
+            staged.append((_stage(Path(path), data), Path(path)))
+    except BaseException:
+        for tmp, _ in staged:
+            _unlink(tmp)
+        raise
+    backups: dict[Path, str | None] = {}
+    done: list[Path] = []
+    try:
+        for tmp, dst in staged:
+            if len(staged) > 1:
+                backups[dst] = None
+                if dst.is_file():
+                    bak = f"{tmp}.bak"
+                    try:
+                        os.link(dst, bak)
+                    except OSError:
+                        shutil.copy2(dst, bak)
+                    backups[dst] = bak
+            os.replace(tmp, dst)
+            done.append(dst)
+    except OSError as e:
+        for dst in reversed(done):
+            bak = backups.get(dst)
+            try:
+                if bak is not None:
+                    os.replace(bak, dst)
+                else:
+                    os.unlink(dst)
+            except OSError:
+                pass
+        for tmp, _ in staged:
+            _unlink(tmp)
+        raise WriteFailed(f"cannot write {staged[len(done)][1]}: {e.strerror or e}; the previous files are unchanged") from None
+    finally:
+        for bak in backups.values():
+            if bak is not None:
+                _unlink(bak)
+    for folder in {dst.parent for _, dst in staged}:
+        _fsync_dir(folder)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: a crash leaves the old file intact."""
+    atomic_write_files([(Path(path), data)])
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -65,7 +166,7 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
             if cand.is_file():
                 return cand, cand.with_name(SIDECAR)
         raise NastyError(f"no {WEIGHTS} in {p}")
-    if p.suffix in (".pt", ".pth", ".pkl", ".bin", ".ckpt"):
+    if p.suffix in LEGACY_SUFFIXES:
         raise NastyError(f"{p} is a pickle-based file; nasty loads safetensors only (convert it with `nasty convert`)")
     if p.suffix == ".json":
         p = p.with_name(WEIGHTS) if p.name == SIDECAR else p.with_suffix(".safetensors")
@@ -73,6 +174,12 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
         raise NastyError(f"checkpoint not found: {p}")
     side = p.with_name(SIDECAR) if p.name == WEIGHTS else p.with_suffix(".json")
     return p, side
+
+
+LEGACY_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
+MAX_SIDECAR_BYTES = 16 << 20  # a sidecar is a few KB; refuse to parse anything huge
+MAX_CLASSES = 100_000
+MAX_INPUT_DIM = 4096
 
 
 def sha256_file(path: Path) -> str:
@@ -83,18 +190,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _state_bytes(model: nn.Module) -> bytes:
+    from safetensors.torch import save
+
+    # clone: safetensors refuses tensors that share storage (tied weights)
+    return save({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()})
+
+
 def save_checkpoint(out_dir: str | Path, model: nn.Module, *, classes: list[str], input_shape: tuple[int, int, int],
                     mean: list[float], std: list[float], dataset: str, config: dict | None = None,
                     metrics: dict | None = None, extra: dict | None = None) -> Path:
-    """Write weights and sidecar atomically into ``out_dir``; return the weights path."""
-    from safetensors.torch import save
-
+    """Write weights and sidecar into ``out_dir``, both or neither (see :func:`atomic_write_files`);
+    return the weights path. A failed write raises :class:`WriteFailed` and keeps the old pair."""
     from .models import model_spec
 
     out = Path(out_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    blob = save(state)
-    atomic_write_bytes(out / WEIGHTS, blob)
+    blob = _state_bytes(model)
     side = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -110,8 +221,17 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, *, classes: list[str]
         "versions": versions(),
         **(extra or {}),
     }
-    atomic_write_json(out / SIDECAR, side)
+    side_bytes = (json.dumps(side, indent=2, sort_keys=False) + "\n").encode()
+    atomic_write_files([(out / WEIGHTS, blob), (out / SIDECAR, side_bytes)])
     return out / WEIGHTS
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check_type(side: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -123,66 +243,166 @@ def _check_type(side: dict, key: str, typ: type | tuple[type, ...], where: str) 
     return v
 
 
+def _plain_json(v: Any, depth: int = 0) -> bool:
+    """Model options must be plain JSON scalars or short lists of them."""
+    if v is None or isinstance(v, (bool, str)) or _is_int(v):
+        return True
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, list) and depth == 0 and len(v) <= 64:
+        return all(_plain_json(a, 1) for a in v)
+    return False
+
+
 def read_sidecar(path: str | Path) -> tuple[Path, dict]:
-    """Validate and return the sidecar of a checkpoint (no weights loaded)."""
+    """Validate and return the sidecar of a checkpoint (no weights loaded). Every field another
+    part of nasty reads is type- and range-checked: the sidecar may come from someone hostile."""
     weights, side_path = _resolve(path)
     if not side_path.is_file():
         raise NastyError(f"{weights}: sidecar {side_path.name} missing; cannot rebuild the model")
-    try:
-        side = json.loads(side_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NastyError(f"{side_path}: not valid JSON ({e})") from None
     where = str(side_path)
+    size = side_path.stat().st_size
+    if size > MAX_SIDECAR_BYTES:
+        raise NastyError(f"{where}: sidecar is {size} bytes, more than the {MAX_SIDECAR_BYTES} a sidecar may have")
+    try:
+        side = json.loads(side_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NastyError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise NastyError(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(side, dict) or side.get("format") != FORMAT:
         raise NastyError(f"{where}: not a nasty checkpoint sidecar")
     if _check_type(side, "format_version", int, where) > FORMAT_VERSION:
         raise NastyError(f"{where}: format version {side['format_version']} is newer than this nasty understands")
     model = _check_type(side, "model", dict, where)
     _check_type(model, "name", str, where + " model")
-    _check_type(model, "kwargs", dict, where + " model")
+    kwargs = _check_type(model, "kwargs", dict, where + " model")
+    bad = [k for k, v in kwargs.items() if not _plain_json(v)]
+    if bad:
+        raise NastyError(f"{where}: model option {bad[0]!r} is not a plain number, string or list")
     n = _check_type(side, "num_classes", int, where)
+    if not 2 <= n <= MAX_CLASSES:
+        raise NastyError(f"{where}: num_classes {n} is outside 2..{MAX_CLASSES}")
     classes = _check_type(side, "classes", list, where)
-    if n < 2 or len(classes) != n or not all(isinstance(c, str) for c in classes):
+    if len(classes) != n or not all(isinstance(c, str) for c in classes):
         raise NastyError(f"{where}: classes ({len(classes)}) disagree with num_classes ({n})")
     shape = _check_type(side, "input_shape", list, where)
-    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        raise NastyError(f"{where}: input_shape must be three positive integers")
+    if len(shape) != 3 or not all(_is_int(s) and 0 < s <= MAX_INPUT_DIM for s in shape):
+        raise NastyError(f"{where}: input_shape must be three integers in 1..{MAX_INPUT_DIM}")
     norm = _check_type(side, "normalization", dict, where)
     for k in ("mean", "std"):
         v = norm.get(k)
-        if not isinstance(v, list) or len(v) != shape[0] or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in v):
-            raise NastyError(f"{where}: normalization.{k} must be {shape[0]} numbers")
-    _check_type(side, "weights_sha256", str, where)
+        if not isinstance(v, list) or len(v) != shape[0] or not all(_is_num(a) and math.isfinite(a) for a in v):
+            raise NastyError(f"{where}: normalization.{k} must be {shape[0]} finite numbers")
+    if not all(a > 0 for a in norm["std"]):
+        raise NastyError(f"{where}: normalization.std must be positive")
+    _check_type(side, "dataset", str, where)
+    digest = _check_type(side, "weights_sha256", str, where)
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise NastyError(f"{where}: weights_sha256 is not a SHA-256 hex digest")
     return weights, side
 
 
+def split_settings(side: dict) -> dict[str, Any]:
+    """``data_root``, ``val_fraction`` and ``split_seed`` of the run that wrote a checkpoint, type-checked
+    (the ``config`` of a sidecar is free-form and may be hostile); defaults where absent."""
+    cfg = side.get("config")
+    d = cfg.get("data") if isinstance(cfg, dict) else None
+    d = d if isinstance(d, dict) else {}
+    out = {"data_root": d.get("data_root"), "val_fraction": d.get("val_fraction", 0.1), "split_seed": d.get("split_seed", 0)}
+    if out["data_root"] is not None and not isinstance(out["data_root"], str):
+        raise NastyError("checkpoint sidecar: config.data.data_root must be a string")
+    if not _is_num(out["val_fraction"]) or not 0 < out["val_fraction"] < 1:
+        raise NastyError(f"checkpoint sidecar: config.data.val_fraction must be a number in (0, 1), got {out['val_fraction']!r}")
+    if not _is_int(out["split_seed"]) or out["split_seed"] < 0:
+        raise NastyError(f"checkpoint sidecar: config.data.split_seed must be a non-negative integer, got {out['split_seed']!r}")
+    return out
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor names, shapes and dtypes from a safetensors header, without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+            return out
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise NastyError(f"{weights}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next((k for k, v in _DTYPES.items() if v == dtype), str(dtype))
+
+
+def build_model(name: str, num_classes: int, input_shape, kwargs: dict, where: str, *, meta: bool = False) -> nn.Module:
+    """``create_model`` for specs read from a file: any failure is a one-line :class:`NastyError`.
+    ``meta=True`` builds on the meta device (no memory), to check shapes before allocating."""
+    from .models import create_model
+
+    c, h, w = input_shape
+    try:
+        if meta:
+            with torch.device("meta"):
+                return create_model(name, num_classes, c, (h, w), **kwargs)
+        return create_model(name, num_classes, c, (h, w), **kwargs)
+    except NastyError as e:
+        raise NastyError(f"{where}: {e}") from None
+    except (Exception, RecursionError) as e:  # hostile options can break a constructor in many ways
+        raise NastyError(f"{where}: cannot build model {name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def check_state_fits(expected: dict[str, tuple[tuple[int, ...], str]], got: dict[str, tuple[tuple[int, ...], str]],
+                     where: str, arch: str) -> None:
+    """Refuse weights whose names, shapes or dtypes differ from the model's."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise NastyError(f"{where}: weights do not fit {arch} ({what}; {len(missing)} missing, {len(unexpected)} unexpected)")
+    for k, (shape, dtype) in expected.items():
+        if got[k] != (shape, dtype):
+            raise NastyError(f"{where}: tensor {k} is {got[k][0]} {got[k][1]}, model needs {shape} {dtype}")
+
+
+def _signature(state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in state.items()}
+
+
 def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model from the sidecar and load the weights with strict key/shape/dtype checks."""
+    """Rebuild the model from the sidecar and load the weights with strict key/shape/dtype checks.
+
+    Order: sidecar checks, SHA-256 of the weights, the safetensors header against a model built on
+    the meta device (so a sidecar declaring a huge model allocates nothing), then the tensors
+    (refusing NaN/inf) into the real model. Never unpickles anything.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .models import create_model
 
     weights, side = read_sidecar(path)
     if sha256_file(weights) != side["weights_sha256"]:
         raise NastyError(f"{weights}: SHA-256 does not match its sidecar (truncated or altered file)")
+    header = _header(weights)
+    arch, kwargs = side["model"]["name"], side["model"]["kwargs"]
+    meta = build_model(arch, side["num_classes"], side["input_shape"], kwargs, str(weights), meta=True)
+    check_state_fits(_signature(meta.state_dict()), header, str(weights), arch)
+    del meta
     try:
         state = load_file(str(weights), device=map_location)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise NastyError(f"{weights}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
-    c, h, w = side["input_shape"]
-    model = create_model(side["model"]["name"], side["num_classes"], c, (h, w), **side["model"]["kwargs"])
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise NastyError(f"{weights}: weights do not fit {side['model']['name']} ({what}; {len(missing)} missing, {len(unexpected)} unexpected)")
-    for k, v in expected.items():
-        if state[k].shape != v.shape or state[k].dtype != v.dtype:
-            raise NastyError(f"{weights}: tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, model needs {tuple(v.shape)} {v.dtype}")
-        if v.is_floating_point() and not torch.isfinite(state[k]).all():
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
             raise NastyError(f"{weights}: tensor {k} holds NaN or inf")
+    model = build_model(arch, side["num_classes"], side["input_shape"], kwargs, str(weights))
+    check_state_fits(_signature(model.state_dict()), _signature(state), str(weights), arch)
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, side
@@ -195,3 +415,113 @@ def check_compatible(side: dict, data, what: str = "checkpoint") -> None:
     shape = [data.in_channels, *data.image_size]
     if list(side["input_shape"]) != shape:
         raise NastyError(f"{what} expects input {tuple(side['input_shape'])} but dataset {data.name} gives {tuple(shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# legacy (pickle) state dicts: only through `nasty convert`, only with torch.load(weights_only=True)
+
+
+def read_legacy_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a legacy ``.pt/.pth`` state dict, read with ``torch.load(weights_only=True)``.
+
+    ``weights_only`` unpickles tensors and plain containers only: a file whose pickle would call
+    anything else (``os.system`` ...) is refused before any of it runs. ``key`` picks a nested state
+    dict (default: the file itself, else ``state_dict``/``model_state_dict``/``model``/``net``);
+    a ``module.`` prefix (DataParallel) is stripped.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise NastyError(f"legacy checkpoint not found: {p}")
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says enough
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for broken files
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's text suggests weights_only=False: never; keep only the line that names the refused content
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "unsupported" in ln), lines[0] if lines else "")
+        reason = reason.replace("Please file an issue with the following so that we can make `weights_only=True` compatible with your use case: ", "")
+        raise NastyError(f"{p}: refused by torch.load(weights_only=True), nothing in it was run ({type(e).__name__}: {reason[:200]})") from None
+
+    def tensors_only(d: Any) -> bool:
+        return isinstance(d, dict) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            raise NastyError(f"{p}: no entry {key!r} (top-level entries: {', '.join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__})")
+        obj = obj[key]
+    elif isinstance(obj, dict) and not tensors_only(obj):
+        for cand in ("state_dict", "model_state_dict", "model", "net"):
+            if tensors_only(obj.get(cand)):
+                obj = obj[cand]
+                break
+    if not tensors_only(obj):
+        raise NastyError(f"{p}: not a state dict of named tensors (use --key to pick the entry holding it)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_legacy_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> dict:
+    """Load a legacy state dict (from :func:`read_legacy_state_dict`) into ``model``: strict names and
+    shapes, floating tensors cast to the model's dtype, NaN/inf refused. Returns facts for the sidecar."""
+    expected = model.state_dict()
+    cast = {}
+    for k, v in state.items():
+        e = expected.get(k)
+        if e is not None and v.dtype != e.dtype and v.is_floating_point() and e.is_floating_point():
+            v = v.to(e.dtype)
+        cast[k] = v.contiguous()
+    check_state_fits(_signature(expected), _signature(cast), str(source), model_spec_name(model))
+    for k, v in cast.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise NastyError(f"{source}: tensor {k} holds NaN or inf")
+    model.load_state_dict(cast, strict=True)
+    model.eval()
+    return {"source": str(source), "source_sha256": sha256_file(Path(source)), "loader": "torch.load(weights_only=True)"}
+
+
+def model_spec_name(model: nn.Module) -> str:
+    spec = getattr(model, "nasty_spec", None)
+    return spec["name"] if isinstance(spec, dict) else type(model).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# training state: tensors in safetensors, everything else as JSON in its metadata (one file, one rename)
+
+STATE_FORMAT = "nasty-train-state"
+STATE_VERSION = 1
+
+
+def save_state_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Atomically write a training state: ``tensors`` plus a JSON document, in one safetensors file."""
+    from safetensors.torch import save
+
+    doc = {"format": STATE_FORMAT, "format_version": STATE_VERSION, **meta}
+    blob = save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
+                metadata={"nasty": json.dumps(doc, allow_nan=True)})
+    atomic_write_bytes(Path(path), blob)
+
+
+def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`save_state_file` (no pickle); one-line errors when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get("nasty")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise NastyError(f"{p}: unreadable training state ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except (json.JSONDecodeError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        raise NastyError(f"{p}: not a nasty training state")
+    if not _is_int(meta.get("format_version")) or meta["format_version"] > STATE_VERSION:
+        raise NastyError(f"{p}: training state version {meta.get('format_version')!r} is not understood")
+    return tensors, meta

@@ -17,10 +17,17 @@ from .errors import NastyError
 
 
 def _log(msg: str) -> None:
-    click.echo(msg, err=True)
+    from .distributed import is_main
+
+    if is_main():  # under torchrun only rank 0 talks
+        click.echo(msg, err=True)
 
 
 def _emit(obj: Any, as_json: bool, human: Callable[[], None]) -> None:
+    from .distributed import is_main
+
+    if not is_main():
+        return
     if as_json:
         click.echo(json.dumps(obj, indent=None, default=str))
     else:
@@ -45,6 +52,7 @@ def _common(f):
         click.option("--deterministic", is_flag=True, default=None, help="Deterministic algorithms (reproducible on CPU)."),
         click.option("--out", type=click.Path(file_okay=False), help="Output directory (one run = one directory)."),
         click.option("--force", is_flag=True, help="Overwrite a non-empty --out."),
+        click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same options) from its last completed epoch."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end."),
     ]
     for o in reversed(opts):
@@ -66,6 +74,56 @@ def _positive(name: str, value: float | None) -> None:
         raise NastyError(f"{name} must be positive, got {value}")
 
 
+def _run_dir(kw: dict, cfg: dict, default_name: str) -> Path:
+    """The run's output folder: a fresh one (``--force`` to overwrite), or with ``--resume`` the
+    folder of an interrupted run whose ``run.json`` must hold the same config. Every training in
+    the command then saves its state after each epoch and resumes from it (see ``nasty.train.fit``)."""
+    from .checkpoint import atomic_write_json
+    from .runs import prepare_out_dir
+    from .train import _first_difference, checkpointing
+
+    from . import distributed
+
+    command = click.get_current_context().info_name
+    if distributed.enabled() and not kw["out"]:
+        raise NastyError("under torchrun pass --out: every rank must use the same run folder")
+    if not distributed.is_main():  # under torchrun rank 0 prepares the folder; the others wait for it
+        distributed.barrier()
+        click.get_current_context().with_resource(checkpointing(save=True, resume=bool(kw.get("resume"))))
+        return Path(kw["out"])
+    if kw.get("resume"):
+        if kw["force"]:
+            raise NastyError("--resume continues the run in --out and --force deletes it: pass one of them")
+        if not kw["out"]:
+            raise NastyError("--resume needs --out, the folder of the interrupted run")
+        out = Path(kw["out"])
+        if out.exists() and not out.is_dir():
+            raise NastyError(f"--out {out} exists and is not a directory")
+        saved = out / "run.json"
+        if saved.is_file():
+            try:
+                prev = json.loads(saved.read_text())
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise NastyError(f"cannot resume: {saved} is damaged; pass --force to start over") from None
+            if not isinstance(prev, dict) or prev.get("command") != command:
+                raise NastyError(f"cannot resume: {out} holds a run of `{prev.get('command') if isinstance(prev, dict) else '?'}`, not `{command}`")
+            diff = _first_difference(prev.get("config"), json.loads(json.dumps(cfg)))
+            if diff:
+                raise NastyError(f"cannot resume {out}: option {diff}; pass the options of the interrupted run, or --force to start over")
+        elif out.is_dir() and any(out.iterdir()):
+            raise NastyError(f"cannot resume: {out} holds no run.json (not a run of this version of nasty); pass --force to start over")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NastyError(f"cannot create output directory {out}: {e.strerror}") from None
+    else:
+        out = prepare_out_dir(kw["out"], kw["force"], default_name)
+    atomic_write_json(out / "run.json", {"command": command, "config": cfg})
+    distributed.barrier()
+    click.get_current_context().with_resource(checkpointing(save=True, resume=bool(kw.get("resume"))))
+    return out
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="nasty")
 def cli() -> None:
@@ -84,7 +142,7 @@ def train_teacher(**kw) -> None:
     over["train"]["label_smoothing"] = kw["label_smoothing"]
     cfg = load_config(kw["config"], over)
     data = data_from_config(cfg)
-    out = prepare_out_dir(kw["out"], kw["force"], f"teacher-{cfg['data']['dataset'].replace(':', '-').replace('/', '-')}")
+    out = _run_dir(kw, cfg, f"teacher-{cfg['data']['dataset'].replace(':', '-').replace('/', '-')}")
     _, metrics = train_normal(cfg, data, out, log=_log)
     result = {"accuracy": metrics["test"]["accuracy"], "per_class_accuracy": metrics["test"]["per_class_accuracy"],
               "val_accuracy": metrics["val_accuracy"], "best_epoch": metrics["best_epoch"], "checkpoint": str(out)}
@@ -102,7 +160,15 @@ def train_teacher(**kw) -> None:
 @click.option("--omega-warmup", type=int, help="Ramp omega linearly over this many epochs.")
 @click.option("--kl-cap", type=float, help="Cap each sample's KL to the adversary.")
 @click.option("--adversary", multiple=True, type=click.Path(), help="Normal teacher checkpoint (repeatable). Without it one is trained first.")
-@click.option("--adversary-model", help="Architecture of the adversary trained when --adversary is absent (default: --model).")
+@click.option("--adversary-model", help="Architecture(s) of the adversaries trained when --adversary is absent, comma-separated "
+              "(e.g. cnn,mlp; the first is the normal reference; default: --model).")
+@click.option("--protect-classes", help="class-selective/budget: classes to protect, indices or names (e.g. 3,5,7 or Shirt,Coat).")
+@click.option("--protect-by", type=click.Choice(["label", "mass", "both"]), help="Where the KL acts: images labelled with a protected "
+              "class (default), the adversary's probability mass on them, or both.")
+@click.option("--combine", type=click.Choice(["mean", "sum", "min"]), help="multi-adversary/budget: how several adversaries' KL terms combine.")
+@click.option("--max-accuracy-drop", type=float, help="budget: validation accuracy (points) the teacher may lose to the adversary; omega adapts.")
+@click.option("--dual-lr", type=float, help="budget: step of the per-epoch omega update (default 0.5).")
+@click.option("--omega-max", type=float, help="budget: upper bound of omega (default 1.0).")
 @click.option("--init-from", help="Fine-tune from a checkpoint, or 'adversary' for the (trained) adversary, instead of training from scratch.")
 @click.option("--defense-epochs", type=int, help="Epochs of the defended phase (default: [defense.train] or --epochs).")
 @click.option("--defense-lr", type=float, help="Learning rate of the defended phase.")
@@ -116,15 +182,18 @@ def train_defended_cmd(**kw) -> None:
     from .runs import prepare_out_dir
 
     _positive("--tau", kw["tau"])
+    _positive("--max-accuracy-drop", kw["max_accuracy_drop"])
     over = _base_overrides(kw)
     over["defense"] = {"name": kw["defense_name"], "tau": kw["tau"], "omega": kw["omega"], "omega_warmup": kw["omega_warmup"],
                        "kl_cap": kw["kl_cap"], "adversary": list(kw["adversary"]) or None, "adversary_model": kw["adversary_model"],
-                       "init_from": kw["init_from"],
+                       "init_from": kw["init_from"], "protect_by": kw["protect_by"], "combine": kw["combine"],
+                       "protect_classes": [c.strip() for c in kw["protect_classes"].split(",") if c.strip()] if kw["protect_classes"] else None,
+                       "max_accuracy_drop": kw["max_accuracy_drop"], "dual_lr": kw["dual_lr"], "omega_max": kw["omega_max"],
                        "train": {k: v for k, v in (("epochs", kw["defense_epochs"]), ("lr", kw["defense_lr"])) if v is not None}}
     over["probe"] = {"enabled": False if kw["no_probe"] else None, "train_subset": kw["probe_subset"],
                      "students": [s.strip() for s in kw["probe_students"].split(",") if s.strip()] if kw["probe_students"] else None}
     cfg = load_config(kw["config"], over)
-    out = prepare_out_dir(kw["out"], kw["force"], f"defended-{cfg['data']['dataset'].replace(':', '-').replace('/', '-')}")
+    out = _run_dir(kw, cfg, f"defended-{cfg['data']['dataset'].replace(':', '-').replace('/', '-')}")
     result = train_defended(cfg, out, log=_log)
     result["out_dir"] = str(out)
     _emit(result, kw["as_json"], lambda: click.echo(result["verdict"] + f"\nrun saved in {out}"))
@@ -139,20 +208,34 @@ def train_defended_cmd(**kw) -> None:
 @click.option("--alpha", type=float, help="Weight of the distillation term.")
 @click.option("--query", help="What the teacher exposes: logits, probs, topk:K, label, weights.")
 @click.option("--param", "params", multiple=True, help="Method parameter KEY=VALUE (repeatable).")
+@click.option("--output-defense", help="Post-process the teacher's probabilities when queried, e.g. topk:2,round:3 (see nasty.defenses.output).")
+@click.option("--labels/--no-labels", "labels", default=None, help="Whether the attacker holds the labels of its images (default: yes; no with --surrogate).")
+@click.option("--surrogate", help="Query the teacher on another dataset's images instead (unlabelled), e.g. mnist or npz:PATH.")
+@click.option("--queries", type=int, help="Query budget: train on this many images (a fixed seeded subset).")
+@click.option("--augment", help="Distillation-time augmentation for soft-label attacks: none, mixup or cutmix (optionally :ALPHA).")
+@click.option("--mode", help="tllm: oneshot or online identification.")
+@click.option("--delta", type=float, help="tllm: a class is undistillable when KD loses more than DELTA points on it.")
+@click.option("--discard", help="tllm: what to discard for undistillable classes: kd-term, ce-full or drop.")
+@click.option("--head-stage", type=int, help="skeptical: student stage (1-based) whose auxiliary head learns from the teacher.")
+@click.option("--kd-delay", type=int, help="skeptical: labels-only warm-up epochs before distillation.")
 def attack_cmd(**kw) -> None:
     """Train a student against a teacher with one attack and score it on the test split."""
     import ast
 
-    from .attacks import get_attack, run_attack
+    from .attacks import check_requirements, get_attack, run_attack
+    from .attacks.base import load_surrogate
     from .checkpoint import atomic_write_json, check_compatible, load_checkpoint, read_sidecar
     from .config import load_config, train_config
+    from .defenses.output import parse_output_defense
     from .runs import data_from_config, prepare_out_dir, save_model
 
     _positive("--temperature", kw["temperature"])
+    output_defense = parse_output_defense(kw["output_defense"]) if kw["output_defense"] else None
     over = _base_overrides(kw)
     over["attack"] = {"method": kw["method"], "teacher": list(kw["teacher"]) or None, "student": kw["student"],
-                      "temperature": kw["temperature"], "alpha": kw["alpha"], "query": kw["query"]}
-    options: dict[str, Any] = {}
+                      "temperature": kw["temperature"], "alpha": kw["alpha"], "query": kw["query"],
+                      "surrogate": kw["surrogate"], "queries": kw["queries"], "augment": kw["augment"]}
+    options: dict[str, Any] = {k: kw[k] for k in ("mode", "delta", "discard", "head_stage", "kd_delay") if kw[k] is not None}
     for item in kw["params"]:
         key, eq, value = item.partition("=")
         if not eq:
@@ -169,6 +252,16 @@ def attack_cmd(**kw) -> None:
     for k in ("temperature", "alpha"):
         if k in cls.params and k not in params:
             params[k] = a[k]
+    cls(**params)  # validate the method's parameters before loading anything
+    _positive("--queries", a["queries"])
+    if cls.accepts == ("weights",) and a["query"] == "logits" and not _explicit_query(kw):
+        a["query"] = "weights"  # a checkpoint on disk is white-box access; say so in the result
+        _log(f"{a['method']} is a white-box attack: using --query weights")
+    if a["surrogate"] and kw["labels"]:
+        raise NastyError("--surrogate images carry no labels of the teacher's task; drop --labels")
+    labels = not a["surrogate"] if kw["labels"] is None else kw["labels"]
+    check_requirements(cls, query=a["query"], labels=labels, n_teachers=len(a["teacher"]), augment=a["augment"],
+                       unlabelled_queries=bool(a["surrogate"]))
     norm = None
     if a["teacher"]:
         _, side = read_sidecar(a["teacher"][0])
@@ -179,16 +272,36 @@ def attack_cmd(**kw) -> None:
         model, side = load_checkpoint(path)
         check_compatible(side, data, f"teacher {path}")
         teachers.append(model)
-    out = prepare_out_dir(kw["out"], kw["force"], f"attack-{a['method']}")
+    x_queries = x_val_queries = None
+    source = None
+    if a["surrogate"]:
+        sur = load_surrogate(a["surrogate"], cfg["data"]["data_root"], data, val_fraction=cfg["data"]["val_fraction"],
+                             split_seed=cfg["data"]["split_seed"], download=cfg["data"]["download"])
+        x_queries, x_val_queries, source = sur.x_train, sur.x_val, f"{a['surrogate']} (surrogate, unlabelled)"
+    out = _run_dir(kw, cfg, f"attack-{a['method']}")
     atomic_write_json(out / "config.json", cfg)
     student, result = run_attack(a["method"], data=data, teachers=teachers, student=a["student"], train=train_config(cfg),
-                                 params=params, query=a["query"], out_dir=out, log=_log)
+                                 params=params, query=a["query"], out_dir=out, log=_log,
+                                 output_defense=output_defense, labels=labels, x_queries=x_queries, x_val_queries=x_val_queries,
+                                 data_source=source, augment=a["augment"], query_budget=a["queries"])
     result["teacher"] = list(a["teacher"])
     save_model(out, student, data, cfg, {"test": {k: result[k] for k in ("accuracy", "per_class_accuracy")}})
     atomic_write_json(out / "result.json", result)
     _emit(result, kw["as_json"], lambda: click.echo(f"{a['method']} student {a['student']}: test accuracy {result['accuracy']:.2f}%"
                                                      + (f", agreement with teacher {result['teacher_agreement']:.2f}%" if "teacher_agreement" in result else "")
+                                                     + (f", undistillable classes {result['undistillable_classes']}" if "undistillable_classes" in result else "")
                                                      + f" -> {out}"))
+
+
+def _explicit_query(kw: dict) -> bool:
+    """Whether --query or the config file's [attack] query was given (not the schema default)."""
+    if kw["query"] is not None:
+        return True
+    if not kw["config"]:
+        return False
+    import tomllib
+
+    return "query" in tomllib.loads(Path(kw["config"]).read_text()).get("attack", {})
 
 
 @cli.command("eval")
@@ -203,11 +316,13 @@ def eval_cmd(checkpoint: str, dataset: str | None, data_root: str | None, split:
     from .data import load_dataset
     from .metrics import evaluate
 
+    from .checkpoint import split_settings
+
     model, side = load_checkpoint(checkpoint)
     name = dataset or side["dataset"]
-    split_cfg = side.get("config", {}).get("data", {}) if isinstance(side.get("config"), dict) else {}
-    data = load_dataset(name, data_root or split_cfg.get("data_root"), val_fraction=split_cfg.get("val_fraction", 0.1),
-                        split_seed=split_cfg.get("split_seed", 0),
+    split_cfg = split_settings(side)  # type-checked: the sidecar may be hostile
+    data = load_dataset(name, data_root or split_cfg["data_root"], val_fraction=split_cfg["val_fraction"],
+                        split_seed=split_cfg["split_seed"],
                         normalization=(side["normalization"]["mean"], side["normalization"]["std"]))
     check_compatible(side, data)
     x, y = data.split(split)
@@ -223,6 +338,54 @@ def eval_cmd(checkpoint: str, dataset: str | None, data_root: str | None, split:
             click.echo("  " + " ".join(f"{v:5d}" for v in row))
 
     _emit(res, as_json, human)
+
+
+@cli.command("convert")
+@click.argument("source", type=click.Path())
+@click.option("--model", "model_spec", required=True, help="Architecture of the legacy weights, with options: e.g. resnet20, 'cnn:width=0.5'.")
+@click.option("--dataset", default="digits", show_default=True, help="Dataset the model was trained on (classes, input shape, normalisation).")
+@click.option("--data-root", help="Folder holding the dataset files.")
+@click.option("--key", help="Entry of the file that holds the state dict (default: the file itself, else state_dict, model_state_dict, model or net).")
+@click.option("--mean", help="Per-channel normalisation mean the model was trained with, comma-separated (default: the dataset's training statistics).")
+@click.option("--std", help="Per-channel normalisation std, comma-separated (with --mean).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for model.safetensors + model.json.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@click.option("--json", "as_json", is_flag=True)
+def convert_cmd(source: str, model_spec: str, dataset: str, data_root: str | None, key: str | None, mean: str | None,
+                std: str | None, out: str, force: bool, as_json: bool) -> None:
+    """Convert a legacy PyTorch state dict (.pt/.pth) into a safetensors checkpoint.
+
+    The file is read with torch.load(weights_only=True) only, which refuses any pickle that would
+    call code; this is the one place nasty reads a pickle-based file.
+    """
+    from .checkpoint import load_legacy_state, read_legacy_state_dict
+    from .config import load_config
+    from .runs import data_from_config, new_model, prepare_out_dir, save_model, test_metrics
+
+    def floats(name: str, text: str) -> list[float]:
+        try:
+            vals = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise NastyError(f"{name} must be comma-separated numbers, got {text!r}") from None
+        if not all(v == v and abs(v) != float("inf") for v in vals):
+            raise NastyError(f"{name} must be finite numbers, got {text!r}")
+        return vals
+
+    if (mean is None) != (std is None):
+        raise NastyError("--mean and --std go together")
+    norm = (floats("--mean", mean), floats("--std", std)) if mean is not None and std is not None else None
+    if norm and not all(v > 0 for v in norm[1]):
+        raise NastyError("--std must be positive")
+    state = read_legacy_state_dict(source, key)  # refuses hostile pickles before anything else happens
+    cfg = load_config(None, {"data": {"dataset": dataset, "data_root": data_root}, "model": {"name": model_spec}})
+    data = data_from_config(cfg, normalization=norm)
+    model = new_model(model_spec, data)
+    info = load_legacy_state(model, state, source)
+    folder = prepare_out_dir(out, force, "converted")
+    metrics = {"test": test_metrics(model, data)}
+    save_model(folder, model, data, cfg, metrics, extra={"converted": info})
+    result = {"checkpoint": str(folder), "accuracy": metrics["test"]["accuracy"], **info}
+    _emit(result, as_json, lambda: click.echo(f"converted {source} -> {folder} (test accuracy {result['accuracy']:.2f}% on {data.name})"))
 
 
 @cli.command("models")
@@ -264,6 +427,100 @@ def defenses_cmd(as_json: bool) -> None:
 
     rows = list_defenses()
     _emit(rows, as_json, lambda: [click.echo(f"{k:16s} {v}") for k, v in rows.items()])
+
+
+@cli.command("audit")
+@click.argument("teacher", type=click.Path())
+@click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML config: its [data] and [train] set the thief's data and training.")
+@click.option("--dataset", help="Dataset (default: the teacher's).")
+@click.option("--data-root", help="Folder holding the dataset files.")
+@click.option("--download", is_flag=True, default=None, help="Allow torchvision to download missing data.")
+@click.option("--train-subset", type=int, help="The thief holds a stratified subset of N labelled training images.")
+@click.option("--attacks", default="all", show_default=True, help="Comma-separated attacks (see `nasty attacks`) or 'all'.")
+@click.option("--students", default="mlp", show_default=True, help="Comma-separated student architectures.")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Training seeds per attack and student (0..N-1).")
+@click.option("--reference", type=click.Path(), help="An undefended teacher of the same task, attacked the same way.")
+@click.option("--query", default="logits", show_default=True, help="What the teacher exposes: logits, probs, topk:K, label, weights.")
+@click.option("--surrogate", help="Label-free attacks (copycat, knockoff) query the teacher on this dataset's images.")
+@click.option("--margin", type=float, default=0.0, show_default=True, help="Gain rule: transferred when the CI's lower bound exceeds this (points).")
+@click.option("--fidelity", type=float, default=0.9, show_default=True, help="Fidelity rule (label-free attacks): fraction of the teacher's class accuracy.")
+@click.option("--fail-on", type=int, help="Exit 1 when an attack transfers more than N classes.")
+@click.option("--bootstrap", type=int, default=2000, show_default=True, help="Bootstrap replicates.")
+@click.option("--param", "params", multiple=True, help="Attack parameter ATTACK.KEY=VALUE (repeatable), e.g. kd.temperature=8.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]))
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "multistep", "onecycle"]))
+@click.option("--deterministic", is_flag=True, default=None)
+@click.option("--out", type=click.Path(file_okay=False), help="Audit folder (default runs/audit-<teacher>); re-run to resume.")
+@click.option("--force", is_flag=True, help="Discard what --out holds and start afresh.")
+@click.option("--verbose", is_flag=True, help="Log every epoch of every run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the headline per attack as one JSON object.")
+def audit_cmd(**kw) -> int:
+    """Audit a teacher: which classes can each attack copy? Writes audit.json/.md/.html.
+
+    Exit codes: 0 ok, 1 an attack transfers more than --fail-on classes, 2 bad input, 3 incomplete.
+    """
+    import ast
+
+    from .audit.render import terminal_table
+    from .audit.run import AuditSettings, run_audit, slug
+    from .checkpoint import read_sidecar
+    from .config import load_config
+
+    _, side = read_sidecar(kw["teacher"])
+    over = _base_overrides(kw)
+    if kw["dataset"] is None and kw["config"] is None:
+        over["data"]["dataset"] = side["dataset"]
+        sdata = side.get("config", {}).get("data", {}) if isinstance(side.get("config"), dict) else {}
+        for k in ("data_root", "val_fraction", "split_seed"):
+            if over["data"].get(k) is None and sdata.get(k) is not None:
+                over["data"][k] = sdata[k]
+    cfg = load_config(kw["config"], over)
+    params: dict[str, dict] = {}
+    for item in kw["params"]:
+        key, eq, value = item.partition("=")
+        attack, dot, name = key.partition(".")
+        if not eq or not dot or not attack or not name:
+            raise NastyError(f"--param {item!r} is not ATTACK.KEY=VALUE (e.g. kd.temperature=8)")
+        try:
+            params.setdefault(attack, {})[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            params.setdefault(attack, {})[name] = value
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    settings = AuditSettings(teacher=kw["teacher"], cfg=cfg, attacks=split(kw["attacks"]), students=split(kw["students"]),
+                             seeds=kw["seeds"], reference=kw["reference"], query=kw["query"], margin=kw["margin"],
+                             fidelity=kw["fidelity"], fail_on=kw["fail_on"], n_boot=kw["bootstrap"], params=params,
+                             surrogate=kw["surrogate"])
+    teacher_dir = Path(kw["teacher"]).parent if Path(kw["teacher"]).suffix else Path(kw["teacher"])
+    out = Path(kw["out"]) if kw["out"] else Path("runs") / f"audit-{slug(teacher_dir.resolve().name)}"
+    audit = run_audit(settings, out, force=kw["force"], log=_log, verbose=kw["verbose"])
+    headline = {"out_dir": str(out), "status": audit["status"], "gate": audit["gate"],
+                "targets": {g: {a: {k: v[k] for k in ("method", "rule", "status", "reason", "transferred_classes", "transferred_count")}
+                                for a, v in t["attacks"].items()} for g, t in audit["targets"].items()}}
+    _emit(headline, kw["as_json"], lambda: click.echo(terminal_table(audit) + f"\nreport: {out / 'audit.html'}"))
+    return 1 if audit["gate"]["failed"] else 0
+
+
+@cli.command("report")
+@click.argument("audit_json", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for audit.md and audit.html (default: beside the JSON).")
+@click.option("--format", "formats", default="md,html", show_default=True, help="Comma-separated: md, html.")
+def report_cmd(audit_json: str, out: str | None, formats: str) -> None:
+    """Re-render audit.md and audit.html from an audit.json."""
+    from .audit.render import terminal_table, write_reports
+    from .audit.schema import load_audit
+
+    fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
+    bad = [f for f in fmts if f not in ("md", "html")]
+    if bad or not fmts:
+        raise NastyError(f"unknown --format {bad[0] if bad else formats!r} (choose md, html)")
+    audit = load_audit(audit_json)
+    folder = Path(out) if out else (Path(audit_json) if Path(audit_json).is_dir() else Path(audit_json).parent)
+    written = write_reports(audit, folder, fmts)
+    click.echo(terminal_table(audit))
+    click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
 def main(argv: list[str] | None = None) -> int:

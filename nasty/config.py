@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "init_from": ("str?", None),
         "protect_classes": ("list[str]", []),
         "max_accuracy_drop": ("float?", None),
+        "protect_by": ("str", "label"),  # class-selective: label, mass or both
+        "combine": ("str", "mean"),  # several adversaries: mean, sum or min
+        "dual_lr": ("float", 0.5),  # budget: step of the multiplicative omega update
+        "omega_max": ("float?", None),  # budget: upper bound of omega (default 1.0)
         "train": ("train", {}),
     },
     "attack": {
@@ -105,6 +110,8 @@ def _check_value(where: str, tag: str, value: Any) -> Any:
     if base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise NastyError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML allows nan and inf
+            raise NastyError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if base == "str":
         if not isinstance(value, str):
@@ -134,7 +141,8 @@ def _check_value(where: str, tag: str, value: Any) -> Any:
 
 def _train_tag(where: str, key: str) -> str:
     if key not in TRAIN_SCHEMA:
-        raise NastyError(f"unknown key {where}.{key}{_suggest(key, TRAIN_SCHEMA)}")
+        source, sep, path = where.rpartition(": ")
+        raise NastyError(f"{source}{sep}unknown key {path}.{key}{_suggest(key, TRAIN_SCHEMA)}")
     return TRAIN_SCHEMA[key][0]
 
 
@@ -175,7 +183,88 @@ def load_config(path: str | Path | None, cli: dict | None = None) -> dict:
     if cli:
         cleaned = {sec: {k: v for k, v in t.items() if v is not None} for sec, t in cli.items()}
         cfg = merge(cfg, {s: t for s, t in cleaned.items() if t}, "option")
+    validate(cfg)
     return cfg
+
+
+# Ranges checked when a config is loaded, so that a bad value fails before any training starts,
+# also one that only a later phase reads (the probe after the defended teacher, [defense.train]).
+RANGES: dict[tuple[str, str], tuple[Any, str]] = {
+    ("data", "val_fraction"): (lambda v: 0 < v < 1, "in (0, 1)"),
+    ("data", "split_seed"): (lambda v: v >= 0, ">= 0"),
+    ("data", "train_subset"): (lambda v: v >= 1, ">= 1"),
+    ("train", "label_smoothing"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("defense", "tau"): (lambda v: v > 0, "> 0"),
+    ("defense", "omega"): (lambda v: v >= 0, ">= 0"),
+    ("defense", "omega_warmup"): (lambda v: v >= 0, ">= 0"),
+    ("defense", "kl_cap"): (lambda v: v > 0, "> 0"),
+    ("defense", "max_accuracy_drop"): (lambda v: v > 0, "> 0"),
+    ("defense", "dual_lr"): (lambda v: v > 0, "> 0"),
+    ("defense", "omega_max"): (lambda v: v > 0, "> 0"),
+    ("defense", "protect_by"): (lambda v: v in ("label", "mass", "both"), "label, mass or both"),
+    ("defense", "combine"): (lambda v: v in ("mean", "sum", "min"), "mean, sum or min"),
+    ("attack", "temperature"): (lambda v: v > 0, "> 0"),
+    ("attack", "alpha"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("attack", "queries"): (lambda v: v >= 1, ">= 1"),
+    ("probe", "temperature"): (lambda v: v > 0, "> 0"),
+    ("probe", "alpha"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("probe", "train_subset"): (lambda v: v >= 1, ">= 1"),
+}
+
+
+def validate(cfg: dict) -> None:
+    """Cross-key checks of a merged config (types are checked by :func:`merge`): value ranges, the
+    training settings of every phase, augmentation, model specs, attack method and query."""
+    for (sec, key), (ok, text) in RANGES.items():
+        v = cfg.get(sec, {}).get(key)
+        if v is not None and not ok(v):
+            raise NastyError(f"{sec}.{key} must be {text}, got {v!r}")
+    for sec in ("train", "defense", "probe"):
+        table = cfg["train"] if sec == "train" else {**cfg["train"], **cfg[sec]["train"]}
+        where = "[train]" if sec == "train" else f"[{sec}.train]"
+        if not 0 <= table.get("label_smoothing", 0.0) < 1:
+            raise NastyError(f"{where} label_smoothing must be in [0, 1), got {table['label_smoothing']!r}")
+        try:
+            train_config(cfg, None if sec == "train" else cfg[sec]["train"])
+        except NastyError as e:
+            raise NastyError(f"{where} {e}") from None
+    from .data import AUGMENTATIONS
+
+    if cfg["data"]["augment"] not in ("auto", *AUGMENTATIONS):
+        raise NastyError(f"data.augment must be auto, {', '.join(AUGMENTATIONS)}; got {cfg['data']['augment']!r}")
+    specs = [("model.name", cfg["model"]["name"]), ("attack.student", cfg["attack"]["student"])]
+    specs += [(f"probe.students[{i}]", s) for i, s in enumerate(cfg["probe"]["students"])]
+    if cfg["defense"]["adversary_model"]:
+        from .defenses import split_model_specs
+
+        specs += [("defense.adversary_model", s) for s in split_model_specs(cfg["defense"]["adversary_model"])]
+    for where, spec in specs:
+        check_model_spec(spec, where)
+    if cfg["probe"]["enabled"] and not cfg["probe"]["students"]:
+        raise NastyError("probe.students is empty; name at least one student or disable the probe")
+    from .attacks import get_attack
+    from .attacks.base import parse_access
+    from .defenses import get_defense
+
+    get_attack(cfg["attack"]["method"])
+    parse_access(cfg["attack"]["query"])
+    get_defense(cfg["defense"]["name"])
+
+
+def check_model_spec(spec: str, where: str) -> None:
+    """Build ``spec`` on the meta device (no memory, no weights) for a 10-class 3x32x32 input, so a
+    typo or a bad option fails at config time rather than when that model's phase starts."""
+    import torch
+
+    from .models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(spec, 10, 3, (32, 32))
+    except NastyError as e:
+        raise NastyError(f"{where}: {e}") from None
+    except Exception as e:  # a constructor rejecting a value in its own way
+        raise NastyError(f"{where}: model {spec!r} cannot be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def train_config(cfg: dict, override: dict | None = None, **extra: Any):

@@ -372,8 +372,12 @@ def load_dataset(
         close = difflib.get_close_matches(name, list(_DATASETS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise NastyError(f"unknown dataset {name!r}{hint} (known: {', '.join(list_datasets())})")
-    if not 0 < val_fraction < 1:
-        raise NastyError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise NastyError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise NastyError(f"split_seed must be a non-negative integer, got {split_seed!r}")
+    if train_subset is not None and (isinstance(train_subset, bool) or not isinstance(train_subset, int)):
+        raise NastyError(f"train_subset must be an integer, got {train_subset!r}")
     if augment == "auto":
         augment = augment_default
     if augment not in AUGMENTATIONS:

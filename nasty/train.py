@@ -8,15 +8,21 @@ augmented, computes each training sample's output once and reuses it in later ep
 
 from __future__ import annotations
 
+import contextvars
 import copy
+import functools
+import hashlib
+import inspect
 import json
 import math
 import random
+import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -54,16 +60,28 @@ class TrainConfig:
             bad(f"epochs must be a positive integer, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not self.lr > 0:
-            bad(f"lr must be positive, got {self.lr}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            bad(f"lr must be a positive finite number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            bad(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
+        if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma < math.inf):
+            bad(f"gamma must be a positive finite number, got {self.gamma!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and 0 < self.grad_clip < math.inf):
+            bad(f"grad_clip must be a positive finite number (or absent), got {self.grad_clip!r}")
+        if not isinstance(self.milestones, (list, tuple)) or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.milestones):
+            bad(f"milestones must be positive epoch numbers, got {self.milestones!r}")
+        if not isinstance(self.deterministic, bool):
+            bad(f"deterministic must be true or false, got {self.deterministic!r}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"unknown optimizer {self.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:
             bad(f"unknown schedule {self.schedule!r} (choose {', '.join(SCHEDULES)})")
         if self.select not in ("best-val", "last"):
             bad(f"select must be best-val or last, got {self.select!r}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            bad("weight_decay must be >= 0 and momentum in [0, 1)")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf) or not (
+            isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1
+        ):
+            bad(f"weight_decay must be a finite number >= 0 and momentum in [0, 1), got {self.weight_decay!r} and {self.momentum!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,11 +132,108 @@ class Frozen:
         if missing.any():
             out = self.run(batch.x[missing])
             if self._store is None:
-                self._store = torch.zeros((self.n, *out.shape[1:]), dtype=out.dtype)
+                self._store = torch.zeros((self.n, *out.shape[1:]), dtype=out.dtype, device=out.device)
             self._store[batch.idx[missing]] = out
             self._filled[batch.idx[missing]] = True
         assert self._store is not None
         return self._store[batch.idx]
+
+    def to(self, device: torch.device) -> "Frozen":
+        """Move the frozen network (and the cache) to ``device`` (DDP on GPUs)."""
+        module = self.fn if isinstance(self.fn, nn.Module) else getattr(self.fn, "model", None)
+        if isinstance(module, nn.Module):
+            module.to(device)
+        if self._store is not None:
+            self._store = self._store.to(device)
+        return self
+
+    def identity(self) -> str:
+        """SHA-256 of the frozen network's weights and of how it is queried; a resumed run refuses
+        to continue against a different network."""
+        if getattr(self, "_identity", None) is None:
+            module = self.fn if isinstance(self.fn, nn.Module) else getattr(self.fn, "model", None)
+            h = hashlib.sha256()
+            if isinstance(module, nn.Module):
+                h.update(repr(getattr(module, "nasty_spec", type(module).__name__)).encode())
+                for k, v in sorted(module.state_dict().items()):
+                    t = v.detach().cpu().contiguous()
+                    h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(f"unhashable:{type(self.fn).__module__}.{type(self.fn).__qualname__}".encode())
+            for attr in ("access", "k"):
+                h.update(f"{attr}={getattr(self.fn, attr, None)!r}".encode())
+            post = getattr(self.fn, "post", None)
+            if post is not None:
+                h.update(repr(getattr(post, "describe", lambda: type(post).__qualname__)()).encode())
+            self._identity = h.hexdigest()
+        return self._identity
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The output cache, so that a resumed run reuses exactly the outputs the interrupted one had."""
+        out = {"filled": self._filled}
+        if self._store is not None:
+            out["store"] = self._store
+        return out
+
+    def load_state_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        if "filled" in t and t["filled"].shape == self._filled.shape:
+            self._filled = t["filled"].clone()
+            self._store = t["store"].clone() if "store" in t else None
+            if self._store is None:
+                self._filled.zero_()
+
+
+def find_frozen(obj: Any) -> list[Frozen]:
+    """The :class:`Frozen` networks an objective consults, found by walking its closure, bound
+    object and containers (a few levels deep). Used to record their identity in a training state."""
+    return [o for o in _reachable(obj) if isinstance(o, Frozen)]
+
+
+def find_stateful(obj: Any) -> list[Any]:
+    """Objects an objective consults that carry their own training state (e.g. a defense adapting
+    omega per epoch). They opt in to resume by defining ``resume_state() -> (tensors, json_dict)``
+    and ``load_resume_state(tensors, json_dict)``; fit saves and restores them with the rest."""
+    return [o for o in _reachable(obj) if not isinstance(o, Frozen) and callable(getattr(o, "resume_state", None))
+            and callable(getattr(o, "load_resume_state", None))]
+
+
+def _reachable(obj: Any, _depth: int = 0, _seen: set | None = None, _out: list | None = None) -> list[Any]:
+    seen = set() if _seen is None else _seen
+    out: list[Any] = [] if _out is None else _out
+    if _depth > 5 or id(obj) in seen or obj is None:
+        return out
+    seen.add(id(obj))
+    if isinstance(obj, Frozen):
+        out.append(obj)
+        return out
+    if not isinstance(obj, type) and callable(getattr(obj, "resume_state", None)) and not inspect.ismethod(obj):
+        out.append(obj)
+    if isinstance(obj, (nn.Module, torch.Tensor, np.ndarray, str, bytes, int, float, bool, type)) or inspect.ismodule(obj):
+        return out
+    nxt = _depth + 1
+    if inspect.ismethod(obj):
+        _reachable(obj.__self__, nxt, seen, out)
+        _reachable(obj.__func__, nxt, seen, out)
+    elif isinstance(obj, functools.partial):
+        for v in (obj.func, *obj.args, *obj.keywords.values()):
+            _reachable(v, nxt, seen, out)
+    elif inspect.isfunction(obj):
+        for cell in obj.__closure__ or ():
+            try:
+                _reachable(cell.cell_contents, nxt, seen, out)
+            except ValueError:  # empty cell
+                pass
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in list(obj)[:1000]:
+            _reachable(v, nxt, seen, out)
+    elif isinstance(obj, dict):
+        for v in list(obj.values())[:1000]:
+            _reachable(v, nxt, seen, out)
+    elif hasattr(obj, "__dict__"):
+        for v in list(vars(obj).values())[:1000]:
+            _reachable(v, nxt, seen, out)
+    return out
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -158,6 +273,225 @@ def _log_default(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# training state (resume after a kill): written atomically after every epoch, no pickle
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """What ``fit`` does with its run directory: write a training state after every epoch
+    (``save``) and continue from an existing one (``resume``)."""
+
+    save: bool = False
+    resume: bool = False
+
+
+_CHECKPOINTING: contextvars.ContextVar[Checkpointing] = contextvars.ContextVar("nasty_checkpointing", default=Checkpointing())
+
+
+@contextmanager
+def checkpointing(save: bool = True, resume: bool = False) -> Iterator[Checkpointing]:
+    """Inside this block every :func:`fit` given a ``run_dir`` saves its training state after each
+    epoch and, with ``resume``, continues an interrupted run from it. The CLI opens it around the
+    training commands, so nested trainings (adversary, defended teacher, probe students) all resume."""
+    token = _CHECKPOINTING.set(Checkpointing(save=save or resume, resume=resume))
+    try:
+        yield _CHECKPOINTING.get()
+    finally:
+        _CHECKPOINTING.reset(token)
+
+
+def state_path(run_dir: str | Path, desc: str) -> Path:
+    """Where ``fit(run_dir=..., desc=...)`` keeps its training state."""
+    return Path(run_dir) / f"train_state-{re.sub(r'[^A-Za-z0-9.]+', '-', desc).strip('-') or 'train'}.safetensors"
+
+
+def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """A cheap fingerprint of the training split (all labels, a strided sample of the images)."""
+    h = hashlib.sha256(f"{tuple(x.shape)}|{x.dtype}|{tuple(y.shape)}|{y.dtype}".encode())
+    h.update(y.detach().cpu().contiguous().numpy().tobytes())
+    flat = x.detach().reshape(-1)
+    h.update(flat[:: max(1, flat.numel() // 65536)].cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rng_state(gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng/torch": torch.get_rng_state(), "rng/batches": gen.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, t in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = t
+    npst = np.random.get_state()
+    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
+    return tensors, meta
+
+
+def _set_rng_state(gen: torch.Generator, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    gen.set_state(tensors["rng/batches"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    v, st, g = meta["python"]
+    random.setstate((v, tuple(st), g))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _split_optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, values = {}, {}
+    for idx, st in sd["state"].items():
+        values[str(idx)] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{idx}/{k}"] = v
+            else:
+                values[str(idx)][k] = v
+    return tensors, {"param_groups": sd["param_groups"], "values": values}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["values"].items()}
+    for k, t in tensors.items():
+        if k.startswith("optim/"):
+            _, idx, name = k.split("/", 2)
+            state.setdefault(int(idx), {})[name] = t
+    groups = [{k: tuple(v) if k == "betas" and isinstance(v, list) else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix)
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return None if a == b else f"{path or 'value'} was {a!r}, now {b!r}"
+
+
+@dataclass
+class FitState:
+    """Everything ``fit`` needs to continue after a completed epoch."""
+
+    epoch: int
+    best_val: float
+    best_epoch: int
+    best_state: dict[str, torch.Tensor] | None
+    history: list[dict]
+    seconds: float
+
+
+def save_fit_state(path: Path, *, desc: str, cfg: TrainConfig, model: nn.Module, opt, sched, gen: torch.Generator,
+                   frozen: Sequence[Frozen], fingerprint: str, state: FitState, stateful: Sequence[Any] = ()) -> None:
+    from .checkpoint import save_state_file
+
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    if state.best_state is not None:
+        tensors.update({f"best/{k}": v for k, v in state.best_state.items()})
+    opt_t, opt_meta = _split_optimizer_state(opt)
+    tensors.update(opt_t)
+    rng_t, rng_meta = _rng_state(gen)
+    tensors.update(rng_t)
+    for i, f in enumerate(frozen):
+        tensors.update({f"frozen/{i}/{k}": v for k, v in f.state_tensors().items()})
+    extra_meta = []
+    for i, o in enumerate(stateful):
+        t, m = o.resume_state()
+        tensors.update({f"objective/{i}/{k}": v for k, v in t.items()})
+        extra_meta.append({"type": type(o).__qualname__, "state": m})
+    meta = {
+        "desc": desc,
+        "epoch": state.epoch,
+        "epochs": cfg.epochs,
+        "complete": state.epoch >= cfg.epochs,
+        "train_config": cfg.to_dict(),
+        "model": getattr(model, "nasty_spec", type(model).__name__),
+        "data": fingerprint,
+        "frozen": [f.identity() for f in frozen],
+        "frozen_samples_run": [f.samples_run for f in frozen],
+        "objective_state": extra_meta,
+        "optimizer": opt_meta,
+        "scheduler": sched.state_dict(),
+        "rng": rng_meta,
+        "best_val_accuracy": state.best_val,
+        "best_epoch": state.best_epoch,
+        "history": state.history,
+        "seconds": state.seconds,
+    }
+    save_state_file(path, tensors, meta)
+
+
+def load_fit_state(path: Path, *, desc: str, cfg: TrainConfig, model: nn.Module, opt, sched, gen: torch.Generator,
+                   frozen: Sequence[Frozen], fingerprint: str, stateful: Sequence[Any] = ()) -> FitState:
+    """Check that the state belongs to this very run, then restore model, optimizer, scheduler,
+    RNGs and frozen caches in place. Any mismatch is a one-line :class:`NastyError`."""
+    from .checkpoint import load_state_file
+
+    tensors, meta = load_state_file(path)
+    where = f"cannot resume from {path}"
+    hint = "pass the options of the interrupted run, or --force to start over"
+    try:
+        diff = _first_difference(meta["train_config"], json.loads(json.dumps(cfg.to_dict())))
+        if diff:
+            raise NastyError(f"{where}: training option {diff}; {hint}")
+        spec = getattr(model, "nasty_spec", type(model).__name__)
+        if meta["model"] != json.loads(json.dumps(spec)):
+            raise NastyError(f"{where}: model was {meta['model']!r}, now {spec!r}; {hint}")
+        if meta["desc"] != desc:
+            raise NastyError(f"{where}: it belongs to {meta['desc']!r}, not {desc!r}")
+        if meta["data"] != fingerprint:
+            raise NastyError(f"{where}: the training data differ (dataset, subset, split or normalisation changed); {hint}")
+        ids = [f.identity() for f in frozen]
+        if meta["frozen"] != ids:
+            raise NastyError(f"{where}: the frozen networks (adversary/teacher) differ from the interrupted run's "
+                             f"({len(meta['frozen'])} then, {len(ids)} now, or different weights); {hint}")
+        model_t = _prefixed("model/", tensors)
+        from .checkpoint import _signature, check_state_fits
+
+        check_state_fits(_signature(model.state_dict()), _signature(model_t), str(path), str(spec))
+        model.load_state_dict(model_t, strict=True)
+        opt.load_state_dict(_join_optimizer_state(tensors, meta["optimizer"]))
+        sched.load_state_dict(meta["scheduler"])
+        _set_rng_state(gen, tensors, meta["rng"])
+        for i, f in enumerate(frozen):
+            f.load_state_tensors(_prefixed(f"frozen/{i}/", tensors))
+            f.samples_run = meta["frozen_samples_run"][i]
+        saved = meta.get("objective_state", [])
+        if [m["type"] for m in saved] != [type(o).__qualname__ for o in stateful]:
+            raise NastyError(f"{where}: the objective's stateful parts differ from the interrupted run's; {hint}")
+        for i, (o, m) in enumerate(zip(stateful, saved)):
+            o.load_resume_state(_prefixed(f"objective/{i}/", tensors), m["state"])
+        best = _prefixed("best/", tensors) or None
+        return FitState(int(meta["epoch"]), float(meta["best_val_accuracy"]), int(meta["best_epoch"]), best,
+                        list(meta["history"]), float(meta["seconds"]))
+    except NastyError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise NastyError(f"{where}: damaged training state ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _save_last_good(run_dir: Path, model: nn.Module, data: DataBundle, state: FitState, message: str) -> Path | None:
+    """On divergence, keep the best weights so far as a loadable checkpoint in ``run_dir/last_good``."""
+    from .checkpoint import save_checkpoint
+
+    if state.best_state is None or not hasattr(model, "nasty_spec"):
+        return None
+    save_checkpoint(run_dir / "last_good", model, classes=data.classes, input_shape=(data.in_channels, *data.image_size),
+                    mean=data.mean, std=data.std, dataset=data.name,
+                    metrics={"best_epoch": state.best_epoch, "val_accuracy": state.best_val},
+                    extra={"diverged": message})
+    return run_dir / "last_good"
+
+
 def fit(
     model: nn.Module,
     objective: Objective,
@@ -170,78 +504,175 @@ def fit(
     log: Callable[[str], None] | None = _log_default,
     x_train: torch.Tensor | None = None,
     y_train: torch.Tensor | None = None,
+    save_state: bool | None = None,
+    resume: bool | None = None,
+    frozen: Sequence[Frozen] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``objective``; keep the weights of the best validation epoch.
 
     ``eval_model`` (default ``model``) is what validation accuracy is measured on. ``x_train`` /
     ``y_train`` replace the training split (e.g. labels from a teacher). Writes ``metrics.jsonl``
     into ``run_dir`` one line per epoch.
+
+    Resume: with ``save_state`` (default: the enclosing :func:`checkpointing` block, else off) and a
+    ``run_dir``, the full training state (weights, optimizer, scheduler, every RNG incl. the batch
+    generator, best weights so far, history, the frozen networks' identity and output caches) is
+    written atomically after every epoch to :func:`state_path`; with ``resume`` an existing state is
+    checked against this run and training continues from it, bit-for-bit on CPU with
+    ``deterministic``. ``frozen`` lists the :class:`Frozen` networks the objective consults (default:
+    found in its closure); objects in the closure with ``resume_state``/``load_resume_state`` (see
+    :func:`find_stateful`) have their own state saved and restored too. A NaN/inf loss raises
+    :class:`TrainingDiverged`; the best weights so far are restored into ``model`` and saved in
+    ``run_dir/last_good``.
     """
     from tqdm import tqdm
 
+    from . import distributed as ddp_
+
+    ck = _CHECKPOINTING.get()
+    save_state = ck.save if save_state is None else save_state
+    resume = ck.resume if resume is None else resume
+    ddp = ddp_.init()  # under torchrun: DDP across ranks (see nasty.distributed); otherwise off
+    main = ddp_.is_main()
+    log = log if main else None
     seed_everything(cfg.seed, cfg.deterministic)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: the same global batches
+    if ddp:  # the global RNG (dropout and the like) differs per rank
+        random.seed(cfg.seed + ddp_.rank())
+        np.random.seed((cfg.seed + ddp_.rank()) % 2**32)
+        torch.manual_seed(cfg.seed + ddp_.rank())
+    dev = ddp_.device()
     x = data.x_train if x_train is None else x_train
     y = data.y_train if y_train is None else y_train
     eval_model = eval_model or model
     steps = math.ceil(len(y) / cfg.batch_size)
+    spath = state_path(run_dir, desc) if run_dir is not None and (save_state or resume) else None
+    if dev.type != "cpu":
+        model.to(dev)
     opt = make_optimizer(model.parameters(), cfg)
     sched = make_scheduler(opt, cfg, steps)
+    frozen = list(find_frozen(objective) if frozen is None else frozen) if spath or dev.type != "cpu" else []
+    stateful = find_stateful(objective) if spath else []
+    fingerprint = data_fingerprint(x, y) if spath else ""
+    st = FitState(0, -1.0, -1, None, [], 0.0)
+    if spath is not None and resume and spath.is_file():
+        st = load_fit_state(spath, desc=desc, cfg=cfg, model=model, opt=opt, sched=sched, gen=gen, frozen=frozen,
+                            fingerprint=fingerprint, stateful=stateful)
+        if log:
+            log(f"[{desc}] resuming after epoch {st.epoch}/{cfg.epochs} from {spath}")
+    train_model = ddp_.wrap(model) if ddp else model  # only the trained network; frozen ones are not wrapped
+    for f in frozen if dev.type != "cpu" else []:
+        f.to(dev)
     metrics_file = None
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        metrics_file = open(Path(run_dir) / "metrics.jsonl", "w")
-    best_val, best_epoch, best_state = -1.0, -1, None
-    history: list[dict] = []
-    t_start = time.perf_counter()
-    bar = tqdm(total=cfg.epochs * steps, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+        if main:
+            metrics_file = open(Path(run_dir) / "metrics.jsonl", "w")
+            for row in st.history:
+                metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+    t_start = time.perf_counter() - st.seconds
+    bar = tqdm(total=cfg.epochs * steps, initial=st.epoch * steps, desc=desc, file=sys.stderr,
+               disable=not (main and sys.stderr.isatty()), leave=False)
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(st.epoch, cfg.epochs):
             model.train()
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             seen = 0
             for step, batch in enumerate(iterate_batches(x, y, cfg.batch_size, gen, data.augment)):
-                loss, terms = objective(model, batch, epoch)
-                if not torch.isfinite(loss):
-                    if best_state is not None:
-                        model.load_state_dict(best_state)
-                    detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                    raise TrainingDiverged(
-                        f"{desc}: loss is {float(loss)} at epoch {epoch + 1}, step {step + 1} ({detail}); "
-                        "the last good checkpoint is kept; lower the learning rate or the defense strength"
-                    )
+                if ddp:  # this rank's shard of the global batch; its loss weighted to give the global mean
+                    sh = ddp_.shard(len(batch.y))
+                    batch = Batch(batch.x[sh.sl].to(dev), batch.y[sh.sl].to(dev), batch.idx[sh.sl], batch.augmented)
+                loss, terms = objective(train_model, batch, epoch)
+                bad = not bool(torch.isfinite(loss))
+                if ddp:
+                    bad = ddp_.any_rank(bad)  # every rank stops together (no rank left waiting in an all-reduce)
+                if bad:
+                    detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) or "no loss terms reported"
+                    where = f" on rank {ddp_.rank()}" if ddp else ""
+                    msg = f"{desc}: loss is {loss.item()}{where} at epoch {epoch + 1}, step {step + 1} ({detail})"
+                    _diverged(model, data, run_dir if main else None, st, msg)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * sh.weight if ddp else loss).backward()
                 if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 sched.step()
-                b = len(batch.y)
+                b = len(batch.y) if not (ddp and sh.empty) else 0
                 seen += b
-                for k, v in {"loss": float(loss), **terms}.items():
+                for k, v in {"loss": loss.item(), **terms}.items():
                     sums[k] = sums.get(k, 0.0) + v * b
                 bar.update(1)
-            val_acc = accuracy(predict_logits(eval_model, data.x_val).argmax(1), data.y_val)
+            if ddp:  # epoch means over the global data
+                keys = sorted(sums)
+                tot = ddp_.all_reduce_sum(torch.tensor([float(seen)] + [sums[k] for k in keys], dtype=torch.float64))
+                seen, sums = int(tot[0]), {k: float(v) for k, v in zip(keys, tot[1:])}
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                _diverged(model, data, run_dir if main else None, st,
+                          f"{desc}: the weights became NaN/inf during epoch {epoch + 1} (losses stayed finite)")
+            val_acc = _val_accuracy(eval_model, data, ddp, dev)
             row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}, "val_accuracy": val_acc,
                    "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-            history.append(row)
+            st.history.append(row)
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
             if log:
                 terms_txt = " ".join(f"{k}={v / max(seen, 1):.4f}" for k, v in sums.items())
                 log(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} {terms_txt} val_acc={val_acc:.2f}")
-            if cfg.select == "last" or val_acc > best_val:
-                best_val, best_epoch = val_acc, epoch + 1
-                best_state = copy.deepcopy(model.state_dict())
+            if cfg.select == "last" or val_acc > st.best_val:
+                st.best_val, st.best_epoch = val_acc, epoch + 1
+                st.best_state = copy.deepcopy(model.state_dict())
+            st.epoch = epoch + 1
+            st.seconds = time.perf_counter() - t_start
+            if spath is not None and main:
+                save_fit_state(spath, desc=desc, cfg=cfg, model=model, opt=opt, sched=sched, gen=gen, frozen=frozen,
+                               fingerprint=fingerprint, state=st, stateful=stateful)
     finally:
         bar.close()
         if metrics_file:
             metrics_file.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(best_epoch, best_val, history, time.perf_counter() - t_start)
+        if dev.type != "cpu":  # callers evaluate on the CPU
+            model.cpu()
+            for f in frozen:
+                f.to(torch.device("cpu"))
+    if st.best_state is not None:
+        model.load_state_dict(st.best_state)
+    if ddp:
+        ddp_.barrier()  # rank 0's files are complete before any rank reads them
+    return FitResult(st.best_epoch, st.best_val, st.history, time.perf_counter() - t_start)
+
+
+def _val_accuracy(eval_model: nn.Module, data: DataBundle, ddp: bool, dev: torch.device) -> float:
+    """Validation accuracy; under DDP each rank scores a shard and the counts are summed."""
+    if not ddp:
+        return accuracy(predict_logits(eval_model, data.x_val).argmax(1), data.y_val)
+    from . import distributed as ddp_
+
+    sh = ddp_.shard(len(data.y_val))
+    correct = 0.0
+    if not sh.empty and len(data.y_val):
+        pred = predict_logits(eval_model, data.x_val[sh.sl].to(dev)).argmax(1).cpu()
+        correct = float((pred == data.y_val[sh.sl]).sum())
+    n = len(data.y_val)
+    total = float(ddp_.all_reduce_sum(torch.tensor([correct], dtype=torch.float64))[0])
+    # the same float32 arithmetic as metrics.accuracy, so ranks and a single process agree exactly
+    return float(100.0 * (torch.tensor(total, dtype=torch.float32) / n)) if n else float("nan")
+
+
+def _diverged(model: nn.Module, data: DataBundle, run_dir: str | Path | None, st: FitState, msg: str) -> None:
+    """Restore the best weights so far, keep them on disk, raise a one-line :class:`TrainingDiverged`."""
+    if st.best_state is not None:
+        model.load_state_dict(st.best_state)
+    saved = _save_last_good(Path(run_dir), model, data, st, msg) if run_dir is not None else None
+    if saved is not None:
+        kept = f"the best weights so far (epoch {st.best_epoch}) are kept in {saved}"
+    elif st.best_state is not None:
+        kept = f"the best weights so far (epoch {st.best_epoch}) are restored"
+    else:
+        kept = "no epoch completed, nothing to keep"
+    raise TrainingDiverged(f"{msg}; {kept}; lower the learning rate or the defense strength")
 
 
 def ce_objective(label_smoothing: float = 0.0) -> Objective:

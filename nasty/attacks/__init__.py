@@ -53,35 +53,48 @@ def run_attack(
     x_queries: torch.Tensor | None = None,
     data_source: str | None = None,
     cache_teacher: bool = True,
+    teacher_cache: Any = None,
+    augment: str = "none",
+    x_val_queries: torch.Tensor | None = None,
+    query_budget: int | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train a student with ``method`` against ``teachers`` and score it on ``data``'s test split.
 
-    Returns the student and a result dict (the public JSON of ``nasty attack``): ``method``,
-    ``accuracy``, ``per_class_accuracy``, ``teacher_agreement``, ``resources`` and more.
+    ``teacher_cache`` (a :class:`nasty.audit.cache.TeacherOutputCache`) shares the teacher's outputs
+    across calls, so an audit runs the teacher once. Returns the student and a result dict (the
+    public JSON of ``nasty attack``): ``method``, ``accuracy``, ``per_class_accuracy``,
+    ``teacher_agreement``, ``resources`` and more.
+
+    The attacker's data: ``data``'s training split with labels (default); the same images without
+    labels (``labels=False``: labels are hidden from the attack, ``-1``); or ``x_queries``, unlabelled
+    images of another distribution (surrogate data; ``x_val_queries`` or a carved 10% of them select
+    the epoch). Without labels, model selection uses the teacher's labels on held-out queries (counted
+    as queries). ``query_budget`` keeps that many training images (a seeded subset, the same for every
+    training seed). ``augment`` is ``none``, ``mixup[:ALPHA]`` or ``cutmix[:ALPHA]`` for the attacks
+    that support it.
     """
     from ..metrics import evaluate, predict_logits
-    from .base import AttackContext, Oracle, parse_access
+    from .base import AttackContext, Oracle
 
     cls = get_attack(method)
     attack = cls(**(params or {}))
-    access, _ = parse_access(query)
-    notes = []
-    if cls.needs_teacher:
-        if not teachers:
-            raise NastyError(f"attack {method} needs a teacher checkpoint (--teacher)")
-        if access not in cls.accepts:
-            raise NastyError(f"attack {method} needs teacher access {' or '.join(cls.accepts)}; --query {query} does not give it")
-        if access == "label" and method == "kd":
-            notes.append("label-only access: KD reduces to cross-entropy on the teacher's argmax labels")
-    if cls.needs_labels and not labels:
-        raise NastyError(f"attack {method} needs the ground-truth labels of the attacker's data")
+    notes = check_requirements(cls, query=query, labels=labels, n_teachers=len(teachers), augment=augment,
+                               unlabelled_queries=x_queries is not None)
     oracles = [Oracle(t, query, output_defense) for t in teachers] if cls.needs_teacher else []
-    ctx = AttackContext(data=data, teachers=oracles, student=student, train=train, params=attack.p,
-                        run_dir=out_dir, log=log, labels_available=labels, cache_teacher=cache_teacher, x_train=x_queries)
+    labels_used = bool(labels and cls.uses_labels and x_queries is None)
+    view, selection = _attacker_view(data, oracles, labels_used, x_queries, x_val_queries, query_budget)
+    ctx = AttackContext(data=view, teachers=oracles, student=student, train=train, params=attack.p,
+                        run_dir=out_dir, log=log, labels_available=labels_used, cache_teacher=cache_teacher,
+                        teacher_cache=teacher_cache, augment=augment or "none")
     t0 = time.perf_counter()
     model, extra = attack.train(ctx)
     seconds = time.perf_counter() - t0
-    teacher_pred = predict_logits(teachers[0], data.x_test).argmax(1) if teachers else None
+    if not teachers:
+        teacher_pred = None
+    elif teacher_cache is not None:
+        teacher_pred = teacher_cache.test_pred(teachers[0], data.x_test)
+    else:
+        teacher_pred = predict_logits(teachers[0], data.x_test).argmax(1)
     result = {
         "method": method,
         "student": student,
@@ -90,18 +103,98 @@ def run_attack(
         "resources": {
             "access": query if cls.needs_teacher else "none",
             "data": data_source or data.name,
-            "labels": bool(labels and cls.uses_labels),
-            "train_images": int(len(x_queries) if x_queries is not None else len(data.y_train)),
+            "labels": labels_used,
+            "train_images": int(len(view.y_train)),
             "queries": int(sum(o.queries for o in oracles)),
+            "query_budget": query_budget,
+            "model_selection": selection,
+            "augment": augment or "none",
             "teachers": len(oracles),
             "output_defense": getattr(output_defense, "describe", lambda: None)() if output_defense else None,
         },
         "seed": train.seed,
         "train_seconds": seconds,
-        "notes": notes,
+        "notes": notes + ctx.notes,
         **extra,
     }
     return model, result
 
 
-from . import kd, scratch  # noqa: E402,F401  (registration)
+def check_requirements(cls: type, *, query: str, labels: bool = True, n_teachers: int = 1, augment: str | None = "none",
+                       unlabelled_queries: bool = False) -> list[str]:
+    """Refuse (``NastyError``) an attack whose needs the threat model does not meet; return caveats."""
+    from .augment import parse_augment
+    from .base import parse_access
+
+    access, _ = parse_access(query)
+    method = cls.name
+    notes: list[str] = []
+    if cls.needs_teacher:
+        if n_teachers < 1:
+            raise NastyError(f"attack {method} needs a teacher checkpoint (--teacher)")
+        if access not in cls.accepts:
+            raise NastyError(f"attack {method} needs teacher access {' or '.join(cls.accepts)}; --query {query} does not give it")
+        if n_teachers < cls.min_teachers:
+            raise NastyError(f"attack {method} needs at least {cls.min_teachers} teachers (repeat --teacher); got {n_teachers}")
+        if cls.max_teachers is not None and n_teachers > cls.max_teachers:
+            raise NastyError(f"attack {method} uses {cls.max_teachers} teacher; got {n_teachers} (use --method ensemble for several)")
+        if access == "label" and method == "kd":
+            notes.append("label-only access: KD reduces to cross-entropy on the teacher's argmax labels")
+    if cls.needs_labels and unlabelled_queries:
+        raise NastyError(f"attack {method} needs labelled data of the teacher's task; surrogate queries carry no labels")
+    if cls.needs_labels and not labels:
+        raise NastyError(f"attack {method} needs the ground-truth labels of the attacker's data")
+    kind, _ = parse_augment(augment)
+    if kind != "none" and not cls.supports_augment:
+        ok = ", ".join(sorted(k for k, c in _ATTACKS.items() if c.supports_augment))
+        raise NastyError(f"attack {method} does not support --augment {augment} (soft-label attacks that do: {ok})")
+    return notes
+
+
+def _attacker_view(data, oracles: list, labels_used: bool, x_queries: torch.Tensor | None, x_val_queries: torch.Tensor | None,
+                   budget: int | None):
+    """The data an attack may see: training images (labels hidden when not used), and the split that
+    selects the epoch (the teacher's labels on held-out queries when the attacker has no labels)."""
+    import dataclasses
+
+    import numpy as np
+
+    from ..data import stratified_indices
+    from ..metrics import predict_logits
+
+    seed = int(data.info.get("split_seed", 0)) if isinstance(data.info, dict) else 0
+    rng = np.random.default_rng(seed + 104729)
+    x_train, y_train, x_val, y_val = data.x_train, data.y_train, data.x_val, data.y_val
+    if x_queries is not None:
+        x_train = x_queries
+        if x_val_queries is None:  # hold out 10% of the queries to select the epoch
+            order = torch.from_numpy(rng.permutation(len(x_queries)))
+            n_val = max(1, int(round(0.1 * len(x_queries))))
+            x_val, x_train = x_queries[order[:n_val]], x_queries[order[n_val:]]
+        else:
+            x_val = x_val_queries
+        y_train = torch.full((len(x_train),), -1, dtype=torch.long)
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise NastyError(f"query budget must be a positive integer, got {budget!r}")
+        if budget > len(x_train):
+            raise NastyError(f"query budget {budget} exceeds the {len(x_train)} training images available")
+        if budget < len(x_train):
+            if labels_used:  # an attacker with labels keeps every class
+                keep = torch.from_numpy(stratified_indices(y_train.numpy(), budget, seed + 104729))
+            else:
+                keep = torch.from_numpy(np.sort(rng.permutation(len(x_train))[:budget]))
+            x_train, y_train = x_train[keep], y_train[keep]
+    selection = "labelled validation split"
+    if not labels_used:
+        y_train = torch.full((len(x_train),), -1, dtype=torch.long)
+        if oracles:
+            votes = sum(torch.softmax(predict_logits(o, x_val), 1) for o in oracles)
+            y_val = votes.argmax(1)
+            selection = f"teacher agreement on {len(x_val)} held-out queries"
+    if x_train is data.x_train and y_train is data.y_train and x_val is data.x_val and y_val is data.y_val:
+        return data, selection
+    return dataclasses.replace(data, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val), selection
+
+
+from . import attention, averager, copycat, ensemble, hint, kd, knockoff, scratch, skeptical, tllm  # noqa: E402,F401  (registration)

@@ -114,12 +114,17 @@ class AttackContext:
 
         return Mixer(self.augment, self.train.seed)
 
-    def fit(self, model: nn.Module, objective, *, eval_model: nn.Module | None = None, desc: str = "", cfg: TrainConfig | None = None):
-        """The one training loop on the attacker's data (``nasty.train.fit``), logging through ``log``."""
+    def fit(self, model: nn.Module, objective, *, eval_model: nn.Module | None = None, desc: str = "", cfg: TrainConfig | None = None,
+            subdir: str | None = None):
+        """The one training loop on the attacker's data (``nasty.train.fit``), logging through ``log``.
+        ``subdir`` keeps an auxiliary run's metrics apart from the main run's (``run_dir/subdir``)."""
+        from pathlib import Path
+
         from ..train import fit
 
         x, y = self.train_split()
-        return fit(model, objective, self.data, cfg or self.train, eval_model=eval_model, run_dir=self.run_dir, desc=desc,
+        run_dir = None if self.run_dir is None else (Path(self.run_dir) / subdir if subdir else self.run_dir)
+        return fit(model, objective, self.data, cfg or self.train, eval_model=eval_model, run_dir=run_dir, desc=desc,
                    x_train=x, y_train=y, **({"log": self.log} if self.log else {}))
 
 
@@ -279,6 +284,7 @@ class TeacherFeatures:
 
     def __init__(self, oracle: Oracle, stages: list[str], in_channels: int, image_size: tuple[int, int]):
         self.oracle, self.stages = oracle, list(stages)
+        self.model, self.access, self.k, self.post = oracle.model, f"weights:{','.join(self.stages)}", None, None  # Frozen.identity
         model = oracle.model
         self.shapes = [probe_shapes(model, self.stages, in_channels, image_size)[s] for s in self.stages]
         with torch.no_grad():

@@ -42,6 +42,7 @@ class Defense:
     name: ClassVar[str]
     summary: ClassVar[str]
     reference_curve: list[float] | None = None  # the normal model's per-epoch val accuracy (set by train_defended)
+    log: Callable[[str], None] | None = None  # where a defense reports progress (set by train_defended; default stderr)
 
     def __init__(self, cfg: dict[str, Any], data=None):
         self.cfg = cfg
@@ -65,9 +66,20 @@ class Defense:
 
 def split_model_specs(text: str | None) -> list[str]:
     """``"cnn,mlp"`` -> ``["cnn", "mlp"]``; options stay with their model: ``"cnn:width=0.5,depth=2,mlp"``
-    -> ``["cnn:width=0.5,depth=2", "mlp"]`` (a part holding ``=`` but no ``:`` belongs to the previous spec)."""
+    -> ``["cnn:width=0.5,depth=2", "mlp"]`` (a part holding ``=`` but no ``:`` belongs to the previous spec;
+    commas inside brackets, ``mlp:hidden=[64,32]``, do not split)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text or "":
+        depth += ch in "[("
+        depth -= ch in "])"
+        if ch == "," and depth <= 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
     specs: list[str] = []
-    for part in (text or "").split(","):
+    for part in parts:
         part = part.strip()
         if not part:
             continue
@@ -138,6 +150,7 @@ def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log) -> d
                 normal_test = metrics["test"]
 
     defense.reference_curve = validation_curve(adversaries[0][1])
+    defense.log = log
     init = dcfg["init_from"]
     tcfg = train_config(cfg, dcfg["train"])
     seed_everything(tcfg.seed, tcfg.deterministic)

@@ -1,0 +1,99 @@
+"""Skeptical student (Kundu et al., NeurIPS 2021, "Analyzing the Confidentiality of Undistillable
+Teachers in Knowledge Distillation"): distil the teacher only into a *shallow auxiliary head*
+attached to an intermediate stage of the student, so the nasty signal reaches a shallow part of the
+network; the final head learns from labels and self-distillation. Inference uses the final head
+(the saved student is the plain architecture; the auxiliary heads are discarded).
+
+Works for any registered student: auxiliary heads hang on forward hooks at its ``stage_names``.
+With ``n`` stages, stage ``h = head_stage`` (default ``max(1, n - 2)``) carries the teacher's head
+and stage ``s = sd_stage`` (default ``max(1, n - 1)``) the self-distillation head. After the
+labels-only warm-up of ``kd_delay`` epochs (``CE`` on all heads) the loss is the reference one:
+
+``a T^2 KL(sig_T(z_T) || sig_T(z_h)) + (1-a) CE(z_h, y)
++ g KL(sig_T(z_final) || sig_T(z_s)) + (1-g) CE(z_s, y) + CE(z_final, y)``
+
+with ``g = sd_weight`` (0.3); the self-distillation KL is written out, so its gradient reaches
+both the final head and head ``s``. When ``h = s`` one head receives both groups of terms.
+Auxiliary head: conv3x3-BN-ReLU, global average pool, linear (``head_width`` channels, default the
+student's final width) on feature maps; linear-ReLU-linear on vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import NastyError
+from ..losses import kl_div
+from . import register_attack
+from .augment import mixed_ce
+from .base import Attack, TappedStudent, check_temperature_alpha, kd_per_sample, probe_shapes, resolve_stage, stage_names
+
+
+def aux_head(shape: tuple[int, ...], num_classes: int, width: int) -> nn.Module:
+    """A small classifier on a stage output of ``shape`` (``(C, H, W)`` or ``(D,)``)."""
+    if len(shape) == 3:
+        return nn.Sequential(nn.Conv2d(shape[0], width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+    if len(shape) == 1:
+        return nn.Sequential(nn.Linear(shape[0], width), nn.ReLU(inplace=True), nn.Linear(width, num_classes))
+    raise NastyError(f"skeptical: cannot attach a head to a stage output of shape {shape}")
+
+
+@register_attack
+class Skeptical(Attack):
+    name = "skeptical"
+    summary = "teacher distilled into a shallow auxiliary head; final head from labels + self-distillation (Kundu et al. 2021)"
+    accepts = ("weights", "logits", "probs", "topk")
+    supports_augment = True
+    params = {"temperature": 4.0, "alpha": 0.9, "head_stage": None, "sd_stage": None, "sd_weight": 0.3, "kd_delay": 0,
+              "head_width": None}
+
+    def validate(self):
+        p = self.p
+        check_temperature_alpha(p)
+        if not 0 <= p["sd_weight"] <= 1:
+            raise NastyError(f"skeptical sd_weight must be in [0, 1], got {p['sd_weight']}")
+        if isinstance(p["kd_delay"], bool) or not isinstance(p["kd_delay"], int) or p["kd_delay"] < 0:
+            raise NastyError(f"skeptical kd_delay must be an integer >= 0 (epochs), got {p['kd_delay']!r}")
+        hw = p["head_width"]
+        if hw is not None and (isinstance(hw, bool) or not isinstance(hw, int) or hw < 1):
+            raise NastyError(f"skeptical head_width must be a positive integer, got {hw!r}")
+
+    def layout(self, student: nn.Module) -> tuple[str, str]:
+        n = len(stage_names(student, "student"))
+        h = self.p["head_stage"] if self.p["head_stage"] is not None else max(1, n - 2)
+        s = self.p["sd_stage"] if self.p["sd_stage"] is not None else max(1, n - 1)
+        return resolve_stage(student, h, "student"), resolve_stage(student, s, "student")
+
+    def train(self, ctx):
+        d = ctx.data
+        student = self.build_student(ctx)
+        h, s = self.layout(student)
+        shapes = probe_shapes(student, [h, s], d.in_channels, d.image_size)
+        width = self.p["head_width"] or int(getattr(student, "num_features", 64))
+        heads = nn.ModuleDict({name.replace(".", "_"): aux_head(shapes[name], d.num_classes, width) for name in dict.fromkeys([h, s])})
+        wrapped = TappedStudent(student, [h, s], heads)
+        teacher = ctx.frozen_teacher()
+        mix = ctx.mixer()
+        T, a, g, delay = self.p["temperature"], self.p["alpha"], self.p["sd_weight"], self.p["kd_delay"]
+        kh, ks = h.replace(".", "_"), s.replace(".", "_")
+
+        def objective(model, batch, epoch):
+            m = mix(batch) if epoch >= delay else mix.identity(batch)
+            z = model(m.x)
+            zh = model.extra[kh](model.tap[h])
+            zs = zh if ks == kh else model.extra[ks](model.tap[s])
+            ce_f = mixed_ce(z, m)
+            if epoch < delay:
+                loss = ce_f + mixed_ce(zh, m) + (mixed_ce(zs, m) if ks != kh else 0.0)
+                return loss, {"ce": ce_f.item()}
+            kd = kd_per_sample(zh, teacher(m.batch), T).mean()
+            sd = kl_div(torch.log_softmax(z / T, 1), torch.log_softmax(zs / T, 1))
+            loss = a * kd + (1 - a) * mixed_ce(zh, m) + g * sd + (1 - g) * mixed_ce(zs, m) + ce_f
+            return loss, {"kd_kl": kd.item() / T**2, "self_kl": sd.item(), "ce": ce_f.item()}
+
+        res = ctx.fit(wrapped, objective, eval_model=student, desc=f"skeptical:{ctx.student}")
+        wrapped.release()
+        return student, {"best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy,
+                         "heads": {"teacher_head_stage": h, "self_distillation_stage": s}}

@@ -1,0 +1,203 @@
+"""TLLM, "Teach Less, Learn More" (Zhu et al., NeurIPS 2022): find the *undistillable* classes --
+those on which a KD student is less accurate than the same student trained on labels alone -- and
+stop distilling them.
+
+Identification (no code was released; this is the configurable version of
+``../shared/reference/methods.md``): on the attacker's validation split (carved from the
+attacker's own labelled data, never the test split), per class c
+``delta_c = acc_val(KD student, c) - acc_val(label-only student, c)`` in percentage points and
+``U = {c : delta_c < -delta}``.
+
+- ``mode = oneshot`` (default): two preliminary runs (label-only, KD), then the final run.
+- ``mode = online``: one label-only run records per-class validation curves every ``eval_every``
+  epochs; during the single KD run the same curves are measured, and a class enters ``U`` after
+  ``patience`` consecutive evaluations with ``delta_c < -delta``; from then on it is discarded.
+  (The identification state is not part of ``fit``'s resumable training state: a resumed online run
+  re-identifies from the evaluations it still makes.)
+
+``prelim_epochs`` (oneshot) shortens the two preliminary runs; online mode uses the run's epochs.
+The preliminary runs log to ``run_dir/prelim-ce`` and ``run_dir/prelim-kd``.
+
+Discarding (``discard``): ``kd-term`` (default) drops the KD term for samples of classes in U,
+``(1-a) CE + a T^2 KL 1[y not in U]``; ``ce-full`` also gives those samples full-weight CE;
+``drop`` removes them from training. The teacher is queried once per training image across all
+runs (one shared output cache).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NastyError
+from ..metrics import per_class_accuracy, predict_logits
+from ..train import ce_objective
+from . import register_attack
+from .augment import Mixed
+from .base import Attack, check_temperature_alpha, kd_per_sample
+
+DISCARD = ("kd-term", "ce-full", "drop")
+
+
+def tllm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, m: Mixed, undistillable: torch.Tensor,
+              temperature: float, alpha: float, discard: str = "kd-term") -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-sample KD with the classes flagged in ``undistillable`` (bool, per class) discarded.
+
+    A mixed sample counts ``lam`` for ``y`` and ``1 - lam`` for ``y2``. With no class flagged and
+    ``discard = kd-term`` this equals :func:`nasty.losses.kd_loss`.
+    """
+    u1, u2 = undistillable[m.y].float(), undistillable[m.y2].float()
+    lam = m.lam
+    keep = lam * (1 - u1) + (1 - lam) * (1 - u2)  # share of the sample that is distillable
+    kl = kd_per_sample(student_logits, teacher_logits, temperature)
+    ce1 = F.cross_entropy(student_logits, m.y, reduction="none")
+    ce2 = ce1 if lam == 1.0 else F.cross_entropy(student_logits, m.y2, reduction="none")
+    ce_keep = lam * (1 - u1) * ce1 + (1 - lam) * (1 - u2) * ce2
+    ce_u = lam * u1 * ce1 + (1 - lam) * u2 * ce2
+    kd_part = alpha * keep * kl
+    if discard == "kd-term":
+        loss = (kd_part + (1 - alpha) * (ce_keep + ce_u)).mean()
+    elif discard == "ce-full":
+        loss = (kd_part + (1 - alpha) * ce_keep + ce_u).mean()
+    elif discard == "drop":
+        loss = (kd_part + (1 - alpha) * ce_keep).sum() / keep.sum().clamp_min(1.0)
+    else:
+        raise NastyError(f"discard must be one of {', '.join(DISCARD)}, got {discard!r}")
+    return loss, {"kd_kl": (kl.mean() / temperature**2).item(), "ce": (ce_keep + ce_u).mean().item(),
+                  "discarded": (1 - keep).mean().item()}
+
+
+def class_accuracy(model, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
+    return per_class_accuracy(predict_logits(model, x).argmax(1), y, num_classes)
+
+
+def deltas(kd_acc: list[float | None], ce_acc: list[float | None]) -> list[float | None]:
+    return [None if k is None or c is None else k - c for k, c in zip(kd_acc, ce_acc)]
+
+
+def subset_accuracy(pred: torch.Tensor, y: torch.Tensor, classes: list[int]) -> float | None:
+    mask = torch.isin(y, torch.tensor(classes, dtype=y.dtype)) if classes else torch.zeros_like(y, dtype=torch.bool)
+    return float(100.0 * (pred[mask] == y[mask]).float().mean()) if mask.any() else None
+
+
+class _EpochHook:
+    """Calls ``fn(model, epoch)`` once at the start of every ``every``-th epoch (after ``epoch`` epochs of training)."""
+
+    def __init__(self, objective, fn, every: int):
+        self.objective, self.fn, self.every, self.last = objective, fn, every, -1
+
+    def __call__(self, model, batch, epoch):
+        if epoch != self.last:
+            self.last = epoch
+            if epoch > 0 and epoch % self.every == 0:
+                self.fn(model, epoch)
+        return self.objective(model, batch, epoch)
+
+
+@register_attack
+class TLLM(Attack):
+    name = "tllm"
+    summary = "Teach Less, Learn More: find the undistillable classes on validation and stop distilling them"
+    accepts = ("weights", "logits", "probs", "topk")
+    supports_augment = True
+    params = {"temperature": 4.0, "alpha": 0.9, "mode": "oneshot", "delta": 0.0, "discard": "kd-term",
+              "eval_every": 1, "patience": 2, "prelim_epochs": None}
+
+    def validate(self):
+        p = self.p
+        check_temperature_alpha(p)
+        if p["mode"] not in ("oneshot", "online"):
+            raise NastyError(f"tllm mode must be oneshot or online, got {p['mode']!r}")
+        if p["discard"] not in DISCARD:
+            raise NastyError(f"tllm discard must be one of {', '.join(DISCARD)}, got {p['discard']!r}")
+        if isinstance(p["delta"], bool) or not isinstance(p["delta"], (int, float)) or p["delta"] < 0:
+            raise NastyError(f"tllm delta must be a number >= 0 (percentage points), got {p['delta']!r}")
+        for k in ("eval_every", "patience"):
+            if isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < 1:
+                raise NastyError(f"tllm {k} must be a positive integer, got {p[k]!r}")
+        pe = p["prelim_epochs"]
+        if pe is not None and (isinstance(pe, bool) or not isinstance(pe, int) or pe < 1):
+            raise NastyError(f"tllm prelim_epochs must be a positive integer, got {pe!r}")
+
+    def _objective(self, teacher, mix, flags: torch.Tensor):
+        T, a, discard = self.p["temperature"], self.p["alpha"], self.p["discard"]
+
+        def objective(model, batch, epoch):
+            m = mix(batch)
+            return tllm_loss(model(m.x), teacher(m.batch), m, flags, T, a, discard)
+
+        return objective
+
+    def train(self, ctx):
+        import dataclasses
+
+        d = ctx.data
+        C = d.num_classes
+        teacher = ctx.frozen_teacher()  # one cache for every run below
+        delta_min = float(self.p["delta"])
+        prelim_cfg = dataclasses.replace(ctx.train, epochs=self.p["prelim_epochs"] or ctx.train.epochs)
+        val_acc = lambda model: class_accuracy(model, d.x_val, d.y_val, C)  # noqa: E731
+        info: dict = {"mode": self.p["mode"], "split": "attacker validation split", "n_val": int(len(d.y_val)),
+                      "delta_threshold": delta_min}
+
+        ce_model = self.build_student(ctx)
+        if self.p["mode"] == "oneshot":
+            ctx.fit(ce_model, ce_objective(), desc=f"tllm-ce:{ctx.student}", cfg=prelim_cfg, subdir="prelim-ce")
+            kd_model = self.build_student(ctx)
+            ctx.fit(kd_model, self._objective(teacher, ctx.mixer(), torch.zeros(C, dtype=torch.bool)),
+                    desc=f"tllm-kd:{ctx.student}", cfg=prelim_cfg, subdir="prelim-kd")
+            ce_acc, kd_acc = val_acc(ce_model), val_acc(kd_model)
+            delta = deltas(kd_acc, ce_acc)
+            U = [c for c, v in enumerate(delta) if v is not None and v < -delta_min]
+            info.update({"ce_val_per_class": ce_acc, "kd_val_per_class": kd_acc})
+            flags = torch.zeros(C, dtype=torch.bool)
+            flags[U] = True
+            if ctx.log:
+                ctx.log(f"[tllm] undistillable classes {U} (delta < -{delta_min:g} on validation)")
+            final = self.build_student(ctx)
+            res = ctx.fit(final, self._objective(teacher, ctx.mixer(), flags), desc=f"tllm:{ctx.student}")
+        else:
+            k, patience = self.p["eval_every"], self.p["patience"]
+            curve: dict[int, list[float | None]] = {}
+            ctx.fit(ce_model, _EpochHook(ce_objective(), lambda m, e: curve.__setitem__(e, val_acc(m)), k),
+                    desc=f"tllm-ce:{ctx.student}", subdir="prelim-ce")
+            flags = torch.zeros(C, dtype=torch.bool)
+            streak = [0] * C
+            delta: list[float | None] = [None] * C
+            entered: dict[int, int] = {}
+            history = []
+
+            def identify(model, epoch):
+                if epoch not in curve:  # the label-only run was restored from a saved state: no curve point here
+                    return
+                now = deltas(val_acc(model), curve[epoch])
+                history.append({"epoch": epoch, "delta": now})
+                for c, v in enumerate(now):
+                    if flags[c]:
+                        continue
+                    delta[c] = v
+                    streak[c] = streak[c] + 1 if v is not None and v < -delta_min else 0
+                    if streak[c] >= patience:
+                        flags[c] = True
+                        entered[c] = epoch
+                        if ctx.log:
+                            ctx.log(f"[tllm] class {c} undistillable after epoch {epoch} (delta {v:+.1f})")
+
+            final = self.build_student(ctx)
+            res = ctx.fit(final, _EpochHook(self._objective(teacher, ctx.mixer(), flags), identify, k), desc=f"tllm:{ctx.student}")
+            U = sorted(entered)
+            info.update({"entered_after_epoch": {str(c): e for c, e in sorted(entered.items())}, "eval_every": k,
+                         "patience": patience, "history": history})
+            if not history:
+                ctx.notes.append(f"tllm online: no evaluation happened (epochs {ctx.train.epochs} <= eval_every {k}); U is empty")
+        pred = predict_logits(final, d.x_test).argmax(1)
+        rest = [c for c in range(C) if c not in U]
+        return final, {
+            "best_epoch": res.best_epoch,
+            "val_accuracy": res.best_val_accuracy,
+            "undistillable_classes": U,
+            "delta": delta,
+            "accuracy_undistillable": subset_accuracy(pred, d.y_test, U),
+            "accuracy_distillable": subset_accuracy(pred, d.y_test, rest),
+            "identification": info,
+        }

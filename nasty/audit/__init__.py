@@ -1,0 +1,8 @@
+"""``nasty audit``: which classes of a teacher can a thief copy? Per-class decisions with paired
+bootstrap intervals (:mod:`.stats`), runs shared and resumable (:mod:`.run`), a versioned
+``audit.json`` (:mod:`.schema`) rendered as Markdown and HTML (:mod:`.render`)."""
+
+from .run import AuditSettings, run_audit
+from .schema import SCHEMA, SCHEMA_VERSION, load_audit, validate
+
+__all__ = ["AuditSettings", "run_audit", "SCHEMA", "SCHEMA_VERSION", "load_audit", "validate"]

@@ -1,0 +1,550 @@
+"""Running an audit: every chosen attack x student x seed against the teacher (and a reference),
+baselines trained once and shared, teacher outputs computed once, runs persisted as they finish.
+
+Layout of ``--out``::
+
+    audit-config.json                 what the runs depend on (checked when resuming)
+    runs/baselines/<method>/<student>/seed-<k>/result.json, test_pred.npy
+    runs/<target>/<attack>/<student>/seed-<k>/result.json, test_pred.npy, metrics.jsonl
+    audit.json, audit.md, audit.html  the report (``nasty.audit.schema`` documents audit.json)
+
+``result.json`` is written last and atomically, so a folder holding it is a complete run; an
+interrupted audit re-run with the same ``--out`` reuses those and trains only what is missing.
+Per-sample test predictions are ``.npy`` arrays (``numpy.load(allow_pickle=False)``), never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import AuditIncomplete, NastyError, TrainingDiverged
+from . import stats
+from .schema import SCHEMA, SCHEMA_VERSION
+
+CONFIG_FILE = "audit-config.json"
+
+
+def slug(spec: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-") or "x"
+
+
+@dataclass
+class AuditSettings:
+    """What the user asked for (the CLI builds this)."""
+
+    teacher: str
+    cfg: dict  # resolved nasty config (its [data] and [train] sections are used)
+    attacks: list[str] = field(default_factory=lambda: ["all"])
+    students: list[str] = field(default_factory=lambda: ["mlp"])
+    seeds: int = 3
+    reference: str | None = None
+    query: str = "logits"
+    margin: float = 0.0
+    fidelity: float = 0.9
+    fail_on: int | None = None
+    n_boot: int = 2000
+    params: dict[str, dict] = field(default_factory=dict)  # attack -> parameter overrides
+    surrogate: str | None = None  # label-free attacks query the teacher on this dataset's images
+
+
+# ----------------------------------------------------------------------------------------------
+# resolving and validating the request
+
+
+def resolve_attacks(names: list[str]) -> tuple[list[str], list[str]]:
+    """Expand ``all``; validate names; baselines (attacks without a teacher) are dropped with a note."""
+    from ..attacks import _ATTACKS, get_attack
+
+    if not names:
+        raise NastyError("--attacks is empty; give names (see `nasty attacks`) or 'all'")
+    out: list[str] = []
+    notes: list[str] = []
+    for name in names:
+        if name == "all":
+            picked = [k for k, c in sorted(_ATTACKS.items()) if c.needs_teacher]
+        else:
+            picked = [get_attack(name).name]
+        for k in picked:
+            if not get_attack(k).needs_teacher:
+                notes.append(f"{k} is a baseline, trained for every audit; not listed as an attack")
+                continue
+            if k not in out:
+                out.append(k)
+    if not out:
+        raise NastyError("no attack left to audit (the baselines scratch and label-smoothing always run)")
+    return out, notes
+
+
+def attack_params(name: str, overrides: dict[str, dict]) -> dict:
+    """Defaults of the attack class with the user's overrides, validated by the class."""
+    from ..attacks import get_attack
+
+    cls = get_attack(name)
+    return dict(cls(**overrides.get(name, {})).p)
+
+
+def access_problem(name: str, query: str, *, surrogate: bool = False, n_teachers: int = 1) -> str | None:
+    """Why the attack cannot run under this threat model (``None`` when it can)."""
+    from .. import attacks
+
+    cls = attacks.get_attack(name)
+    try:
+        attacks.check_requirements(cls, query=query, labels=cls.uses_labels, n_teachers=n_teachers,
+                                   unlabelled_queries=surrogate and not cls.uses_labels)
+    except NastyError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def _data_fingerprint(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["data"].items() if k not in ("data_root", "download")}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# persistence
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    from ..checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_run(run_dir: Path, key: str) -> dict | None:
+    """The finished run in ``run_dir`` if its key matches, else ``None``."""
+    f = run_dir / "result.json"
+    if not f.is_file() or not (run_dir / "test_pred.npy").is_file():
+        return None
+    try:
+        res = json.loads(f.read_text())
+        pred = np.load(run_dir / "test_pred.npy", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or res.get("audit_run_key") != key:
+        return None
+    res["_pred"] = pred
+    return res
+
+
+def check_resume(out: Path, config: dict, force: bool) -> None:
+    """Refuse to mix runs of a different configuration into ``out`` (unless ``force``: start afresh)."""
+    from ..checkpoint import atomic_write_json
+
+    if out.exists() and not out.is_dir():
+        raise NastyError(f"--out {out} exists and is not a directory")
+    f = out / CONFIG_FILE
+    if out.is_dir() and any(out.iterdir()):
+        if force:
+            shutil.rmtree(out)
+        elif not f.is_file():
+            raise NastyError(f"--out {out} is not empty and holds no audit ({CONFIG_FILE} missing); choose another --out or pass --force")
+        else:
+            try:
+                old = json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                raise NastyError(f"{f} is unreadable ({e}); pass --force to start the audit afresh") from None
+            diff = _config_diff(old, config)
+            if diff:
+                raise NastyError(f"{out} holds an audit with a different configuration ({diff}); "
+                                 "use another --out, or pass --force to discard it and start afresh")
+            config = {**config, "params": {**old.get("params", {}), **config["params"]}}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NastyError(f"cannot create output directory {out}: {e.strerror}") from None
+    atomic_write_json(f, config)
+
+
+def _config_diff(old: dict, new: dict) -> str | None:
+    for k in ("format", "teacher_sha256", "reference_sha256", "data", "train", "query", "surrogate"):
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = next(x for x in [*a, *b] if a.get(x) != b.get(x))
+                return f"{k}.{sub}: was {a.get(sub)!r}, now {b.get(sub)!r}"
+            return f"{k}: was {str(a)[:70]!r}, now {str(b)[:70]!r}"
+    for name, p in new["params"].items():
+        if name in old.get("params", {}) and old["params"][name] != p:
+            return f"parameters of {name}: were {old['params'][name]}, now {p}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the audit
+
+
+@dataclass
+class Job:
+    group: str  # "baselines", "teacher" or "reference"
+    method: str
+    student: str
+    seed: int
+
+    def dir(self, out: Path) -> Path:
+        return out / "runs" / self.group / self.method / slug(self.student) / f"seed-{self.seed}"
+
+    def label(self) -> str:
+        return f"{self.method}" + ("" if self.group == "baselines" else f" vs {self.group}") + f" / {self.student} / seed {self.seed}"
+
+
+def _load_teacher(path: str, data=None):
+    from ..checkpoint import check_compatible, load_checkpoint, read_sidecar, sha256_file
+
+    weights, side = read_sidecar(path)
+    model, side = load_checkpoint(path)
+    if data is not None:
+        check_compatible(side, data, f"checkpoint {path}")
+    return model, side, sha256_file(weights)
+
+
+def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Callable[[str], None] = print,
+              verbose: bool = False) -> dict:
+    """Run (or resume) the audit into ``out``; write audit.json/.md/.html; return the audit object.
+
+    Raises :class:`AuditIncomplete` (exit code 3) after writing the reports when a run failed.
+    """
+    from ..attacks import get_attack, run_attack
+    from ..attacks.base import parse_access
+    from ..checkpoint import atomic_write_json, read_sidecar, versions
+    from ..config import train_config
+    from ..metrics import predict_logits
+    from ..models import create_model
+    from ..runs import data_from_config
+    from ..train import seed_everything
+    from .cache import TeacherOutputCache
+    from .render import write_reports
+
+    out = Path(out)
+    parse_access(s.query)
+    if s.seeds < 1:
+        raise NastyError(f"--seeds must be at least 1, got {s.seeds}")
+    if not s.students:
+        raise NastyError("--students is empty")
+    if s.fail_on is not None and s.fail_on < 0:
+        raise NastyError(f"--fail-on must be >= 0, got {s.fail_on}")
+    if not 0 < s.fidelity <= 1.5:
+        raise NastyError(f"--fidelity must be in (0, 1.5], got {s.fidelity}")
+    attacks, notes = resolve_attacks(s.attacks)
+    unknown = set(s.params) - set(attacks) - set(stats.BASELINES)
+    if unknown:
+        raise NastyError(f"--param given for {sorted(unknown)[0]}, which is not among the audited attacks ({', '.join(attacks)})")
+    params = {a: attack_params(a, s.params) for a in [*stats.BASELINES, *attacks]}
+
+    _, side = read_sidecar(s.teacher)
+    norm = (side["normalization"]["mean"], side["normalization"]["std"])
+    data = data_from_config(s.cfg, normalization=norm)
+    teacher, side, teacher_sha = _load_teacher(s.teacher, data)
+    targets = {"teacher": teacher}
+    ref_sha = None
+    if s.reference:
+        ref, rside, ref_sha = _load_teacher(s.reference, data)
+        if any(abs(a - b) > 1e-6 for a, b in zip(rside["normalization"]["mean"] + rside["normalization"]["std"], norm[0] + norm[1])):
+            raise NastyError(f"reference {s.reference} was trained with a different input normalization than the teacher; "
+                             "audit them separately")
+        targets["reference"] = ref
+    for st in s.students:
+        create_model(st, data.num_classes, data.in_channels, data.image_size)
+    tcfg = train_config(s.cfg)
+
+    config = {
+        "format": f"{SCHEMA}/{SCHEMA_VERSION}",
+        "teacher": str(s.teacher), "teacher_sha256": teacher_sha,
+        "reference": s.reference, "reference_sha256": ref_sha,
+        "data": _data_fingerprint(s.cfg), "train": {k: v for k, v in tcfg.to_dict().items() if k != "seed"},
+        "query": s.query, "surrogate": s.surrogate, "params": params,
+    }
+    check_resume(out, config, force)
+
+    cache = TeacherOutputCache()
+    forwarded = {g: 0 for g in targets}  # every sample a teacher processes, inside the cache or not
+
+    def counter(g: str):
+        def hook(module, inputs):
+            forwarded[g] += len(inputs[0])
+        return hook
+
+    hooks = [m.register_forward_pre_hook(counter(g)) for g, m in targets.items()]
+    labels_of = {a: bool(get_attack(a).uses_labels) for a in attacks}
+    skipped: dict[tuple[str, str], str] = {}  # the whole attack cannot run under this threat model
+    skipped_students: dict[tuple[str, str], dict[str, str]] = {}  # ... or not with some students
+    failed: dict[tuple[str, str], list[str]] = {}
+    x_sur = x_sur_val = None
+    if s.surrogate:
+        from ..attacks.base import load_surrogate
+
+        sur = load_surrogate(s.surrogate, s.cfg["data"]["data_root"], data, val_fraction=s.cfg["data"]["val_fraction"],
+                             split_seed=s.cfg["data"]["split_seed"], download=s.cfg["data"]["download"])
+        x_sur, x_sur_val = sur.x_train, sur.x_val
+    for a in attacks:
+        why = access_problem(a, s.query, surrogate=bool(s.surrogate))
+        if why:
+            for g in targets:
+                skipped[(g, a)] = why
+            log(f"[audit] skipping {a}: {why}")
+    jobs = [Job("baselines", b, st, k) for b in stats.BASELINES for st in s.students for k in range(s.seeds)]
+    jobs += [Job(g, a, st, k) for g in targets for a in attacks for st in s.students for k in range(s.seeds)]
+    runs: dict[tuple[str, str, str, int], dict] = {}
+    quiet = (lambda m: None) if not verbose else log
+    t_start = time.perf_counter()
+    trained = reused = 0
+    for job in jobs:
+        gk = (job.group, job.method)
+        if gk in skipped or job.student in skipped_students.get(gk, {}):
+            continue
+        key = _hash([config["format"], config["teacher_sha256"] if job.group != "baselines" else None,
+                     config["reference_sha256"] if job.group == "reference" else None, config["data"], config["train"],
+                     config["query"] if job.group != "baselines" else None, params[job.method], job.student, job.seed,
+                     labels_of.get(job.method, True), s.surrogate if not labels_of.get(job.method, True) else None])
+        d = job.dir(out)
+        res = load_run(d, key)
+        if res is not None:
+            runs[(job.group, job.method, job.student, job.seed)] = res
+            reused += 1
+            continue
+        tc = train_config(s.cfg, seed=job.seed)
+        teachers = [] if job.group == "baselines" else [targets[job.group]]
+        seed_everything(job.seed, tcfg.deterministic)  # the student's initialisation depends on the seed only
+        label_free = not labels_of.get(job.method, True)
+        queries = {"x_queries": x_sur, "x_val_queries": x_sur_val, "data_source": f"{s.surrogate} (surrogate, unlabelled)"} \
+            if label_free and x_sur is not None else {}
+        try:
+            model, res = run_attack(job.method, data=data, teachers=teachers, student=job.student, train=tc,
+                                    params=params[job.method], query=s.query, labels=labels_of.get(job.method, True),
+                                    out_dir=d, log=quiet, teacher_cache=cache, **queries)
+        except TrainingDiverged as e:
+            if job.group == "baselines":
+                raise AuditIncomplete(f"baseline {job.label()} diverged: {e}") from None
+            failed.setdefault(gk, []).append(f"seed {job.seed}, {job.student}: {str(e).splitlines()[0]}")
+            log(f"[audit] {job.label()} FAILED: {e}")
+            continue
+        except NastyError as e:
+            if job.group == "baselines":
+                raise
+            why = str(e).splitlines()[0]
+            skipped_students.setdefault(gk, {})[job.student] = why
+            log(f"[audit] skipping {job.method} vs {job.group} with student {job.student}: {why}")
+            continue
+        except Exception as e:  # a bug in one attack must not lose the others' results
+            if os.environ.get("NASTY_DEBUG") or job.group == "baselines":
+                raise
+            failed.setdefault(gk, []).append(f"seed {job.seed}, {job.student}: internal error {type(e).__name__}: {e}")
+            log(f"[audit] {job.label()} FAILED: internal error {type(e).__name__}: {e}")
+            continue
+        pred = predict_logits(model, data.x_test).argmax(1).numpy().astype(np.int16)
+        res.pop("confusion_matrix", None)
+        res["audit_run_key"] = key
+        res["group"] = job.group
+        _save_npy(d / "test_pred.npy", pred)
+        atomic_write_json(d / "result.json", res)
+        res["_pred"] = pred
+        runs[(job.group, job.method, job.student, job.seed)] = res
+        trained += 1
+        log(f"[audit] {job.label()}: test accuracy {res['accuracy']:.2f}%")
+    seconds = time.perf_counter() - t_start
+
+    teacher_pred = {g: cache.test_pred(m, data.x_test).numpy() for g, m in targets.items()}
+    for h in hooks:
+        h.remove()
+    for gk, per in skipped_students.items():
+        if len(per) == len(s.students):
+            reasons = set(per.values())
+            skipped[gk] = reasons.pop() if len(reasons) == 1 else "; ".join(f"{st}: {r}" for st, r in per.items())
+    audit = analyse(s, data, attacks, runs, teacher_pred, skipped, failed, notes, config, skipped_students)
+    audit["runtime"] = {"seconds": seconds, "runs_trained": trained, "runs_reused": reused,
+                        "teacher_samples_run": sum(forwarded.values()), "teacher_samples_cached": cache.samples_run,
+                        "teacher_cache_hits": cache.hits}
+    audit["versions"] = versions()
+    atomic_write_json(out / "audit.json", audit)
+    write_reports(audit, out)
+    if audit["status"] != "complete" and not audit["gate"]["failed"]:
+        raise AuditIncomplete(f"audit incomplete: {'; '.join(audit['problems'])} (reports written to {out}; re-run to resume)")
+    return audit
+
+
+def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred: dict[str, np.ndarray],
+            skipped: dict, failed: dict, notes: list[str], config: dict, skipped_students: dict | None = None) -> dict:
+    """Turn the runs into the audit object (see :mod:`nasty.audit.schema`)."""
+    from ..attacks import get_attack
+
+    y = data.y_test.numpy()
+    C = data.num_classes
+    seeds = list(range(s.seeds))
+
+    def pred_matrix(group: str, method: str, student: str) -> np.ndarray | None:
+        rows = [runs.get((group, method, student, k)) for k in seeds]
+        if any(r is None for r in rows):
+            return None
+        return np.stack([r["_pred"] for r in rows])
+
+    def summary(group: str, method: str, student: str, tpred: np.ndarray | None) -> dict:
+        rows = [runs[(group, method, student, k)] for k in seeds]
+        accs = [float(r["accuracy"]) for r in rows]
+        out = {"accuracy": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+               "accuracy_per_seed": accs,
+               "per_class_accuracy": _per_class(np.stack([stats.correctness(r["_pred"], y) for r in rows]).mean(0), y, C),
+               "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in rows))}
+        if tpred is not None:
+            out["teacher_agreement"] = float(np.mean([100.0 * np.mean(r["_pred"] == tpred) for r in rows]))
+        return out
+
+    baselines: dict[str, dict] = {b: {} for b in stats.BASELINES}
+    base_corr: dict[str, dict[str, np.ndarray]] = {}
+    for st in s.students:
+        base_corr[st] = {}
+        for b in stats.BASELINES:
+            m = pred_matrix("baselines", b, st)
+            if m is None:
+                raise AuditIncomplete(f"baseline {b} for {st} is missing")
+            base_corr[st][b] = stats.correctness(m, y)
+            baselines[b][st] = summary("baselines", b, st, None)
+
+    targets: dict[str, dict] = {}
+    problems: list[str] = []
+    for g, tp in teacher_pred.items():
+        t_corr = stats.correctness(tp, y)
+        per_class_t = _per_class(t_corr, y, C)
+        entry = {"checkpoint": s.teacher if g == "teacher" else s.reference,
+                 "accuracy": float(100.0 * t_corr.mean()), "per_class_accuracy": per_class_t, "attacks": {}}
+        for a in attacks:
+            cls = get_attack(a)
+            rule = "gain" if cls.uses_labels else "fidelity"
+            att = {"method": a, "summary": cls.summary, "rule": rule,
+                   "threshold": (f"gain: lower 95% bound > {s.margin:g} points" if rule == "gain"
+                                 else f"fidelity: lower 95% bound of accuracy / teacher's >= {s.fidelity:g}"),
+                   "assumes": assumptions(a, s.query, data, s.surrogate), "params": config["params"][a],
+                   "status": "ok", "reason": None, "transferred_classes": [], "transferred_count": 0, "num_classes": C,
+                   "students": {}}
+            if (g, a) in skipped:
+                att.update(status="skipped", reason=skipped[(g, a)])
+            elif (g, a) in failed:
+                att.update(status="failed", reason="; ".join(failed[(g, a)]))
+                problems.append(f"{a} vs {g} failed ({failed[(g, a)][0]})")
+            else:
+                union: set[int] = set()
+                not_run = (skipped_students or {}).get((g, a), {})
+                if not_run:
+                    att["skipped_students"] = dict(not_run)
+                for st in s.students:
+                    if st in not_run:
+                        continue
+                    m = pred_matrix(g, a, st)
+                    if m is None:
+                        att.update(status="failed", reason=f"runs missing for {st}")
+                        problems.append(f"{a} vs {g}: runs missing for {st}")
+                        break
+                    rows = stats.class_decisions(y, stats.correctness(m, y), base_corr[st], t_corr, num_classes=C, rule=rule,
+                                                 margin=s.margin, fidelity=s.fidelity, n_boot=s.n_boot, seed=0)
+                    tr = [r["class"] for r in rows if r["transferred"]]
+                    union.update(tr)
+                    row = {**summary(g, a, st, tp), "classes": rows, "transferred_classes": tr, "transferred_count": len(tr)}
+                    extra = _extra(runs, g, a, st, seeds)
+                    if extra:
+                        row["extra"] = extra
+                    att["students"][st] = row
+                if att["status"] == "ok":
+                    att["transferred_classes"] = sorted(union)
+                    att["transferred_count"] = len(union)
+                    found = [set(v) for st_row in att["students"].values() for v in st_row.get("extra", {}).get("undistillable_classes", [])]
+                    if found:
+                        att["undistillable_classes"] = sorted(set.union(*found))
+            entry["attacks"][a] = att
+        targets[g] = entry
+
+    defense_effect = None
+    if "reference" in targets:
+        defense_effect = {}
+        for a in attacks:
+            t, r = targets["teacher"]["attacks"][a], targets["reference"]["attacks"][a]
+            if t["status"] == r["status"] == "ok":
+                tt, rr = set(t["transferred_classes"]), set(r["transferred_classes"])
+                defense_effect[a] = {"protected_classes": sorted(rr - tt), "still_transferred": sorted(rr & tt),
+                                     "newly_transferred": sorted(tt - rr)}
+    failing = [a for a, v in targets["teacher"]["attacks"].items() if v["status"] == "ok" and s.fail_on is not None
+               and v["transferred_count"] > s.fail_on]
+    counts = np.bincount(y, minlength=C)
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": "complete" if not problems else "incomplete",
+        "problems": problems,
+        "notes": notes,
+        "config": {**{k: v for k, v in config.items() if k != "params"}, "attacks": attacks, "students": list(s.students),
+                   "seeds": seeds, "margin": s.margin, "fidelity": s.fidelity, "fail_on": s.fail_on,
+                   "bootstrap": {"replicates": s.n_boot, "level": 0.95, "seed": 0, "method": "paired, seeds and test samples within class"}},
+        "method": METHOD_TEXT,
+        "dataset": {"name": data.name, "classes": list(data.classes), "test_size": int(len(y)),
+                    "test_per_class": [int(v) for v in counts], "train_images": int(len(data.y_train))},
+        "baselines": baselines,
+        "targets": targets,
+        "defense_effect": defense_effect,
+        "gate": {"fail_on": s.fail_on, "failed": bool(failing), "failing_attacks": failing},
+    }
+
+
+def _per_class(correct: np.ndarray, y: np.ndarray, num_classes: int) -> list[float | None]:
+    return [float(100.0 * correct[y == c].mean()) if (y == c).any() else None for c in range(num_classes)]
+
+
+def _extra(runs: dict, g: str, a: str, st: str, seeds: list[int]) -> dict:
+    """Attack-specific outputs worth reporting (e.g. TLLM's identified classes), per seed."""
+    out: dict[str, list] = {}
+    for k in seeds:
+        r = runs[(g, a, st, k)]
+        for key in ("undistillable_classes",):
+            if key in r:
+                out.setdefault(key, []).append(r[key])
+    return out
+
+
+def assumptions(method: str, query: str, data, surrogate: str | None = None) -> str:
+    """Plain-language statement of what the attack assumes of the thief in this audit."""
+    from ..attacks import get_attack
+
+    cls = get_attack(method)
+    access = query.split(":")[0]
+    what = {"weights": "the teacher's weights (white-box)", "logits": "the teacher's logits", "probs": "the teacher's full probability vector",
+            "topk": f"the teacher's top-{query.partition(':')[2] or 'K'} probabilities", "label": "only the teacher's predicted label"}[access]
+    if cls.needs_teacher and tuple(cls.accepts) == ("weights",):
+        what = "the teacher's weights (white-box)"
+    if not cls.needs_teacher:
+        what = "no access to the teacher"
+    if cls.uses_labels:
+        images = f"and the ground-truth labels of {len(data.y_train)} training images of the teacher's distribution"
+    elif surrogate:
+        images = f"on unlabelled images of another dataset ({surrogate}), no labels"
+    else:
+        images = f"on {len(data.y_train)} unlabelled training images of the teacher's distribution, no labels"
+    return f"The thief holds {what} {images}. {cls.summary[0].upper() + cls.summary[1:]}."
+
+
+METHOD_TEXT = {
+    "gain": "gain g_c = acc(attack, c) - acc(best baseline, c), percentage points on test class c, averaged over seeds; "
+            "the baseline is the better of the label-only (scratch) and label-smoothing students for that class.",
+    "fidelity": "for attacks that never read the labels: r_c = acc(attack, c) / acc(teacher, c).",
+    "interval": "95% percentile interval of a paired two-level bootstrap: each replicate resamples the seeds with replacement "
+                "and the test samples of class c with replacement, applies the same draw to the attack, both baselines and "
+                "the teacher, and recomputes the statistic (including which baseline is better). With one seed only test-set "
+                "noise is captured.",
+    "decision": "gain rule: transferred when the lower bound of g_c > margin; fidelity rule: transferred when the lower "
+                "bound of r_c >= fidelity. An attack's transferred classes are the union over its students (the thief "
+                "keeps the best student per class).",
+}

@@ -1,0 +1,106 @@
+"""``audit.json``: the versioned, public result of ``nasty audit`` (the Markdown and HTML are rendered from it).
+
+Schema ``nasty-audit``, version 1. Top-level fields:
+
+- ``schema`` = ``"nasty-audit"``, ``schema_version`` = 1, ``created``, ``versions`` (package versions);
+- ``status``: ``"complete"`` or ``"incomplete"`` (then ``problems`` lists why); ``notes``;
+- ``config``: teacher and reference checkpoints with their SHA-256, data and training settings, ``query``,
+  ``attacks``, ``students``, ``seeds``, ``margin``, ``fidelity``, ``fail_on``, ``bootstrap``;
+- ``method``: the statistical method in words (``gain``, ``fidelity``, ``interval``, ``decision``);
+- ``dataset``: ``name``, ``classes``, ``test_size``, ``test_per_class``, ``train_images``;
+- ``baselines``: ``{"scratch"|"label-smoothing": {student: {accuracy, accuracy_sd, accuracy_per_seed,
+  per_class_accuracy}}}``;
+- ``targets``: ``{"teacher": T, "reference": T}`` (reference only with ``--reference``), where ``T`` has
+  ``checkpoint``, ``accuracy``, ``per_class_accuracy`` and ``attacks``: ``{name: A}``;
+- ``A`` (one attack, **the stable interface**): ``method`` (attack name), ``rule`` (``"gain"`` or
+  ``"fidelity"``), ``threshold`` (text), ``status`` (``"ok"``, ``"skipped"``, ``"failed"``), ``reason``,
+  ``transferred_classes`` (class indices, union over students), ``transferred_count``, ``num_classes``,
+  ``assumes`` (text), ``params``, ``undistillable_classes`` (TLLM only), ``skipped_students``
+  (``{student: reason}`` for students the attack cannot use) and ``students``:
+  ``{student: {accuracy, accuracy_sd, accuracy_per_seed, teacher_agreement, per_class_accuracy,
+  transferred_classes, transferred_count, classes: [per-class rows]}}``;
+- a per-class row: ``class``, ``n``, ``accuracy``, ``baseline`` (``scratch`` or ``label-smoothing``: the
+  better one for that class), ``baseline_accuracy``, ``baseline_accuracies``, ``gain``, ``gain_ci`` ([lo, hi]),
+  ``teacher_accuracy``, ``fidelity``, ``fidelity_ci``, ``transferred``. Accuracies and gains are in percent
+  (points); fidelity is a ratio;
+- ``defense_effect`` (with a reference): per attack ``protected_classes`` (transferred from the reference,
+  not from the teacher), ``still_transferred``, ``newly_transferred``;
+- ``gate``: ``fail_on``, ``failed``, ``failing_attacks``;
+- ``runtime``: ``seconds``, ``runs_trained``, ``runs_reused``, ``teacher_samples_run`` (every sample the
+  teachers processed), ``teacher_samples_cached`` (of which through the shared cache), ``teacher_cache_hits``.
+
+Readers must check ``schema_version``; fields are only ever added within a version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import NastyError
+
+SCHEMA = "nasty-audit"
+SCHEMA_VERSION = 1
+
+_TOP = {"schema": str, "schema_version": int, "status": str, "config": dict, "dataset": dict, "baselines": dict,
+        "targets": dict, "gate": dict, "method": dict}
+_ATTACK = {"method": str, "rule": str, "status": str, "transferred_classes": list, "transferred_count": int, "students": dict}
+_ROW = ("class", "accuracy", "baseline", "gain", "gain_ci", "teacher_accuracy", "fidelity", "fidelity_ci", "transferred")
+
+
+def validate(obj: object, where: str = "audit.json") -> dict:
+    """Check the structure of an audit object; raise :class:`NastyError` naming the first problem."""
+    if not isinstance(obj, dict):
+        raise NastyError(f"{where}: not a JSON object")
+    if obj.get("schema") != SCHEMA:
+        raise NastyError(f"{where}: not a nasty audit (schema {obj.get('schema')!r}, expected {SCHEMA!r})")
+    ver = obj.get("schema_version")
+    if not isinstance(ver, int) or ver > SCHEMA_VERSION or ver < 1:
+        raise NastyError(f"{where}: schema version {ver!r} is not supported (this nasty reads 1..{SCHEMA_VERSION})")
+    for k, t in _TOP.items():
+        if not isinstance(obj.get(k), t):
+            raise NastyError(f"{where}: field {k!r} missing or not a {t.__name__}")
+    classes = obj["dataset"].get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise NastyError(f"{where}: dataset.classes missing")
+    if "teacher" not in obj["targets"]:
+        raise NastyError(f"{where}: targets.teacher missing")
+    for g, tgt in obj["targets"].items():
+        if not isinstance(tgt, dict) or not isinstance(tgt.get("attacks"), dict):
+            raise NastyError(f"{where}: targets.{g}.attacks missing")
+        if not isinstance(tgt.get("per_class_accuracy"), list) or len(tgt["per_class_accuracy"]) != len(classes):
+            raise NastyError(f"{where}: targets.{g}.per_class_accuracy must have one entry per class")
+        for a, att in tgt["attacks"].items():
+            w = f"{where}: targets.{g}.attacks.{a}"
+            for k, t in _ATTACK.items():
+                if not isinstance(att.get(k), t) or (t is int and isinstance(att.get(k), bool)):
+                    raise NastyError(f"{w}.{k} missing or not a {t.__name__}")
+            if att["status"] not in ("ok", "skipped", "failed"):
+                raise NastyError(f"{w}.status must be ok, skipped or failed")
+            if att["transferred_count"] != len(att["transferred_classes"]):
+                raise NastyError(f"{w}: transferred_count disagrees with transferred_classes")
+            if not all(isinstance(c, int) and 0 <= c < len(classes) for c in att["transferred_classes"]):
+                raise NastyError(f"{w}.transferred_classes must be class indices")
+            for st, row in att["students"].items():
+                rows = row.get("classes") if isinstance(row, dict) else None
+                if not isinstance(rows, list) or len(rows) != len(classes):
+                    raise NastyError(f"{w}.students.{st}.classes must have one row per class")
+                for r in rows:
+                    missing = [k for k in _ROW if k not in r]
+                    if missing:
+                        raise NastyError(f"{w}.students.{st}: class row lacks {missing[0]!r}")
+    return obj
+
+
+def load_audit(path: str | Path) -> dict:
+    """Read and validate an ``audit.json``."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "audit.json"
+    if not p.is_file():
+        raise NastyError(f"audit file not found: {p}")
+    try:
+        obj = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NastyError(f"{p}: not valid JSON ({e})") from None
+    return validate(obj, str(p))

@@ -1,0 +1,308 @@
+"""Output defenses: post-processors applied to a teacher's probabilities when it is queried.
+
+In the style of the IBM Adversarial Robustness Toolbox's postprocessors: each maps a batch of
+probability rows ``p`` (N, C) to perturbed rows, row by row (batch safe), and they compose left
+to right. ``parse_output_defense("topk:2,round:3")`` builds a chain from a spec; every piece and
+the chain have ``describe()``, a canonical spec that parses back to the same chain.
+
+Spec: items separated by ``,``; each ``name`` or ``name:ARG:ARG`` with positional values or
+``key=value`` (e.g. ``reverse-sigmoid:beta=1:gamma=0.2``, ``noise:0.05``).
+
+- ``topk:k`` (alias ``stingy``), Ma et al. 2022 "Sparse Logits Suffice to Fail Knowledge
+  Distillation": keep the k largest probabilities, zero the rest, renormalise (the softmax of the
+  top-k logits with the others at -inf).
+- ``round:decimals``: round to d decimals (ART ``Rounded``); the row's top class keeps at least
+  ``10**-d`` so a row never becomes all zeros.
+- ``label``: class label only, the one-hot of *each row's own* argmax (ART ``ClassLabels``).
+- ``reverse-sigmoid:beta:gamma`` (alias ``rsig``), Lee et al. 2018 "Defending Against NN Model
+  Stealing Attacks Using Deceptive Perturbations", as in ART: ``r = beta * (s(gamma * logit(p)) - 1/2)``
+  with ``logit(p) = log(p / (1 - p))`` (``p`` clipped to ``[1e-9, 1 - 1e-9]``),
+  ``p' = clip(p - r, 0, 1)`` renormalised to sum 1.
+- ``noise:scale:seed`` (alias ``gaussian``): add N(0, scale^2) noise, clip at 0, renormalise (ART
+  ``GaussianNoise``); a seeded generator makes a run reproducible.
+- ``cutoff:threshold`` (alias ``high-confidence``): zero every probability below the threshold (ART
+  ``HighConfidence``), except the row's top class.
+
+A row that a perturbation would leave with no mass at all falls back to the one-hot of its
+argmax. :class:`DefendedModel` wraps any classifier so that its outputs are the defended
+``log p`` (logits up to a constant, ``-inf`` for withheld classes): the public API.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import NastyError
+
+_OUTPUT_DEFENSES: dict[str, type] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_output_defense(cls):
+    if cls.name in _OUTPUT_DEFENSES:
+        raise ValueError(f"output defense {cls.name} registered twice")
+    _OUTPUT_DEFENSES[cls.name] = cls
+    for a in cls.aliases:
+        _ALIASES[a] = cls.name
+    return cls
+
+
+def list_output_defenses() -> dict[str, str]:
+    return {k: v.summary for k, v in sorted(_OUTPUT_DEFENSES.items())}
+
+
+def _argmax_onehot(p: torch.Tensor) -> torch.Tensor:
+    """One-hot of each row's own argmax (index per row)."""
+    return F.one_hot(p.argmax(dim=1), p.shape[1]).to(p.dtype)
+
+
+def _renormalise(q: torch.Tensor, fallback_from: torch.Tensor) -> torch.Tensor:
+    s = q.sum(dim=1, keepdim=True)
+    empty = (s <= 0).squeeze(1)
+    out = q / torch.where(s > 0, s, torch.ones_like(s))
+    if empty.any():
+        out[empty] = _argmax_onehot(fallback_from[empty])
+    return out
+
+
+class OutputDefense:
+    """Base class: ``params`` gives names and defaults in positional order; ``apply`` does the work."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    params: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **kw: Any):
+        unknown = set(kw) - set(self.params)
+        if unknown:
+            key = sorted(unknown)[0]
+            close = difflib.get_close_matches(key, list(self.params), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise NastyError(f"output defense {self.name} has no parameter {key!r}{hint} (parameters: {', '.join(self.params) or 'none'})")
+        self.p = {**self.params, **kw}
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def apply(self, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        if p.ndim != 2:
+            raise NastyError(f"output defense {self.name} needs probabilities of shape (N, C), got {tuple(p.shape)}")
+        return self.apply(p)
+
+    def describe(self) -> str:
+        return self.name + "".join(f":{k}={v}" for k, v in self.p.items())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+@register_output_defense
+class TopK(OutputDefense):
+    name = "topk"
+    aliases = ("stingy",)
+    summary = "stingy teacher (Ma et al. 2022): only the top-k classes, renormalised"
+    params = {"k": 2}
+
+    def validate(self):
+        if isinstance(self.p["k"], bool) or not isinstance(self.p["k"], int) or self.p["k"] < 1:
+            raise NastyError(f"topk needs a positive integer k, got {self.p['k']!r}")
+
+    def apply(self, p):
+        k = min(self.p["k"], p.shape[1])
+        top = p.topk(k, dim=1)
+        return _renormalise(torch.zeros_like(p).scatter_(1, top.indices, top.values), p)
+
+
+@register_output_defense
+class Round(OutputDefense):
+    name = "round"
+    summary = "round probabilities to d decimals (ART Rounded)"
+    params = {"decimals": 3}
+
+    def validate(self):
+        d = self.p["decimals"]
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 12:
+            raise NastyError(f"round needs an integer number of decimals in 0..12, got {d!r}")
+
+    def apply(self, p):
+        scale = 10.0 ** self.p["decimals"]
+        q = torch.round(p * scale) / scale
+        top = p.argmax(dim=1, keepdim=True)
+        return q.scatter(1, top, q.gather(1, top).clamp_min(1.0 / scale))
+
+
+@register_output_defense
+class Label(OutputDefense):
+    name = "label"
+    aliases = ("labels", "argmax")
+    summary = "class label only: one-hot of each row's argmax (ART ClassLabels)"
+
+    def apply(self, p):
+        return _argmax_onehot(p)
+
+
+@register_output_defense
+class ReverseSigmoid(OutputDefense):
+    name = "reverse-sigmoid"
+    aliases = ("rsig",)
+    summary = "reverse sigmoid perturbation (Lee et al. 2018; ART ReverseSigmoid), beta, gamma"
+    params = {"beta": 1.0, "gamma": 0.1}
+
+    def validate(self):
+        for k in ("beta", "gamma"):
+            if isinstance(self.p[k], bool) or not isinstance(self.p[k], (int, float)) or not self.p[k] > 0:
+                raise NastyError(f"reverse-sigmoid needs a positive {k}, got {self.p[k]!r}")
+        self.p = {k: float(v) for k, v in self.p.items()}
+
+    def apply(self, p):
+        eps = 1e-9
+        pc = p.clamp(eps, 1 - eps)
+        r = self.p["beta"] * (torch.sigmoid(self.p["gamma"] * torch.log(pc / (1 - pc))) - 0.5)
+        return _renormalise((p - r).clamp(0.0, 1.0), p)
+
+
+@register_output_defense
+class GaussianNoise(OutputDefense):
+    name = "noise"
+    aliases = ("gaussian",)
+    summary = "Gaussian noise of std scale, clipped at 0 and renormalised (ART GaussianNoise)"
+    params = {"scale": 0.05, "seed": 0}
+
+    def validate(self):
+        s = self.p["scale"]
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0:
+            raise NastyError(f"noise needs a scale >= 0, got {s!r}")
+        if isinstance(self.p["seed"], bool) or not isinstance(self.p["seed"], int):
+            raise NastyError(f"noise needs an integer seed, got {self.p['seed']!r}")
+        self.p["scale"] = float(s)
+        self.generator = torch.Generator().manual_seed(self.p["seed"])
+
+    def apply(self, p):
+        noise = torch.randn(p.shape, generator=self.generator, dtype=torch.float64).to(p.dtype) * self.p["scale"]
+        return _renormalise((p + noise.to(p.device)).clamp_min(0.0), p)
+
+
+@register_output_defense
+class HighConfidence(OutputDefense):
+    name = "cutoff"
+    aliases = ("high-confidence",)
+    summary = "zero probabilities below a threshold, keeping the top class (ART HighConfidence)"
+    params = {"threshold": 0.25}
+
+    def validate(self):
+        t = self.p["threshold"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+            raise NastyError(f"cutoff needs a threshold in (0, 1), got {t!r}")
+        self.p["threshold"] = float(t)
+
+    def apply(self, p):
+        keep = (p >= self.p["threshold"]) | _argmax_onehot(p).bool()
+        return torch.where(keep, p, torch.zeros_like(p))
+
+
+class Compose:
+    """Apply output defenses left to right."""
+
+    def __init__(self, parts: list[Callable[[torch.Tensor], torch.Tensor]]):
+        if not parts:
+            raise NastyError("an output defense chain needs at least one part")
+        self.parts = list(parts)
+
+    @torch.no_grad()
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            p = part(p)
+        return p
+
+    def describe(self) -> str:
+        return ",".join(getattr(part, "describe", lambda: repr(part))() for part in self.parts)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.describe()})"
+
+
+def _value(raw: str, default: Any, where: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            raise ValueError
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise NastyError(f"{where}: {raw!r} is not {'an integer' if isinstance(default, int) else 'a number'}") from None
+    return raw
+
+
+def make_output_defense(name: str, **params: Any) -> OutputDefense:
+    key = _ALIASES.get(name, name)
+    if key not in _OUTPUT_DEFENSES:
+        names = list(_OUTPUT_DEFENSES) + list(_ALIASES)
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise NastyError(f"unknown output defense {name!r}{hint} (known: {', '.join(sorted(_OUTPUT_DEFENSES))})")
+    return _OUTPUT_DEFENSES[key](**params)
+
+
+def parse_output_defense(spec: str) -> Compose:
+    """``"topk:2,round:3"`` -> a :class:`Compose` of ``TopK(k=2)`` then ``Round(decimals=3)``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise NastyError("empty --output-defense spec (e.g. topk:2,round:3)")
+    parts = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            raise NastyError(f"empty item in --output-defense {spec!r}")
+        name, *args = [a.strip() for a in item.split(":")]
+        cls = _OUTPUT_DEFENSES.get(_ALIASES.get(name, name))
+        if cls is None:
+            make_output_defense(name)  # raises the did-you-mean error
+        names = list(cls.params)
+        if len(args) > len(names):
+            raise NastyError(f"output defense {cls.name} takes at most {len(names)} values ({', '.join(names) or 'none'}), got {item!r}")
+        params: dict[str, Any] = {}
+        for i, a in enumerate(args):
+            key, eq, val = a.partition("=")
+            if not eq:
+                key, val = names[i], a
+            elif key not in cls.params:
+                make_output_defense(cls.name, **{key: None})  # raises the unknown-parameter error
+            if key in params:
+                raise NastyError(f"output defense {cls.name}: {key} given twice in {item!r}")
+            params[key] = _value(val, cls.params[key], f"output defense {cls.name} {key}")
+        parts.append(cls(**params))
+    return Compose(parts)
+
+
+class DefendedModel(nn.Module):
+    """Any classifier behind an output defense: ``forward`` returns the defended ``log p``.
+
+    ``defense`` is a spec (``"topk:2,round:3"``) or any callable on probabilities. The result
+    is logit-like (softmax gives back the defended probabilities; ``-inf`` marks withheld
+    classes), so the wrapper drops in wherever a teacher model is expected.
+    """
+
+    def __init__(self, model: nn.Module, defense: str | Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.defense = parse_output_defense(defense) if isinstance(defense, str) else defense
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.defense(F.softmax(self.model(x), dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.probabilities(x).clamp_min(0))
+
+    def describe(self) -> str:
+        return getattr(self.defense, "describe", lambda: repr(self.defense))()

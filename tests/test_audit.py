@@ -1,0 +1,255 @@
+"""`nasty audit` / `nasty report` end to end on digits: outputs, schema, resume, exit codes, skipped
+and failed attacks, the fidelity rule, the reference teacher and the shared teacher cache."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from nasty.attacks import _ATTACKS, register_attack
+from nasty.attacks.kd import KD
+from nasty.audit.schema import validate
+
+TINY = ["--students", "mlp", "--epochs", "2", "--batch-size", "128", "--bootstrap", "200"]
+
+
+class KDTwin(KD):
+    name = "test-kd-twin"
+    summary = "KD again (test)"
+
+
+class WhiteBox(KD):
+    name = "test-whitebox"
+    summary = "needs weights (test)"
+    accepts = ("weights",)
+
+
+class LabelFree(KD):
+    name = "test-labelfree"
+    summary = "teacher outputs only (test)"
+    needs_labels = False
+    uses_labels = False
+    params = {"temperature": 4.0, "alpha": 1.0}
+
+
+class Broken(KD):
+    name = "test-broken"
+    summary = "crashes (test)"
+
+    def train(self, ctx):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered_test_attacks():
+    for cls in (KDTwin, WhiteBox, LabelFree, Broken):
+        register_attack(cls)
+    yield
+    for cls in (KDTwin, WhiteBox, LabelFree, Broken):
+        _ATTACKS.pop(cls.name, None)
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    """An MLP teacher, a few seconds of training (about 95% on digits)."""
+    from nasty.models import create_model
+    from nasty.train import TrainConfig, ce_objective, fit
+
+    model = create_model("mlp:hidden=128", digits.num_classes, digits.in_channels, digits.image_size)
+    fit(model, ce_objective(), digits, TrainConfig(epochs=6, batch_size=64, lr=0.05, seed=0), log=None)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(teacher, digits, tmp_path_factory):
+    from nasty.config import load_config
+    from nasty.runs import save_model
+
+    out = tmp_path_factory.mktemp("teacher")
+    save_model(out, teacher, digits, load_config(None), {})
+    return out
+
+
+def _audit(out):
+    return json.loads((out / "audit.json").read_text())
+
+
+def test_audit_outputs_cache_and_resume(run_cli, teacher_ckpt, digits, tmp_path):
+    out = tmp_path / "a"
+    args = ["audit", teacher_ckpt, "--attacks", "kd,test-kd-twin", "--seeds", "2", "--out", out, *TINY]
+    rc, stdout, err = run_cli(*args)
+    assert rc == 0, err
+    assert "of 10 classes transferable" in stdout
+    a = validate(_audit(out))
+    assert a["status"] == "complete" and a["config"]["seeds"] == [0, 1]
+    kd = a["targets"]["teacher"]["attacks"]["kd"]
+    assert kd["rule"] == "gain" and kd["transferred_count"] == len(kd["transferred_classes"])
+    rows = kd["students"]["mlp"]["classes"]
+    assert len(rows) == 10 and all(r["gain_ci"][0] <= r["gain"] <= r["gain_ci"][1] for r in rows)
+    assert all(r["baseline"] in ("scratch", "label-smoothing") for r in rows)
+    assert 80 < kd["students"]["mlp"]["accuracy"] <= 100 and "teacher_agreement" in kd["students"]["mlp"]
+    # baselines shared: 2 baselines + 2 attacks, x 2 seeds
+    assert a["runtime"]["runs_trained"] == 8 and a["runtime"]["runs_reused"] == 0
+    # the teacher ran once over the training images and once over the test split, for 4 attack runs
+    n_train, n_test = len(digits.y_train), len(digits.y_test)
+    assert a["runtime"]["teacher_samples_run"] == n_train + n_test and a["runtime"]["teacher_cache_hits"] == 3
+    run = out / "runs" / "teacher" / "test-kd-twin" / "mlp" / "seed-1"
+    res = json.loads((run / "result.json").read_text())
+    assert res["resources"]["queries"] == n_train  # every attack still counts its queries
+    pred = np.load(run / "test_pred.npy", allow_pickle=False)
+    assert pred.shape == (n_test,) and res["accuracy"] == pytest.approx(100 * np.mean(pred == digits.y_test.numpy()))
+    for f in ("audit.md", "audit.html"):
+        assert (out / f).stat().st_size > 1000
+    html = (out / "audit.html").read_text()
+    assert "data:image/png;base64," in html and "<script" not in html and "http" not in html.split("<body>")[1]
+
+    # resume: one run lost -> only that one is trained again, the decisions are unchanged
+    (run / "result.json").unlink()
+    rc, _, err = run_cli(*args)
+    b = _audit(out)
+    assert rc == 0 and b["runtime"]["runs_trained"] == 1 and b["runtime"]["runs_reused"] == 7
+    for name, att in a["targets"]["teacher"]["attacks"].items():
+        again = b["targets"]["teacher"]["attacks"][name]
+        assert again["students"]["mlp"]["classes"] == att["students"]["mlp"]["classes"]  # same student, same numbers
+    # statistics-only changes reuse every run
+    rc, _, _ = run_cli(*args, "--margin", "1.5")
+    assert rc == 0 and _audit(out)["runtime"]["runs_trained"] == 0
+    # a different training config is refused, one line, exit 2; --force starts afresh
+    rc, _, err = run_cli(*[x if x != "2" else "3" for x in args[:-6]], *TINY[:2], "--epochs", "3", *TINY[4:])
+    assert rc == 2 and "different configuration" in err and "train.epochs" in err and err.strip().count("\n") == 0
+    rc, _, err = run_cli("audit", teacher_ckpt, "--attacks", "kd", "--seeds", "1", "--out", out, *TINY[:2], "--epochs", "3",
+                         *TINY[4:], "--force")
+    assert rc == 0 and _audit(out)["runtime"]["runs_trained"] == 3
+    assert not (out / "runs" / "teacher" / "test-kd-twin").exists()
+
+
+def test_exit_codes_and_report(run_cli, teacher_ckpt, tmp_path):
+    out = tmp_path / "g"
+    base = ["audit", teacher_ckpt, "--attacks", "kd", "--seeds", "1", "--out", out, *TINY]
+    rc, stdout, _ = run_cli(*base, "--margin", "-101", "--fail-on", "0")  # every class clears a -101 point bar
+    assert rc == 1 and "FAILED" in stdout
+    a = _audit(out)
+    assert a["gate"] == {"fail_on": 0, "failed": True, "failing_attacks": ["kd"]}
+    assert a["targets"]["teacher"]["attacks"]["kd"]["transferred_count"] == 10
+    rc, stdout, _ = run_cli(*base, "--margin", "-101", "--fail-on", "10", "--json")
+    assert rc == 0 and json.loads(stdout)["targets"]["teacher"]["kd"]["transferred_count"] == 10
+
+    md = (out / "audit.md").read_text()
+    (out / "audit.md").unlink()
+    (out / "audit.html").unlink()
+    rc, stdout, err = run_cli("report", out / "audit.json")
+    assert rc == 0 and (out / "audit.md").read_text() == md and (out / "audit.html").is_file()
+    assert "10 of 10 classes transferable" in stdout
+    rc, _, err = run_cli("report", out / "audit.json", "--out", tmp_path / "r", "--format", "md")
+    assert rc == 0 and (tmp_path / "r" / "audit.md").is_file() and not (tmp_path / "r" / "audit.html").exists()
+
+    bad = _audit(out)
+    bad["schema_version"] = 99
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    rc, _, err = run_cli("report", tmp_path / "bad.json")
+    assert rc == 2 and "schema version 99" in err and err.strip().count("\n") == 0
+    bad["schema_version"] = 1
+    bad["targets"]["teacher"]["attacks"]["kd"]["transferred_count"] = 3
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    rc, _, err = run_cli("report", tmp_path / "bad.json")
+    assert rc == 2 and "transferred_count" in err
+    rc, _, err = run_cli("report", tmp_path / "missing.json")
+    assert rc == 2 and "not found" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attacks", "kdd"], "did you mean 'kd'"),
+    (["--attacks", "scratch"], "no attack left"),
+    (["--seeds", "0"], "--seeds"),
+    (["--param", "kd.tempreature=2"], "did you mean 'temperature'"),
+    (["--param", "kd.temperature=-1"], "temperature must be positive"),
+    (["--param", "temperature=2"], "ATTACK.KEY=VALUE"),
+    (["--query", "topk"], "positive K"),
+    (["--students", "mlpp"], "unknown model"),
+    (["--fidelity", "0"], "--fidelity"),
+])
+def test_usage_errors_exit_2(run_cli, teacher_ckpt, tmp_path, extra, message):
+    rc, _, err = run_cli("audit", teacher_ckpt, "--out", tmp_path / "u", *TINY, *extra)
+    assert rc == 2 and message in err and err.strip().count("\n") == 0
+
+
+def test_missing_teacher_exit_2(run_cli, tmp_path):
+    rc, _, err = run_cli("audit", tmp_path / "nope", "--out", tmp_path / "u")
+    assert rc == 2 and "not found" in err
+
+
+def test_skipped_failed_and_fidelity_rule(run_cli, teacher_ckpt, tmp_path):
+    out = tmp_path / "s"
+    rc, stdout, err = run_cli("audit", teacher_ckpt, "--attacks", "kd,test-whitebox,test-labelfree,test-broken", "--seeds", "1",
+                              "--out", out, *TINY)
+    assert rc == 3 and "incomplete" in err and "test-broken" in err and err.strip().splitlines()[-1].startswith("error:")
+    a = validate(_audit(out))  # the reports are written even so
+    atk = a["targets"]["teacher"]["attacks"]
+    assert a["status"] == "incomplete" and (out / "audit.html").is_file()
+    assert atk["test-whitebox"]["status"] == "skipped" and "weights" in atk["test-whitebox"]["reason"]
+    assert atk["test-broken"]["status"] == "failed" and "boom" in atk["test-broken"]["reason"]
+    assert atk["kd"]["status"] == "ok" and atk["kd"]["rule"] == "gain"
+    lf = atk["test-labelfree"]
+    assert lf["status"] == "ok" and lf["rule"] == "fidelity" and "fidelity" in lf["threshold"]
+    assert all(r["fidelity"] is not None for r in lf["students"]["mlp"]["classes"])
+    res = json.loads((out / "runs/teacher/test-labelfree/mlp/seed-0/result.json").read_text())
+    assert res["resources"]["labels"] is False
+    # a definite gate failure outranks an incomplete audit
+    rc, _, _ = run_cli("audit", teacher_ckpt, "--attacks", "kd,test-whitebox,test-labelfree,test-broken", "--seeds", "1",
+                       "--out", out, *TINY, "--margin", "-101", "--fail-on", "0")
+    assert rc == 1
+    # white-box access: the attack runs
+    rc, _, err = run_cli("audit", teacher_ckpt, "--attacks", "test-whitebox", "--seeds", "1", "--out", tmp_path / "w",
+                         "--query", "weights", *TINY)
+    assert rc == 0, err
+
+
+def test_reference_shares_baselines(run_cli, teacher_ckpt, tmp_path):
+    ref = tmp_path / "ref"
+    shutil.copytree(teacher_ckpt, ref)
+    out = tmp_path / "r"
+    rc, _, err = run_cli("audit", teacher_ckpt, "--reference", ref, "--attacks", "kd", "--seeds", "1", "--out", out, *TINY,
+                         "--margin", "-101")
+    assert rc == 0, err
+    a = _audit(out)
+    assert set(a["targets"]) == {"teacher", "reference"} and a["runtime"]["runs_trained"] == 4  # 2 baselines + 2 targets
+    eff = a["defense_effect"]["kd"]
+    assert eff["protected_classes"] == [] and eff["still_transferred"] == list(range(10))
+    assert "What the defense bought" in (out / "audit.md").read_text()
+
+
+def test_shared_cache_gives_the_same_student(digits, teacher):
+    """run_attack with the audit's shared cache trains exactly the student it trains without it."""
+    from nasty.attacks import run_attack
+    from nasty.audit.cache import TeacherOutputCache
+    from nasty.train import TrainConfig, seed_everything
+
+    cfg = TrainConfig(epochs=1, batch_size=128, seed=0)
+    cache = TeacherOutputCache()
+    accs = []
+    for c in (None, cache, cache):
+        seed_everything(0)
+        _, res = run_attack("kd", data=digits, teachers=[teacher], student="mlp", train=cfg, log=lambda m: None,
+                            teacher_cache=c)
+        accs.append((res["accuracy"], res["teacher_agreement"], res["resources"]["queries"]))
+    assert accs[0] == accs[1] == accs[2]
+    assert cache.samples_run == len(digits.y_train) + len(digits.y_test) and cache.hits == 1
+
+
+def test_surrogate_queries_for_label_free_attacks(run_cli, teacher_ckpt, tmp_path):
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, x_train=rng.random((300, 8, 8), dtype=np.float32), y_train=rng.integers(0, 10, 300),
+             x_test=rng.random((50, 8, 8), dtype=np.float32), y_test=rng.integers(0, 10, 50))
+    out = tmp_path / "q"
+    rc, _, err = run_cli("audit", teacher_ckpt, "--attacks", "kd,copycat", "--seeds", "1", "--surrogate", f"npz:{noise}",
+                         "--out", out, *TINY)
+    assert rc == 0, err
+    cc = json.loads((out / "runs/teacher/copycat/mlp/seed-0/result.json").read_text())["resources"]
+    kd = json.loads((out / "runs/teacher/kd/mlp/seed-0/result.json").read_text())["resources"]
+    assert "surrogate" in cc["data"] and cc["labels"] is False and cc["train_images"] < 300
+    assert kd["labels"] is True and "surrogate" not in kd["data"]  # attacks with labels keep the teacher's data
+    a = _audit(out)
+    assert a["targets"]["teacher"]["attacks"]["copycat"]["rule"] == "fidelity"
+    assert "another dataset" in a["targets"]["teacher"]["attacks"]["copycat"]["assumes"]

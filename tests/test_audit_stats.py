@@ -1,0 +1,117 @@
+"""The audit's decision rules on constructed per-class results (no training)."""
+
+import numpy as np
+import pytest
+
+from nasty.audit import stats
+from nasty.errors import NastyError
+
+
+def _ones(n_seeds, n, frac, rng=None):
+    """(S, n) correctness with exactly ``frac`` of the samples right in every seed (shuffled with ``rng`` + seed)."""
+    k = int(round(frac * n))
+    rows = []
+    for s in range(n_seeds):
+        r = np.zeros(n, np.uint8)
+        r[:k] = 1
+        rows.append(np.random.default_rng(1000 * rng + s).permutation(r) if rng else r)
+    return np.stack(rows)
+
+
+def test_replicate_accuracy_golden():
+    correct = np.array([[1, 0, 1, 0], [1, 1, 1, 1]])  # seed 0: 50%, seed 1: 100%
+    r = stats.Resample(seeds=np.array([[0, 0], [1, 1], [0, 1]]), counts=np.array([[1, 1, 1, 1], [4, 0, 0, 0], [0, 4, 0, 0]]))
+    np.testing.assert_allclose(stats.replicate_accuracy(correct, r), [50.0, 100.0, 50.0])
+    np.testing.assert_allclose(stats.replicate_accuracy(np.array([1, 0, 0, 1]), r), [50.0, 100.0, 0.0])
+
+
+def test_clear_gain_transferred_identical_not():
+    n = 200
+    y = np.repeat([0, 1], n)
+    base = np.concatenate([_ones(3, n, 0.60, True), _ones(3, n, 0.80, True)], axis=1)
+    attack = np.concatenate([_ones(3, n, 0.95, 2), base[:, n:]], axis=1)  # class 1: exactly the baseline
+    teacher = np.ones(2 * n, np.uint8)
+    rows = stats.class_decisions(y, attack, {"scratch": base, "label-smoothing": base}, teacher, num_classes=2, n_boot=500)
+    assert rows[0]["gain"] == pytest.approx(35.0) and rows[0]["transferred"]
+    assert rows[0]["gain_ci"][0] > 25 and rows[0]["gain_ci"][1] < 45
+    assert rows[1]["gain"] == 0.0 and rows[1]["gain_ci"] == [0.0, 0.0] and not rows[1]["transferred"]
+    assert rows[0]["accuracy"] == pytest.approx(95.0) and rows[0]["teacher_accuracy"] == 100.0
+
+
+def test_gain_inside_noise_not_transferred():
+    n = 40
+    y = np.zeros(n, int)
+    base = _ones(3, n, 0.80, True)
+    attack = _ones(3, n, 0.85, 2)  # +5 points on 40 samples: noise
+    rows = stats.class_decisions(y, attack, {"scratch": base}, np.ones(n, np.uint8), num_classes=1, n_boot=1000)
+    assert rows[0]["gain"] == pytest.approx(5.0)
+    assert rows[0]["gain_ci"][0] < 0 < rows[0]["gain_ci"][1] and not rows[0]["transferred"]
+
+
+def test_margin_raises_the_bar():
+    n = 300
+    y = np.zeros(n, int)
+    base, attack = _ones(2, n, 0.70, 1), _ones(2, n, 0.80, 2)
+    kw = dict(num_classes=1, n_boot=500)
+    assert stats.class_decisions(y, attack, {"scratch": base}, np.ones(n), margin=0.0, **kw)[0]["transferred"]
+    assert not stats.class_decisions(y, attack, {"scratch": base}, np.ones(n), margin=15.0, **kw)[0]["transferred"]
+
+
+def test_seed_noise_widens_the_interval():
+    """Big per-seed swings with a small mean gain: resampling seeds must keep the class untransferred."""
+    n = 500
+    y = np.zeros(n, int)
+    base = np.stack([_ones(1, n, 0.5)[0]] * 3)
+    attack = np.stack([_ones(1, n, f)[0] for f in (0.95, 0.20, 0.75)])  # mean 63.3 vs 50
+    rows = stats.class_decisions(y, attack, {"scratch": base}, np.ones(n), num_classes=1, n_boot=2000)
+    assert rows[0]["gain"] == pytest.approx(13.333, abs=0.01)
+    assert rows[0]["gain_ci"][0] < 0 and not rows[0]["transferred"]
+    # the same mean gain from one seed on the same number of samples is significant
+    one = stats.class_decisions(y, attack[:1] * 0 + _ones(1, n, 0.633), {"scratch": base[:1]}, np.ones(n), num_classes=1)
+    assert one[0]["transferred"]
+
+
+def test_best_baseline_per_class():
+    n = 50
+    y = np.repeat([0, 1], n)
+    scratch = np.concatenate([_ones(1, n, 0.9), _ones(1, n, 0.5)], axis=1)
+    smooth = np.concatenate([_ones(1, n, 0.7), _ones(1, n, 0.6)], axis=1)
+    attack = np.concatenate([_ones(1, n, 0.9), _ones(1, n, 0.9)], axis=1)
+    rows = stats.class_decisions(y, attack, {"scratch": scratch, "label-smoothing": smooth}, np.ones(2 * n), num_classes=2, n_boot=200)
+    assert [r["baseline"] for r in rows] == ["scratch", "label-smoothing"]
+    assert rows[0]["gain"] == pytest.approx(0.0) and rows[1]["gain"] == pytest.approx(30.0)
+    assert rows[1]["baseline_accuracies"] == {"scratch": pytest.approx(50.0), "label-smoothing": pytest.approx(60.0)}
+
+
+def test_fidelity_rule():
+    n = 200
+    y = np.repeat([0, 1, 2], n)
+    teacher = np.concatenate([_ones(1, n, 0.9)[0], _ones(1, n, 0.9)[0], np.zeros(n, np.uint8)])
+    attack = np.concatenate([teacher[:n][None], _ones(1, n, 0.45), np.zeros((1, n), np.uint8)], axis=1)
+    base = np.zeros_like(attack)
+    rows = stats.class_decisions(y, attack, {"scratch": base}, teacher, num_classes=3, rule="fidelity", n_boot=500)
+    assert rows[0]["fidelity"] == pytest.approx(1.0) and rows[0]["fidelity_ci"] == [1.0, 1.0] and rows[0]["transferred"]
+    assert rows[1]["fidelity"] == pytest.approx(0.5) and rows[1]["fidelity_ci"][1] < 0.9 and not rows[1]["transferred"]
+    assert rows[2]["fidelity"] is None and not rows[2]["transferred"]  # teacher never right: no ratio
+    # the gain is still reported for fidelity-rule attacks
+    assert rows[0]["gain"] == pytest.approx(90.0)
+
+
+def test_deterministic_and_validated():
+    y = np.repeat([0, 1], 30)
+    a, b = _ones(2, 60, 0.7, 1), _ones(2, 60, 0.6, 2)
+    r1 = stats.class_decisions(y, a, {"scratch": b}, np.ones(60), num_classes=2, n_boot=300, seed=3)
+    r2 = stats.class_decisions(y, a, {"scratch": b}, np.ones(60), num_classes=2, n_boot=300, seed=3)
+    assert r1 == r2
+    with pytest.raises(NastyError, match="correctness matrix"):
+        stats.class_decisions(y, a, {"scratch": b[:1]}, np.ones(60), num_classes=2)
+    with pytest.raises(NastyError, match="rule"):
+        stats.class_decisions(y, a, {"scratch": b}, np.ones(60), num_classes=2, rule="vibes")
+    with pytest.raises(NastyError, match="bootstrap"):
+        stats.class_decisions(y, a, {"scratch": b}, np.ones(60), num_classes=2, n_boot=10)
+
+
+def test_absent_class_has_no_decision():
+    y = np.zeros(20, int)
+    rows = stats.class_decisions(y, _ones(1, 20, 1.0), {"scratch": _ones(1, 20, 0.0)}, np.ones(20), num_classes=2, n_boot=100)
+    assert rows[0]["transferred"] and rows[1] == {**rows[1], "n": 0, "gain": None, "transferred": False}
