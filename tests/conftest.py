@@ -29,6 +29,17 @@ def tiny_teacher(digits):
     return model
 
 
+@pytest.fixture(scope="session")
+def small_teacher(digits):
+    """A smaller CNN (width 0.25) trained for 6 epochs on digits, frozen."""
+    from nasty.models import create_model
+    from nasty.train import TrainConfig, ce_objective, fit
+
+    model = create_model("cnn:width=0.25", digits.num_classes, digits.in_channels, digits.image_size)
+    fit(model, ce_objective(), digits, TrainConfig(epochs=6, batch_size=64, lr=0.05, seed=0), log=None)
+    return model.eval()
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the CLI in-process; returns (exit_code, stdout, stderr)."""

@@ -11,16 +11,8 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def teacher_dir(one_thread, digits, tmp_path_factory):
+def teacher_dir(digits, tmp_path_factory):
     """A small digits teacher saved as a checkpoint (trained here, on one thread)."""
     from nasty.config import load_config
     from nasty.models import create_model

@@ -23,17 +23,8 @@ def quiet(msg: str) -> None:
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread, and much faster on a shared, oversubscribed machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def teacher(one_thread, request):
+def teacher(request):
     """conftest's ``tiny_teacher``, built (if no earlier test did) on one thread."""
     return request.getfixturevalue("tiny_teacher")
 
@@ -53,7 +44,7 @@ class SwapClasses(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def second_teacher(one_thread, digits):
+def second_teacher(digits):
     from nasty.train import ce_objective, fit
 
     model = create_model("mlp:hidden=64", digits.num_classes, digits.in_channels, digits.image_size)

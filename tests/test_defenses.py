@@ -21,31 +21,6 @@ from nasty.defenses.selective import protection_weight, resolve_classes, split_a
 from nasty.errors import NastyError, TrainingDiverged
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, two threads per process run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def small_teacher(digits):
-    """A small CNN trained for 6 epochs on digits (one thread), frozen."""
-    from nasty.models import create_model
-    from nasty.train import TrainConfig, ce_objective, fit
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = create_model("cnn:width=0.25", digits.num_classes, digits.in_channels, digits.image_size)
-        fit(model, ce_objective(), digits, TrainConfig(epochs=6, batch_size=64, lr=0.05, seed=0), log=None)
-    finally:
-        torch.set_num_threads(n)
-    return model.eval()
-
-
 class _Data:
     """The bits of a DataBundle a defense's constructor reads."""
 
