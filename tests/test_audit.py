@@ -244,11 +244,12 @@ def test_surrogate_queries_for_label_free_attacks(run_cli, teacher_ckpt, tmp_pat
              x_test=rng.random((50, 8, 8), dtype=np.float32), y_test=rng.integers(0, 10, 50))
     out = tmp_path / "q"
     rc, _, err = run_cli("audit", teacher_ckpt, "--attacks", "kd,copycat", "--seeds", "1", "--surrogate", f"npz:{noise}",
-                         "--out", out, *TINY)
+                         "--queries", "100", "--out", out, *TINY)
     assert rc == 0, err
     cc = json.loads((out / "runs/teacher/copycat/mlp/seed-0/result.json").read_text())["resources"]
     kd = json.loads((out / "runs/teacher/kd/mlp/seed-0/result.json").read_text())["resources"]
-    assert "surrogate" in cc["data"] and cc["labels"] is False and cc["train_images"] < 300
+    assert "surrogate" in cc["data"] and cc["labels"] is False and cc["train_images"] == 100  # the query budget
+    assert cc["query_budget"] == 100 and kd["query_budget"] is None  # the budget binds label-free attacks only
     assert kd["labels"] is True and "surrogate" not in kd["data"]  # attacks with labels keep the teacher's data
     a = _audit(out)
     assert a["targets"]["teacher"]["attacks"]["copycat"]["rule"] == "fidelity"

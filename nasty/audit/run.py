@@ -57,6 +57,7 @@ class AuditSettings:
     n_boot: int = 2000
     params: dict[str, dict] = field(default_factory=dict)  # attack -> parameter overrides
     surrogate: str | None = None  # label-free attacks query the teacher on this dataset's images
+    queries: int | None = None  # query budget of the label-free attacks (a fixed seeded subset of their images)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         "teacher": str(s.teacher), "teacher_sha256": teacher_sha,
         "reference": s.reference, "reference_sha256": ref_sha,
         "data": _data_fingerprint(s.cfg), "train": {k: v for k, v in tcfg.to_dict().items() if k != "seed"},
-        "query": s.query, "surrogate": s.surrogate, "params": params,
+        "query": s.query, "surrogate": s.surrogate, "queries": s.queries, "params": params,
     }
     check_resume(out, config, force)
 
@@ -325,6 +326,8 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         label_free = not labels_of.get(job.method, True)
         queries = {"x_queries": x_sur, "x_val_queries": x_sur_val, "data_source": f"{s.surrogate} (surrogate, unlabelled)"} \
             if label_free and x_sur is not None else {}
+        if label_free and s.queries:
+            queries["query_budget"] = s.queries
         try:
             model, res = run_attack(job.method, data=data, teachers=teachers, student=job.student, train=tc,
                                     params=params[job.method], query=s.query, labels=labels_of.get(job.method, True),
