@@ -193,6 +193,11 @@ def train_defended_cmd(**kw) -> None:
     over["probe"] = {"enabled": False if kw["no_probe"] else None, "train_subset": kw["probe_subset"],
                      "students": [s.strip() for s in kw["probe_students"].split(",") if s.strip()] if kw["probe_students"] else None}
     cfg = load_config(kw["config"], over)
+    from .checkpoint import load_checkpoint
+
+    # refuse unreadable or hostile checkpoints before --force clears the output folder
+    for path in [*cfg["defense"]["adversary"], *([cfg["defense"]["init_from"]] if cfg["defense"]["init_from"] not in (None, "adversary") else [])]:
+        load_checkpoint(path)
     out = _run_dir(kw, cfg, f"defended-{cfg['data']['dataset'].replace(':', '-').replace('/', '-')}")
     result = train_defended(cfg, out, log=_log)
     result["out_dir"] = str(out)

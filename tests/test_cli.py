@@ -96,3 +96,13 @@ def test_config_unknown_key_suggests(run_cli, tmp_path):
     cfg.write_text("[train]\nepoch = 3\n")
     rc, _, err = run_cli("train-teacher", "--config", cfg, "--out", tmp_path / "o")
     assert rc == 2 and "did you mean 'epochs'" in err
+
+
+def test_force_keeps_old_run_when_adversary_is_bad(defended_run, run_cli, tmp_path):
+    out, _ = defended_run
+    bad = tmp_path / "adv"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"not a checkpoint")
+    rc, _, err = run_cli("train-defended", *TINY, "--adversary", bad, "--out", out, "--force")
+    assert rc == 2 and err.count("\n") == 1
+    assert (out / "defended" / "model.safetensors").is_file()  # the previous run is still there
