@@ -131,12 +131,12 @@ class Bench:
     # -------------------------------------------------------------- what to run
     def attacks_for(self, output_defense: str | None) -> list[tuple[str, str]]:
         """(method, access) pairs: soft outputs where the attack takes them, white-box only without an output defense."""
-        from nasty.attacks import _ATTACKS
+        from nasty.attacks import ATTACKS
 
-        wanted = [m.strip() for m in self.a.attacks.split(",")] if self.a.attacks else sorted(_ATTACKS)
+        wanted = [m.strip() for m in self.a.attacks.split(",")] if self.a.attacks else sorted(ATTACKS)
         pairs = []
         for m in wanted:
-            cls = _ATTACKS[m]
+            cls = ATTACKS[m]
             if m in BASELINES or m in SKIP_ATTACKS or not cls.needs_teacher:
                 continue
             order = ("probs", "topk:2", "label") if output_defense else ("logits", "weights", "probs", "label")

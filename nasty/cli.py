@@ -417,10 +417,10 @@ def datasets_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def attacks_cmd(as_json: bool) -> None:
     """List the registered attacks and what each needs."""
-    from .attacks import _ATTACKS
+    from .attacks import ATTACKS
 
     rows = {k: {"summary": c.summary, "access": list(c.accepts) if c.needs_teacher else [], "needs_labels": c.needs_labels,
-                "params": c.params} for k, c in sorted(_ATTACKS.items())}
+                "params": c.params} for k, c in sorted(ATTACKS.items())}
     _emit(rows, as_json, lambda: [click.echo(f"{k:16s} {v['summary']}  [access: {', '.join(v['access']) or 'none'}]") for k, v in rows.items()])
 
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from nasty.attacks import _ATTACKS, register_attack
+from nasty.attacks import ATTACKS, register_attack
 from nasty.attacks.kd import KD
 from nasty.audit.schema import validate
 
@@ -47,7 +47,7 @@ def registered_test_attacks():
         register_attack(cls)
     yield
     for cls in (KDTwin, WhiteBox, LabelFree, Broken):
-        _ATTACKS.pop(cls.name, None)
+        ATTACKS.pop(cls.name, None)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ One module per attack; each registers a subclass of :class:`nasty.attacks.base.A
 
 from __future__ import annotations
 
-import difflib
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,27 +13,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import NastyError
+from ..registry import Registry
 
-_ATTACKS: dict[str, type] = {}
-
-
-def register_attack(cls):
-    if cls.name in _ATTACKS:
-        raise ValueError(f"attack {cls.name} registered twice")
-    _ATTACKS[cls.name] = cls
-    return cls
-
-
-def list_attacks() -> dict[str, str]:
-    return {k: v.summary for k, v in sorted(_ATTACKS.items())}
-
-
-def get_attack(name: str) -> type:
-    if name not in _ATTACKS:
-        close = difflib.get_close_matches(name, list(_ATTACKS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise NastyError(f"unknown attack {name!r}{hint} (known: {', '.join(sorted(_ATTACKS))})")
-    return _ATTACKS[name]
+ATTACKS = Registry("attack")
+register_attack = ATTACKS.register
+list_attacks = ATTACKS.summaries
+get_attack = ATTACKS.lookup
 
 
 def run_attack(
@@ -146,7 +130,7 @@ def check_requirements(cls: type, *, query: str, labels: bool = True, n_teachers
         raise NastyError(f"attack {method} needs the ground-truth labels of the attacker's data")
     kind, _ = parse_augment(augment)
     if kind != "none" and not cls.supports_augment:
-        ok = ", ".join(sorted(k for k, c in _ATTACKS.items() if c.supports_augment))
+        ok = ", ".join(sorted(k for k, c in ATTACKS.items() if c.supports_augment))
         raise NastyError(f"attack {method} does not support --augment {augment} (soft-label attacks that do: {ok})")
     return notes
 

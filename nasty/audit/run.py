@@ -66,7 +66,7 @@ class AuditSettings:
 
 def resolve_attacks(names: list[str]) -> tuple[list[str], list[str]]:
     """Expand ``all``; validate names; baselines (attacks without a teacher) are dropped with a note."""
-    from ..attacks import _ATTACKS, get_attack
+    from ..attacks import ATTACKS, get_attack
 
     if not names:
         raise NastyError("--attacks is empty; give names (see `nasty attacks`) or 'all'")
@@ -74,7 +74,7 @@ def resolve_attacks(names: list[str]) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     for name in names:
         if name == "all":
-            picked = [k for k, c in sorted(_ATTACKS.items()) if c.needs_teacher]
+            picked = [k for k, c in sorted(ATTACKS.items()) if c.needs_teacher]
         else:
             picked = [get_attack(name).name]
         for k in picked:

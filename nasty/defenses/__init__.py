@@ -7,33 +7,17 @@ loads or trains the normal adversary, trains the defended teacher, and runs the 
 
 from __future__ import annotations
 
-import difflib
 import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from ..errors import NastyError
+from ..registry import Registry
 
-_DEFENSES: dict[str, type] = {}
-
-
-def register_defense(cls):
-    if cls.name in _DEFENSES:
-        raise ValueError(f"defense {cls.name} registered twice")
-    _DEFENSES[cls.name] = cls
-    return cls
-
-
-def list_defenses() -> dict[str, str]:
-    return {k: v.summary for k, v in sorted(_DEFENSES.items())}
-
-
-def get_defense(name: str) -> type:
-    if name not in _DEFENSES:
-        close = difflib.get_close_matches(name, list(_DEFENSES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise NastyError(f"unknown defense {name!r}{hint} (known: {', '.join(sorted(_DEFENSES))})")
-    return _DEFENSES[name]
+DEFENSES = Registry("defense")
+register_defense = DEFENSES.register
+list_defenses = DEFENSES.summaries
+get_defense = DEFENSES.lookup
 
 
 class Defense:

@@ -38,22 +38,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NastyError
+from ..registry import Registry
 
-_OUTPUT_DEFENSES: dict[str, type] = {}
+OUTPUT_DEFENSES = Registry("output defense")
 _ALIASES: dict[str, str] = {}
+list_output_defenses = OUTPUT_DEFENSES.summaries
 
 
 def register_output_defense(cls):
-    if cls.name in _OUTPUT_DEFENSES:
-        raise ValueError(f"output defense {cls.name} registered twice")
-    _OUTPUT_DEFENSES[cls.name] = cls
+    OUTPUT_DEFENSES.register(cls)
     for a in cls.aliases:
         _ALIASES[a] = cls.name
     return cls
-
-
-def list_output_defenses() -> dict[str, str]:
-    return {k: v.summary for k, v in sorted(_OUTPUT_DEFENSES.items())}
 
 
 def _argmax_onehot(p: torch.Tensor) -> torch.Tensor:
@@ -245,13 +241,7 @@ def _value(raw: str, default: Any, where: str) -> Any:
 
 
 def make_output_defense(name: str, **params: Any) -> OutputDefense:
-    key = _ALIASES.get(name, name)
-    if key not in _OUTPUT_DEFENSES:
-        names = list(_OUTPUT_DEFENSES) + list(_ALIASES)
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise NastyError(f"unknown output defense {name!r}{hint} (known: {', '.join(sorted(_OUTPUT_DEFENSES))})")
-    return _OUTPUT_DEFENSES[key](**params)
+    return OUTPUT_DEFENSES.lookup(_ALIASES.get(name, name), also=_ALIASES)(**params)
 
 
 def parse_output_defense(spec: str) -> Compose:
@@ -264,7 +254,7 @@ def parse_output_defense(spec: str) -> Compose:
         if not item:
             raise NastyError(f"empty item in --output-defense {spec!r}")
         name, *args = [a.strip() for a in item.split(":")]
-        cls = _OUTPUT_DEFENSES.get(_ALIASES.get(name, name))
+        cls = OUTPUT_DEFENSES.get(_ALIASES.get(name, name))
         if cls is None:
             make_output_defense(name)  # raises the did-you-mean error
         names = list(cls.params)

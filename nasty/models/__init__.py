@@ -9,23 +9,20 @@ from __future__ import annotations
 
 import ast
 import re
-import difflib
 import inspect
 from typing import Any, Callable
 
 import torch.nn as nn
 
 from ..errors import NastyError
+from ..registry import Registry
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_MODELS = Registry("model")
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    name = fn.__name__.replace("_", "-")
-    if name in _MODELS:
-        raise ValueError(f"model {name} registered twice")
-    _MODELS[name] = fn
-    return fn
+    """Register a model factory under its function name (``_`` becomes ``-``)."""
+    return _MODELS.register(fn, fn.__name__.replace("_", "-"))
 
 
 def list_models() -> list[str]:
@@ -55,15 +52,11 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     """Build a registered model. ``name`` may carry options: ``"cnn:width=0.5"``."""
     base, spec_kwargs = parse_model_spec(name)
     kwargs = {**spec_kwargs, **kwargs}
-    if base not in _MODELS:
-        close = difflib.get_close_matches(base, list(_MODELS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise NastyError(f"unknown model {base!r}{hint} (known: {', '.join(list_models())})")
+    fn = _MODELS.lookup(base)
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     if in_channels not in (1, 3) or not all(4 <= s <= 256 for s in image_size):
         raise NastyError(f"model {base}: unsupported input {in_channels}x{image_size[0]}x{image_size[1]}")
-    fn = _MODELS[base]
     allowed = set(inspect.signature(fn).parameters) - {"num_classes", "in_channels", "image_size"}
     unknown = set(kwargs) - allowed
     if unknown:

@@ -1,0 +1,37 @@
+"""One registry type for everything looked up by name (models, attacks, defenses, output defenses).
+
+A :class:`Registry` is a ``dict`` from name to object whose failed lookups raise a one-line
+:class:`NastyError` with a "did you mean" hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable
+
+from .errors import NastyError
+
+
+class Registry(dict):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def register(self, obj: Any, name: str | None = None) -> Any:
+        """Add ``obj`` under ``name`` (default ``obj.name``); usable as a class decorator."""
+        key = name or obj.name
+        if key in self:
+            raise ValueError(f"{self.kind} {key} registered twice")
+        self[key] = obj
+        return obj
+
+    def lookup(self, name: str, also: Iterable[str] = ()) -> Any:
+        """The object registered as ``name``; a one-line error with a suggestion otherwise."""
+        if name not in self:
+            close = difflib.get_close_matches(name, [*self, *also], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise NastyError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self))})")
+        return self[name]
+
+    def summaries(self) -> dict[str, str]:
+        return {k: v.summary for k, v in sorted(self.items())}
