@@ -152,3 +152,14 @@ def test_tllm_finds_exactly_the_two_wrong_classes(digits, teacher, mode):
     kd_on_u = (kd["per_class_accuracy"][3] + kd["per_class_accuracy"][5]) / 2
     # with full-weight CE for U the student recovers the two classes that KD loses
     assert res["accuracy_undistillable"] > kd_on_u + 40 and res["accuracy"] > kd["accuracy"] + 5
+
+
+def test_seed_sets_the_students_initial_weights(digits, teacher):
+    """The student depends on ``seed`` alone: not on the global RNG state left by earlier work."""
+    outs = []
+    for seed, global_state in ((0, 1234), (1, 1234), (0, 999)):
+        torch.manual_seed(global_state)
+        cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=seed)
+        model, _ = run_attack("kd", data=digits, teachers=[teacher], student="mlp:hidden=16", train=cfg, log=quiet)
+        outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])

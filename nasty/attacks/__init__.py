@@ -70,6 +70,9 @@ def run_attack(
     ctx = AttackContext(data=view, teachers=oracles, student=student, train=train, params=attack.p,
                         run_dir=out_dir, log=log, labels_available=labels_used, cache_teacher=cache_teacher,
                         teacher_cache=teacher_cache, augment=augment or "none")
+    from ..train import seed_everything
+
+    seed_everything(train.seed, train.deterministic)  # the student's initial weights depend on the seed
     t0 = time.perf_counter()
     model, extra = attack.train(ctx)
     seconds = time.perf_counter() - t0
