@@ -313,7 +313,8 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         key = _hash([config["format"], config["teacher_sha256"] if job.group != "baselines" else None,
                      config["reference_sha256"] if job.group == "reference" else None, config["data"], config["train"],
                      config["query"] if job.group != "baselines" else None, params[job.method], job.student, job.seed,
-                     labels_of.get(job.method, True), s.surrogate if not labels_of.get(job.method, True) else None])
+                     labels_of.get(job.method, True), s.surrogate if not labels_of.get(job.method, True) else None,
+                     *([s.queries] if s.queries and not labels_of.get(job.method, True) else [])])
         d = job.dir(out)
         res = load_run(d, key)
         if res is not None:
