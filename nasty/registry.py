@@ -35,3 +35,13 @@ class Registry(dict):
 
     def summaries(self) -> dict[str, str]:
         return {k: v.summary for k, v in sorted(self.items())}
+
+
+def with_defaults(owner: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``given``; an unknown key is a one-line error naming ``owner``."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(defaults), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise NastyError(f"{owner} has no parameter {unknown[0]!r}{hint} (parameters: {', '.join(defaults) or 'none'})")
+    return {**defaults, **given}

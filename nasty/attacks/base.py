@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..data import DataBundle
 from ..errors import NastyError
+from ..registry import with_defaults
 from ..train import Frozen, TrainConfig
 
 ACCESS_LEVELS = ("weights", "logits", "probs", "topk", "label")  # most to least revealing
@@ -144,15 +145,7 @@ class Attack:
     params: ClassVar[dict[str, Any]] = {}  # name -> default
 
     def __init__(self, **params: Any):
-        unknown = set(params) - set(self.params)
-        if unknown:
-            import difflib
-
-            key = sorted(unknown)[0]
-            close = difflib.get_close_matches(key, list(self.params), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NastyError(f"attack {self.name} has no parameter {key!r}{hint} (parameters: {', '.join(self.params) or 'none'})")
-        self.p = {**self.params, **params}
+        self.p = with_defaults(f"attack {self.name}", self.params, params)
         self.validate()
 
     def validate(self) -> None:

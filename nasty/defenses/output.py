@@ -30,7 +30,6 @@ argmax. :class:`DefendedModel` wraps any classifier so that its outputs are the 
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -38,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NastyError
-from ..registry import Registry
+from ..registry import Registry, with_defaults
 
 OUTPUT_DEFENSES = Registry("output defense")
 _ALIASES: dict[str, str] = {}
@@ -75,13 +74,7 @@ class OutputDefense:
     params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **kw: Any):
-        unknown = set(kw) - set(self.params)
-        if unknown:
-            key = sorted(unknown)[0]
-            close = difflib.get_close_matches(key, list(self.params), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NastyError(f"output defense {self.name} has no parameter {key!r}{hint} (parameters: {', '.join(self.params) or 'none'})")
-        self.p = {**self.params, **kw}
+        self.p = with_defaults(f"output defense {self.name}", self.params, kw)
         self.validate()
 
     def validate(self) -> None:
