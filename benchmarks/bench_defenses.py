@@ -332,7 +332,7 @@ def main() -> None:
     ap.add_argument("--config", default="configs/fashion-mnist.toml")
     ap.add_argument("--protect", default="Pullover,Coat,Shirt", help="the 3 classes class-selective settings protect")
     ap.add_argument("--second-adversary", default="mlp:hidden=256", help="architecture of the second adversary")
-    ap.add_argument("--students", default="mlp:hidden=32;cnn:width=0.25", help="';'-separated student architectures (every attack)")
+    ap.add_argument("--students", default="mlp:hidden=128;cnn:width=0.25", help="';'-separated student architectures (every attack)")
     ap.add_argument("--heldout-students", default="resnet20:width=0.5", help="';'-separated students for KD only (used as no adversary)")
     ap.add_argument("--attacks", default="", help="comma-separated attacks (default: every registered attack that fits)")
     ap.add_argument("--output-defenses", nargs="*", default=OUTPUT_DEFENSES)

@@ -72,6 +72,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert len(out.strip().splitlines()) == 1  # rank 0 alone prints the result
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"\nDDP vs single process: max |weight difference| = {diff:.2e}")
     assert diff < TOL, diff
     hist = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     h1, h2 = hist(tmp_path / "one"), hist(tmp_path / "ddp")
