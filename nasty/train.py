@@ -121,10 +121,23 @@ class Frozen:
 
     @torch.no_grad()
     def run(self, x: torch.Tensor) -> torch.Tensor:
+        memo = _STEP_MEMO.get()  # inside fit_group: answers already computed for this batch by another member
+        key = None
+        if memo is not None:
+            share = getattr(self.fn, "share_key", None)
+            key = (share() if callable(share) else ("module", id(self.fn)), id(x))
+            hit = memo.get(key)
+            if hit is not None and hit[0] is x:
+                if hasattr(self.fn, "queries"):
+                    self.fn.queries += len(x)  # still this attacker's queries
+                return hit[1]
         if isinstance(self.fn, nn.Module):
             self.fn.eval()
         self.samples_run += len(x)
-        return self.fn(x)
+        out = self.fn(x)
+        if key is not None:
+            memo[key] = (x, out)
+        return out
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         if not self.cache or batch.augmented:
@@ -493,6 +506,50 @@ def _save_last_good(run_dir: Path, model: nn.Module, data: DataBundle, state: Fi
     return run_dir / "last_good"
 
 
+@dataclass
+class Member:
+    """One model trained by :func:`fit_group`: its own objective, optimizer, schedule, validation
+    and run folder; the batches (images, order, augmentation) are shared with the other members."""
+
+    model: nn.Module
+    objective: Objective
+    desc: str = "train"
+    eval_model: nn.Module | None = None
+    run_dir: str | Path | None = None
+    y_train: torch.Tensor | None = None  # this member's labels of the shared images (default: the group's)
+    data: DataBundle | None = None  # whose validation split scores this member (default: the group's)
+    frozen: Sequence[Frozen] | None = None
+    log: Callable[[str], None] | None = None  # default: the group's
+
+
+@dataclass
+class _Slot:
+    """Per-member training state inside :func:`fit_group`."""
+
+    m: Member
+    data: DataBundle
+    y: torch.Tensor
+    eval_model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    frozen: list[Frozen]
+    stateful: list[Any]
+    spath: Path | None
+    fingerprint: str
+    st: FitState
+    train_model: nn.Module
+    log: Callable[[str], None] | None
+    metrics_file: Any = None
+    error: TrainingDiverged | None = None
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+
+
+# The teacher's answers on the current (augmented) batch, shared by every member of a group that
+# queries the same network on the same images: the teacher runs once per batch, not once per student.
+_STEP_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("nasty_step_memo", default=None)
+
+
 def fit(
     model: nn.Module,
     objective: Objective,
@@ -526,14 +583,49 @@ def fit(
     :class:`TrainingDiverged`; the best weights so far are restored into ``model`` and saved in
     ``run_dir/last_good``.
     """
+    member = Member(model, objective, desc=desc, eval_model=eval_model, run_dir=run_dir, y_train=y_train, frozen=frozen)
+    out = fit_group([member], data, cfg, log=log, x_train=x_train, save_state=save_state, resume=resume)[0]
+    assert isinstance(out, FitResult)
+    return out
+
+
+def fit_group(
+    members: Sequence[Member],
+    data: DataBundle,
+    cfg: TrainConfig,
+    *,
+    log: Callable[[str], None] | None = _log_default,
+    x_train: torch.Tensor | None = None,
+    save_state: bool | None = None,
+    resume: bool | None = None,
+    errors: str = "raise",
+) -> list[FitResult | TrainingDiverged]:
+    """Train several models in one pass over the same batches (the one training loop; :func:`fit`
+    is its one-member case).
+
+    Every member sees the same images in the same order with the same augmentation (one batch
+    generator, seeded by ``cfg.seed``), so its result is the one :func:`fit` gives it alone; the
+    batches are drawn once, and a frozen teacher that several members query on an augmented batch
+    runs once for all of them. Each member has its own optimizer, schedule, labels, validation,
+    ``run_dir`` (metrics, resumable state) and best-epoch selection. ``errors="collect"``: a member
+    whose loss turns NaN/inf stops (its :class:`TrainingDiverged` is returned in its place) and the
+    others go on; ``"raise"``: it is raised. Resuming needs every member's state at the same epoch
+    (otherwise all start afresh).
+    """
     from tqdm import tqdm
 
     from . import distributed as ddp_
 
+    if not members:
+        return []
+    if errors not in ("raise", "collect"):
+        raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
     ck = _CHECKPOINTING.get()
     save_state = ck.save if save_state is None else save_state
     resume = ck.resume if resume is None else resume
     ddp = ddp_.init()  # under torchrun: DDP across ranks (see nasty.distributed); otherwise off
+    if ddp and len(members) > 1:
+        raise NastyError("fit_group trains one model at a time under torchrun (DDP)")
     main = ddp_.is_main()
     log = log if main else None
     seed_everything(cfg.seed, cfg.deterministic)
@@ -544,112 +636,165 @@ def fit(
         torch.manual_seed(cfg.seed + ddp_.rank())
     dev = ddp_.device()
     x = data.x_train if x_train is None else x_train
-    y = data.y_train if y_train is None else y_train
-    eval_model = eval_model or model
-    steps = math.ceil(len(y) / cfg.batch_size)
-    spath = state_path(run_dir, desc) if run_dir is not None and (save_state or resume) else None
-    if dev.type != "cpu":
-        model.to(dev)
+    steps = math.ceil(len(x) / cfg.batch_size)
     cl = use_channels_last(x)
-    if cl:  # 1.3-3x faster convolutions on CPU (docs/results.md); undone before returning
-        model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model.parameters(), cfg)
-    sched = make_scheduler(opt, cfg, steps)
-    frozen = list(find_frozen(objective) if frozen is None else frozen) if spath or dev.type != "cpu" else []
-    stateful = find_stateful(objective) if spath else []
-    fingerprint = data_fingerprint(x, y) if spath else ""
-    st = FitState(0, -1.0, -1, None, [], 0.0)
-    if spath is not None and resume and spath.is_file():
-        st = load_fit_state(spath, desc=desc, cfg=cfg, model=model, opt=opt, sched=sched, gen=gen, frozen=frozen,
-                            fingerprint=fingerprint, stateful=stateful)
-        if log:
-            log(f"[{desc}] resuming after epoch {st.epoch}/{cfg.epochs} from {spath}")
-    train_model = ddp_.wrap(model) if ddp else model  # only the trained network; frozen ones are not wrapped
-    for f in frozen if dev.type != "cpu" else []:
-        f.to(dev)
-    metrics_file = None
-    if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        if main:
-            metrics_file = open(Path(run_dir) / "metrics.jsonl", "w")
-            for row in st.history:
-                metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-    t_start = time.perf_counter() - st.seconds
-    bar = tqdm(total=cfg.epochs * steps, initial=st.epoch * steps, desc=desc, file=sys.stderr,
-               disable=not (main and sys.stderr.isatty()), leave=False)
+    slots: list[_Slot] = []
+    for m in members:
+        y = data.y_train if m.y_train is None else m.y_train
+        if len(y) != len(x):
+            raise NastyError(f"{m.desc}: {len(y)} labels for {len(x)} training images")
+        model = m.model
+        if dev.type != "cpu":
+            model.to(dev)
+        if cl:  # 1.3-3x faster convolutions on CPU (docs/results.md); undone before returning
+            model.to(memory_format=torch.channels_last)
+        spath = state_path(m.run_dir, m.desc) if m.run_dir is not None and (save_state or resume) else None
+        opt = make_optimizer(model.parameters(), cfg)
+        frozen = list(find_frozen(m.objective) if m.frozen is None else m.frozen) if spath or dev.type != "cpu" else []
+        slots.append(_Slot(m, m.data or data, y, m.eval_model or model, opt, make_scheduler(opt, cfg, steps), frozen,
+                           find_stateful(m.objective) if spath else [], spath, data_fingerprint(x, y) if spath else "",
+                           FitState(0, -1.0, -1, None, [], 0.0), model, log if m.log is None or not main else m.log))
+    if resume:
+        found = [s.spath is not None and s.spath.is_file() for s in slots]
+        epochs = set()
+        for s, f in zip(slots, found):
+            if f:
+                s.st = load_fit_state(s.spath, desc=s.m.desc, cfg=cfg, model=s.m.model, opt=s.opt, sched=s.sched, gen=gen,
+                                      frozen=s.frozen, fingerprint=s.fingerprint, stateful=s.stateful)
+                epochs.add(s.st.epoch)
+        if len(slots) > 1 and (len(epochs) > 1 or (epochs and not all(found))):
+            raise NastyError("cannot resume a group of models whose saved states are at different epochs; "
+                             "resume them one at a time or start over with --force")
+        for s in slots:
+            if s.st.epoch and s.log:
+                s.log(f"[{s.m.desc}] resuming after epoch {s.st.epoch}/{cfg.epochs} from {s.spath}")
+    start = slots[0].st.epoch
+    for s in slots:
+        if ddp:
+            s.train_model = ddp_.wrap(s.m.model)  # only the trained network; frozen ones are not wrapped
+        for f in s.frozen if dev.type != "cpu" else []:
+            f.to(dev)
+        if s.m.run_dir is not None:
+            Path(s.m.run_dir).mkdir(parents=True, exist_ok=True)
+            if main:
+                s.metrics_file = open(Path(s.m.run_dir) / "metrics.jsonl", "w")
+                for row in s.st.history:
+                    s.metrics_file.write(json.dumps(row) + "\n")
+                s.metrics_file.flush()
+    t_start = time.perf_counter() - max(s.st.seconds for s in slots)
+    bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=slots[0].m.desc if len(slots) == 1 else f"{len(slots)} models",
+               file=sys.stderr, disable=not (main and sys.stderr.isatty()), leave=False)
+
+    def stop(s: _Slot, msg: str) -> None:
+        try:
+            _diverged(s.m.model, s.data, s.m.run_dir if main else None, s.st, msg)
+        except TrainingDiverged as e:
+            if errors == "raise":
+                raise
+            s.error = e
+            if s.log:
+                s.log(f"[{s.m.desc}] stopped: {str(e).splitlines()[0]}")
+
     try:
-        for epoch in range(st.epoch, cfg.epochs):
-            model.train()
+        for epoch in range(start, cfg.epochs):
+            live = [s for s in slots if s.error is None]
+            if not live:
+                break
             t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            seen = 0
-            for step, batch in enumerate(iterate_batches(x, y, cfg.batch_size, gen, data.augment)):
+            for s in live:
+                s.m.model.train()
+                s.sums, s.seen = {}, 0
+            for step, batch in enumerate(iterate_batches(x, live[0].y, cfg.batch_size, gen, data.augment)):
+                sh = None
+                xb = batch.x
                 if ddp:  # this rank's shard of the global batch; its loss weighted to give the global mean
                     sh = ddp_.shard(len(batch.y))
-                    batch = Batch(batch.x[sh.sl].to(dev), batch.y[sh.sl].to(dev), batch.idx[sh.sl], batch.augmented)
+                    xb = xb[sh.sl].to(dev)
                 if cl:
-                    batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.y, batch.idx, batch.augmented)
-                loss, terms = objective(train_model, batch, epoch)
-                bad = not bool(torch.isfinite(loss))
-                if ddp:
-                    bad = ddp_.any_rank(bad)  # every rank stops together (no rank left waiting in an all-reduce)
-                if bad:
-                    detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) or "no loss terms reported"
-                    where = f" on rank {ddp_.rank()}" if ddp else ""
-                    msg = f"{desc}: loss is {loss.item()}{where} at epoch {epoch + 1}, step {step + 1} ({detail})"
-                    _diverged(model, data, run_dir if main else None, st, msg)
-                opt.zero_grad(set_to_none=True)
-                (loss * sh.weight if ddp else loss).backward()
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
-                b = len(batch.y) if not (ddp and sh.empty) else 0
-                seen += b
-                for k, v in {"loss": loss.item(), **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + v * b
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                token = _STEP_MEMO.set({})
+                try:
+                    for s in live:
+                        if s.error is not None:
+                            continue
+                        yb = s.y[batch.idx]
+                        b_s = Batch(xb, yb[sh.sl].to(dev) if sh is not None else yb,
+                                    batch.idx[sh.sl] if sh is not None else batch.idx, batch.augmented)
+                        loss, terms = s.m.objective(s.train_model, b_s, epoch)
+                        bad = not bool(torch.isfinite(loss))
+                        if ddp:
+                            bad = ddp_.any_rank(bad)  # every rank stops together (no rank left waiting in an all-reduce)
+                        if bad:
+                            detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) or "no loss terms reported"
+                            where = f" on rank {ddp_.rank()}" if ddp else ""
+                            stop(s, f"{s.m.desc}: loss is {loss.item()}{where} at epoch {epoch + 1}, step {step + 1} ({detail})")
+                            continue
+                        s.opt.zero_grad(set_to_none=True)
+                        (loss * sh.weight if sh is not None else loss).backward()
+                        if cfg.grad_clip:
+                            nn.utils.clip_grad_norm_(s.m.model.parameters(), cfg.grad_clip)
+                        s.opt.step()
+                        s.sched.step()
+                        n_b = len(b_s.y) if not (sh is not None and sh.empty) else 0
+                        s.seen += n_b
+                        for k, v in {"loss": loss.item(), **terms}.items():
+                            s.sums[k] = s.sums.get(k, 0.0) + v * n_b
+                finally:
+                    _STEP_MEMO.reset(token)
                 bar.update(1)
-            if ddp:  # epoch means over the global data
-                keys = sorted(sums)
-                tot = ddp_.all_reduce_sum(torch.tensor([float(seen)] + [sums[k] for k in keys], dtype=torch.float64))
-                seen, sums = int(tot[0]), {k: float(v) for k, v in zip(keys, tot[1:])}
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                _diverged(model, data, run_dir if main else None, st,
-                          f"{desc}: the weights became NaN/inf during epoch {epoch + 1} (losses stayed finite)")
-            val_acc = _val_accuracy(eval_model, data, ddp, dev)
-            row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}, "val_accuracy": val_acc,
-                   "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-            st.history.append(row)
-            if metrics_file:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-            if log:
-                terms_txt = " ".join(f"{k}={v / max(seen, 1):.4f}" for k, v in sums.items())
-                log(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} {terms_txt} val_acc={val_acc:.2f}")
-            if cfg.select == "last" or val_acc > st.best_val:
-                st.best_val, st.best_epoch = val_acc, epoch + 1
-                st.best_state = copy.deepcopy(model.state_dict())
-            st.epoch = epoch + 1
-            st.seconds = time.perf_counter() - t_start
-            if spath is not None and main:
-                save_fit_state(spath, desc=desc, cfg=cfg, model=model, opt=opt, sched=sched, gen=gen, frozen=frozen,
-                               fingerprint=fingerprint, state=st, stateful=stateful)
+            for s in live:
+                if s.error is not None:
+                    continue
+                sums, seen = s.sums, s.seen
+                if ddp:  # epoch means over the global data
+                    keys = sorted(sums)
+                    tot = ddp_.all_reduce_sum(torch.tensor([float(seen)] + [sums[k] for k in keys], dtype=torch.float64))
+                    seen, sums = int(tot[0]), {k: float(v) for k, v in zip(keys, tot[1:])}
+                if not all(bool(torch.isfinite(p).all()) for p in s.m.model.parameters()):
+                    stop(s, f"{s.m.desc}: the weights became NaN/inf during epoch {epoch + 1} (losses stayed finite)")
+                    continue
+                val_acc = _val_accuracy(s.eval_model, s.data, ddp, dev)
+                row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}, "val_accuracy": val_acc,
+                       "lr": s.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+                st = s.st
+                st.history.append(row)
+                if s.metrics_file:
+                    s.metrics_file.write(json.dumps(row) + "\n")
+                    s.metrics_file.flush()
+                if s.log:
+                    terms_txt = " ".join(f"{k}={v / max(seen, 1):.4f}" for k, v in sums.items())
+                    s.log(f"[{s.m.desc}] epoch {epoch + 1}/{cfg.epochs} {terms_txt} val_acc={val_acc:.2f}")
+                if cfg.select == "last" or val_acc > st.best_val:
+                    st.best_val, st.best_epoch = val_acc, epoch + 1
+                    st.best_state = copy.deepcopy(s.m.model.state_dict())
+                st.epoch = epoch + 1
+                st.seconds = time.perf_counter() - t_start
+                if s.spath is not None and main:
+                    save_fit_state(s.spath, desc=s.m.desc, cfg=cfg, model=s.m.model, opt=s.opt, sched=s.sched, gen=gen,
+                                   frozen=s.frozen, fingerprint=s.fingerprint, state=st, stateful=s.stateful)
     finally:
         bar.close()
-        if metrics_file:
-            metrics_file.close()
-        if cl:
-            model.to(memory_format=torch.contiguous_format)
-        if dev.type != "cpu":  # callers evaluate on the CPU
-            model.cpu()
-            for f in frozen:
-                f.to(torch.device("cpu"))
-    if st.best_state is not None:
-        model.load_state_dict(st.best_state)
+        for s in slots:
+            if s.metrics_file:
+                s.metrics_file.close()
+            if cl:
+                s.m.model.to(memory_format=torch.contiguous_format)
+            if dev.type != "cpu":  # callers evaluate on the CPU
+                s.m.model.cpu()
+                for f in s.frozen:
+                    f.to(torch.device("cpu"))
+    results: list[FitResult | TrainingDiverged] = []
+    seconds = time.perf_counter() - t_start
+    for s in slots:
+        if s.error is not None:
+            results.append(s.error)
+            continue
+        if s.st.best_state is not None:
+            s.m.model.load_state_dict(s.st.best_state)
+        results.append(FitResult(s.st.best_epoch, s.st.best_val, s.st.history, seconds))
     if ddp:
         ddp_.barrier()  # rank 0's files are complete before any rank reads them
-    return FitResult(st.best_epoch, st.best_val, st.history, time.perf_counter() - t_start)
+    return results
 
 
 def use_channels_last(x: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ One module per attack; each registers a subclass of :class:`nasty.attacks.base.A
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,7 +58,99 @@ def run_attack(
     training seed). ``augment`` is ``none``, ``mixup[:ALPHA]`` or ``cutmix[:ALPHA]`` for the attacks
     that support it.
     """
-    from ..metrics import evaluate, predict_logits
+    prep = prepare_attack(method, data=data, teachers=teachers, student=student, train=train, params=params, query=query,
+                          labels=labels, out_dir=out_dir, log=log, output_defense=output_defense, x_queries=x_queries,
+                          data_source=data_source, cache_teacher=cache_teacher, teacher_cache=teacher_cache, augment=augment,
+                          x_val_queries=x_val_queries, query_budget=query_budget)
+    from ..train import seed_everything
+
+    seed_everything(train.seed, train.deterministic)  # the student's initial weights depend on the seed
+    t0 = time.perf_counter()
+    model, extra = prep.attack.train(prep.ctx)
+    return prep.finish(model, extra, time.perf_counter() - t0)
+
+
+@dataclass
+class PreparedAttack:
+    """One attack run, set up (threat model checked, attacker's view of the data built) but not trained:
+    :func:`run_attack` trains it alone, :func:`run_attacks_together` trains several in one pass."""
+
+    method: str
+    attack: Any
+    ctx: Any  # AttackContext
+    data: Any  # the full bundle (its test split scores the student)
+    teachers: list[nn.Module]
+    notes: list[str]
+    selection: str
+    labels_used: bool
+    query: str
+    data_source: str | None
+    query_budget: int | None
+    augment: str
+    output_defense: Any
+
+    def finish(self, model: nn.Module, extra: dict, seconds: float, *, trained_with: int = 1) -> tuple[nn.Module, dict]:
+        """Score the trained student on the test split; the result dict of :func:`run_attack`."""
+        from ..metrics import evaluate, predict_logits
+
+        data, ctx, teachers = self.data, self.ctx, self.teachers
+        cache = ctx.teacher_cache
+        if not teachers:
+            teacher_pred = None
+        elif cache is not None:
+            teacher_pred = cache.test_pred(teachers[0], data.x_test)
+        else:
+            teacher_pred = predict_logits(teachers[0], data.x_test).argmax(1)
+        cls = type(self.attack)
+        result = {
+            "method": self.method,
+            "student": ctx.student,
+            "params": self.attack.p,
+            **evaluate(model, data.x_test, data.y_test, data.num_classes, teacher_pred),
+            "resources": {
+                "access": self.query if cls.needs_teacher else "none",
+                "data": self.data_source or data.name,
+                "labels": self.labels_used,
+                "train_images": int(len(ctx.data.y_train)),
+                "queries": int(sum(o.queries for o in ctx.teachers)),
+                "query_budget": self.query_budget,
+                "model_selection": self.selection,
+                "augment": self.augment or "none",
+                "teachers": len(ctx.teachers),
+                "output_defense": getattr(self.output_defense, "describe", lambda: None)() if self.output_defense else None,
+            },
+            "seed": ctx.train.seed,
+            "train_seconds": seconds,
+            "notes": self.notes + ctx.notes,
+            **extra,
+        }
+        if trained_with > 1:
+            result["trained_with"] = trained_with  # students trained in the same pass; train_seconds is this run's share
+        return model, result
+
+
+def prepare_attack(
+    method: str,
+    *,
+    data,
+    teachers: list[nn.Module],
+    student: str,
+    train,
+    params: dict[str, Any] | None = None,
+    query: str = "logits",
+    labels: bool = True,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    output_defense: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    x_queries: torch.Tensor | None = None,
+    data_source: str | None = None,
+    cache_teacher: bool = True,
+    teacher_cache: Any = None,
+    augment: str = "none",
+    x_val_queries: torch.Tensor | None = None,
+    query_budget: int | None = None,
+) -> PreparedAttack:
+    """Everything :func:`run_attack` does before training (same arguments)."""
     from .base import AttackContext, Oracle
 
     cls = get_attack(method)
@@ -70,41 +163,51 @@ def run_attack(
     ctx = AttackContext(data=view, teachers=oracles, student=student, train=train, params=attack.p,
                         run_dir=out_dir, log=log, labels_available=labels_used, cache_teacher=cache_teacher,
                         teacher_cache=teacher_cache, augment=augment or "none")
-    from ..train import seed_everything
+    return PreparedAttack(method, attack, ctx, data, list(teachers), notes, selection, labels_used, query, data_source,
+                          query_budget, augment or "none", output_defense)
 
-    seed_everything(train.seed, train.deterministic)  # the student's initial weights depend on the seed
+
+def can_share_pass(method: str) -> bool:
+    """Whether the attack is a single run of the training loop (so it can share a pass with others)."""
+    from .base import Attack
+
+    return get_attack(method).train is Attack.train
+
+
+def run_attacks_together(runs: list[PreparedAttack], *, log: Callable[[str], None] | None = None
+                         ) -> list[tuple[nn.Module, dict] | Exception]:
+    """Train several prepared single-pass attacks (:func:`can_share_pass`) on the same images with the
+    same schedule and seed in one pass over the data (:func:`nasty.train.fit_group`). Each student
+    gets exactly what it would get alone: the same initial weights, batches and objective. Returns,
+    per run, ``(student, result)`` or the :class:`TrainingDiverged` that stopped it."""
+    from ..train import Member, fit_group, seed_everything
+
+    if not runs:
+        return []
+    first = runs[0].ctx
+    x = first.train_split()[0]
+    members = []
+    for r in runs:
+        c = r.ctx
+        if not can_share_pass(r.method):
+            raise NastyError(f"attack {r.method} trains in several stages; it cannot share a pass")
+        if c.train != first.train or c.train_split()[0] is not x or c.data.augment != first.data.augment:
+            raise NastyError("runs trained together need the same images, augmentation, schedule and seed")
+        seed_everything(c.train.seed, c.train.deterministic)  # as run_attack: the initial weights depend on the seed only
+        student = r.attack.build_student(c)
+        members.append(Member(student, r.attack.objective(c, student), desc=f"{r.method}:{c.student}", run_dir=c.run_dir,
+                              y_train=c.train_split()[1], data=c.data, log=c.log))
     t0 = time.perf_counter()
-    model, extra = attack.train(ctx)
-    seconds = time.perf_counter() - t0
-    if not teachers:
-        teacher_pred = None
-    elif teacher_cache is not None:
-        teacher_pred = teacher_cache.test_pred(teachers[0], data.x_test)
-    else:
-        teacher_pred = predict_logits(teachers[0], data.x_test).argmax(1)
-    result = {
-        "method": method,
-        "student": student,
-        "params": attack.p,
-        **evaluate(model, data.x_test, data.y_test, data.num_classes, teacher_pred),
-        "resources": {
-            "access": query if cls.needs_teacher else "none",
-            "data": data_source or data.name,
-            "labels": labels_used,
-            "train_images": int(len(view.y_train)),
-            "queries": int(sum(o.queries for o in oracles)),
-            "query_budget": query_budget,
-            "model_selection": selection,
-            "augment": augment or "none",
-            "teachers": len(oracles),
-            "output_defense": getattr(output_defense, "describe", lambda: None)() if output_defense else None,
-        },
-        "seed": train.seed,
-        "train_seconds": seconds,
-        "notes": notes + ctx.notes,
-        **extra,
-    }
-    return model, result
+    fits = fit_group(members, first.data, first.train, x_train=x, errors="collect", **({"log": log} if log else {}))
+    share = (time.perf_counter() - t0) / len(runs)
+    out: list[tuple[nn.Module, dict] | Exception] = []
+    for r, m, f in zip(runs, members, fits):
+        if isinstance(f, Exception):
+            out.append(f)
+            continue
+        out.append(r.finish(m.model, {"best_epoch": f.best_epoch, "val_accuracy": f.best_val_accuracy}, share,
+                            trained_with=len(runs)))
+    return out
 
 
 def check_requirements(cls: type, *, query: str, labels: bool = True, n_teachers: int = 1, augment: str | None = "none",

@@ -71,6 +71,10 @@ class Oracle:
     def labels(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).argmax(1)
 
+    def share_key(self) -> tuple:
+        """Oracles with equal keys answer every query identically (same network, access, defense)."""
+        return ("oracle", id(self.model), self.access, self.k, id(self.post))
+
 
 @dataclass
 class AttackContext:
