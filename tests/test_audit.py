@@ -254,3 +254,61 @@ def test_surrogate_queries_for_label_free_attacks(run_cli, teacher_ckpt, tmp_pat
     a = _audit(out)
     assert a["targets"]["teacher"]["attacks"]["copycat"]["rule"] == "fidelity"
     assert "another dataset" in a["targets"]["teacher"]["attacks"]["copycat"]["assumes"]
+
+
+def test_shared_pass_gives_the_same_audit(run_cli, teacher_ckpt, tmp_path):
+    """Fused (default) and --no-fuse audits train the same students: identical predictions, run by run."""
+    outs = {}
+    for mode in ("--fuse", "--no-fuse"):
+        out = tmp_path / mode.strip("-")
+        rc, _, err = run_cli("audit", teacher_ckpt, "--attacks", "kd,test-kd-twin,test-labelfree", "--seeds", "1", "--out", out,
+                             *TINY, "--deterministic", mode)
+        assert rc == 0, err
+        outs[mode] = out
+    runs = sorted(p.relative_to(outs["--fuse"]) for p in outs["--fuse"].glob("runs/**/test_pred.npy"))
+    assert len(runs) == 5  # 2 baselines + 3 attacks
+    for r in runs:
+        a, b = (np.load(outs[m] / r, allow_pickle=False) for m in outs)
+        assert np.array_equal(a, b), r
+        fused = json.loads((outs["--fuse"] / r.parent / "result.json").read_text())
+        alone = json.loads((outs["--no-fuse"] / r.parent / "result.json").read_text())
+        assert fused["trained_with"] == 5 and "trained_with" not in alone
+        assert fused["resources"]["queries"] == alone["resources"]["queries"]
+    def numbers(obj):  # everything but the timings
+        if isinstance(obj, dict):
+            return {k: numbers(v) for k, v in obj.items() if k != "train_seconds"}
+        return [numbers(v) for v in obj] if isinstance(obj, list) else obj
+
+    assert numbers(_audit(outs["--fuse"])["targets"]) == numbers(_audit(outs["--no-fuse"])["targets"])
+
+
+def test_output_defense_is_audited_and_named(run_cli, teacher_ckpt, tmp_path):
+    out = tmp_path / "od"
+    args = ["audit", teacher_ckpt, "--attacks", "kd", "--seeds", "1", "--query", "probs", "--out", out, *TINY]
+    rc, _, err = run_cli(*args, "--output-defense", "label")
+    assert rc == 0, err
+    a = _audit(out)
+    assert a["config"]["output_defense"] == "label" and a["targets"]["teacher"]["defense"] == {"training": None, "output": "label"}
+    assert "Defense: output: label." in (out / "audit.md").read_text()
+    res = json.loads((out / "runs/teacher/kd/mlp/seed-0/result.json").read_text())
+    assert res["resources"]["output_defense"] == "label"
+    # another output defense is another configuration; white-box access bypasses any output defense
+    rc, _, err = run_cli(*args, "--output-defense", "topk:1")
+    assert rc == 2 and "output_defense" in err
+    rc, _, err = run_cli("audit", teacher_ckpt, "--query", "weights", "--output-defense", "label", "--out", tmp_path / "w", *TINY)
+    assert rc == 2 and "white-box" in err and err.strip().count("\n") == 0
+    rc, _, err = run_cli(*args, "--output-defense", "topkk:1", "--force")
+    assert rc == 2 and "did you mean" in err
+
+
+def test_defense_description_golden():
+    from nasty.audit.run import defense_text, describe_defense
+
+    side = {"defense": {"name": "class-selective", "tau": 4.0, "omega": 0.1, "kl_cap": None, "protect_classes": ["Coat", "Shirt"],
+                        "protect_by": "label", "combine": "mean", "max_accuracy_drop": None, "adversary": ["a"]},
+            "adversaries": ["a"], "defense_info": {}}
+    d = describe_defense(side, None)
+    assert d == {"training": {"name": "class-selective", "tau": 4.0, "omega": 0.1, "protect_classes": ["Coat", "Shirt"],
+                              "protect_by": "label", "adversaries": 1}, "output": None}
+    assert defense_text(d) == "training-time: class-selective (tau 4.0, omega 0.1, protect_classes Coat,Shirt, protect_by label, adversaries 1)"
+    assert defense_text(describe_defense({}, None)).startswith("none")

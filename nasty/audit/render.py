@@ -10,6 +10,7 @@ import io
 from pathlib import Path
 
 from ..checkpoint import atomic_write_bytes
+from .run import defense_text
 
 TARGET_TITLES = {"teacher": "Audited teacher", "reference": "Reference (undefended) teacher"}
 
@@ -196,7 +197,8 @@ def render_markdown(audit: dict) -> str:
     md += [f"- {line}" for line in _intro(audit)] + [""]
     for target in audit["targets"]:
         md += [f"## {TARGET_TITLES.get(target, target)}: summary",
-               f"Teacher test accuracy {audit['targets'][target]['accuracy']:.2f}%.", "",
+               f"Teacher test accuracy {audit['targets'][target]['accuracy']:.2f}%. "
+               f"Defense: {defense_text(audit['targets'][target].get('defense'))}.", "",
                _md_table(SUMMARY_HEAD, _summary_rows(audit, target)), ""]
         md += [f"- {line}" for line in _found_lines(audit, target)] + ([""] if _found_lines(audit, target) else [])
     if audit.get("defense_effect"):
@@ -287,7 +289,8 @@ def render_html(audit: dict) -> str:
              '<div class="box">' + "<br>".join(_md_inline(x) for x in _intro(audit)) + "</div>"]
     for target in audit["targets"]:
         t = audit["targets"][target]
-        parts.append(f"<h2>{_h(TARGET_TITLES.get(target, target))}</h2><p>Teacher test accuracy <b>{t['accuracy']:.2f}%</b>.</p>")
+        parts.append(f"<h2>{_h(TARGET_TITLES.get(target, target))}</h2><p>Teacher test accuracy <b>{t['accuracy']:.2f}%</b>. "
+                     f"Defense: {_h(defense_text(t.get('defense')))}.</p>")
         chips = []
         for a, att in t["attacks"].items():
             kind = "muted" if att["status"] != "ok" else ("bad" if att["transferred_count"] else "good")

@@ -58,6 +58,8 @@ class AuditSettings:
     params: dict[str, dict] = field(default_factory=dict)  # attack -> parameter overrides
     surrogate: str | None = None  # label-free attacks query the teacher on this dataset's images
     queries: int | None = None  # query budget of the label-free attacks (a fixed seeded subset of their images)
+    output_defense: str | None = None  # the audited teacher answers through this output defense (not the reference)
+    fuse: bool = True  # train single-pass attacks of one seed together, in one pass over the data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def check_resume(out: Path, config: dict, force: bool) -> None:
 
 
 def _config_diff(old: dict, new: dict) -> str | None:
-    for k in ("format", "teacher_sha256", "reference_sha256", "data", "train", "query", "surrogate"):
+    for k in ("format", "teacher_sha256", "reference_sha256", "data", "train", "query", "surrogate", "output_defense"):
         a, b = old.get(k), new.get(k)
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
@@ -222,7 +224,7 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
 
     Raises :class:`AuditIncomplete` (exit code 3) after writing the reports when a run failed.
     """
-    from ..attacks import get_attack, run_attack
+    from ..attacks import can_share_pass, get_attack, prepare_attack, run_attacks_together
     from ..attacks.base import parse_access
     from ..checkpoint import atomic_write_json, read_sidecar, versions
     from ..config import train_config
@@ -264,6 +266,17 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
     for st in s.students:
         create_model(st, data.num_classes, data.in_channels, data.image_size)
     tcfg = train_config(s.cfg)
+    post = None
+    if s.output_defense:
+        from ..defenses.output import parse_output_defense
+
+        if s.query.split(":")[0] == "weights":
+            raise NastyError("--output-defense filters what the teacher answers; a white-box thief (--query weights) "
+                             "bypasses it. Audit an output defense with --query probs, topk:K or label")
+        post = parse_output_defense(s.output_defense)
+    defenses = {"teacher": describe_defense(side, post)}
+    if s.reference:
+        defenses["reference"] = describe_defense(rside, None)
 
     config = {
         "format": f"{SCHEMA}/{SCHEMA_VERSION}",
@@ -271,6 +284,7 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         "reference": s.reference, "reference_sha256": ref_sha,
         "data": _data_fingerprint(s.cfg), "train": {k: v for k, v in tcfg.to_dict().items() if k != "seed"},
         "query": s.query, "surrogate": s.surrogate, "queries": s.queries, "params": params,
+        "output_defense": post.describe() if post is not None else None,
     }
     check_resume(out, config, force)
 
@@ -305,53 +319,58 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
     runs: dict[tuple[str, str, str, int], dict] = {}
     quiet = (lambda m: None) if not verbose else log
     t_start = time.perf_counter()
-    trained = reused = 0
-    for job in jobs:
-        gk = (job.group, job.method)
-        if gk in skipped or job.student in skipped_students.get(gk, {}):
-            continue
-        key = _hash([config["format"], config["teacher_sha256"] if job.group != "baselines" else None,
-                     config["reference_sha256"] if job.group == "reference" else None, config["data"], config["train"],
-                     config["query"] if job.group != "baselines" else None, params[job.method], job.student, job.seed,
-                     labels_of.get(job.method, True), s.surrogate if not labels_of.get(job.method, True) else None,
-                     *([s.queries] if s.queries and not labels_of.get(job.method, True) else [])])
-        d = job.dir(out)
-        res = load_run(d, key)
-        if res is not None:
-            runs[(job.group, job.method, job.student, job.seed)] = res
-            reused += 1
-            continue
+    counts = {"trained": 0, "reused": 0}
+
+    def run_key(job: Job) -> str:
+        lab = labels_of.get(job.method, True)
+        return _hash([config["format"], config["teacher_sha256"] if job.group != "baselines" else None,
+                      config["reference_sha256"] if job.group == "reference" else None, config["data"], config["train"],
+                      config["query"] if job.group != "baselines" else None, params[job.method], job.student, job.seed,
+                      lab, s.surrogate if not lab else None, *([s.queries] if s.queries and not lab else []),
+                      *([config["output_defense"]] if job.group == "teacher" and config["output_defense"] else [])])
+
+    def prepare(job: Job):
+        """The prepared run, or None when the attack refuses this student (noted)."""
         tc = train_config(s.cfg, seed=job.seed)
         teachers = [] if job.group == "baselines" else [targets[job.group]]
-        seed_everything(job.seed, tcfg.deterministic)  # the student's initialisation depends on the seed only
         label_free = not labels_of.get(job.method, True)
         queries = {"x_queries": x_sur, "x_val_queries": x_sur_val, "data_source": f"{s.surrogate} (surrogate, unlabelled)"} \
             if label_free and x_sur is not None else {}
         if label_free and s.queries:
             queries["query_budget"] = s.queries
         try:
-            model, res = run_attack(job.method, data=data, teachers=teachers, student=job.student, train=tc,
-                                    params=params[job.method], query=s.query, labels=labels_of.get(job.method, True),
-                                    out_dir=d, log=quiet, teacher_cache=cache, **queries)
-        except TrainingDiverged as e:
+            return prepare_attack(job.method, data=data, teachers=teachers, student=job.student, train=tc,
+                                  params=params[job.method], query=s.query, labels=labels_of.get(job.method, True),
+                                  out_dir=job.dir(out), log=quiet, teacher_cache=cache,
+                                  output_defense=post if job.group == "teacher" else None, **queries)
+        except NastyError as e:
+            refused(job, e)
+            return None
+
+    def refused(job: Job, e: NastyError) -> None:
+        if job.group == "baselines":
+            raise e
+        why = str(e).splitlines()[0]
+        skipped_students.setdefault((job.group, job.method), {})[job.student] = why
+        log(f"[audit] skipping {job.method} vs {job.group} with student {job.student}: {why}")
+
+    def failure(job: Job, e: BaseException) -> None:
+        gk = (job.group, job.method)
+        if isinstance(e, TrainingDiverged):
             if job.group == "baselines":
                 raise AuditIncomplete(f"baseline {job.label()} diverged: {e}") from None
             failed.setdefault(gk, []).append(f"seed {job.seed}, {job.student}: {str(e).splitlines()[0]}")
             log(f"[audit] {job.label()} FAILED: {e}")
-            continue
-        except NastyError as e:
-            if job.group == "baselines":
-                raise
-            why = str(e).splitlines()[0]
-            skipped_students.setdefault(gk, {})[job.student] = why
-            log(f"[audit] skipping {job.method} vs {job.group} with student {job.student}: {why}")
-            continue
-        except Exception as e:  # a bug in one attack must not lose the others' results
+        elif isinstance(e, NastyError):
+            refused(job, e)
+        else:  # a bug in one attack must not lose the others' results
             if os.environ.get("NASTY_DEBUG") or job.group == "baselines":
-                raise
+                raise e
             failed.setdefault(gk, []).append(f"seed {job.seed}, {job.student}: internal error {type(e).__name__}: {e}")
             log(f"[audit] {job.label()} FAILED: internal error {type(e).__name__}: {e}")
-            continue
+
+    def persist(job: Job, key: str, model, res: dict) -> None:
+        d = job.dir(out)
         pred = predict_logits(model, data.x_test).argmax(1).numpy().astype(np.int16)
         res.pop("confusion_matrix", None)
         res["audit_run_key"] = key
@@ -360,11 +379,75 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         atomic_write_json(d / "result.json", res)
         res["_pred"] = pred
         runs[(job.group, job.method, job.student, job.seed)] = res
-        trained += 1
-        log(f"[audit] {job.label()}: test accuracy {res['accuracy']:.2f}%")
+        counts["trained"] += 1
+        together = f" (trained in one pass with {res['trained_with'] - 1} others)" if res.get("trained_with", 1) > 1 else ""
+        log(f"[audit] {job.label()}: test accuracy {res['accuracy']:.2f}%{together}")
+
+    def run_alone(job: Job, key: str) -> None:
+        prep = prepare(job)
+        if prep is None:
+            return
+        seed_everything(job.seed, tcfg.deterministic)  # the student's initialisation depends on the seed only
+        try:
+            t0 = time.perf_counter()
+            model, extra = prep.attack.train(prep.ctx)
+            model, res = prep.finish(model, extra, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001  (sorted out by failure)
+            failure(job, e)
+            return
+        persist(job, key, model, res)
+
+    pending: list[tuple[Job, str]] = []
+    for job in jobs:
+        if (job.group, job.method) in skipped:
+            continue
+        key = run_key(job)
+        res = load_run(job.dir(out), key)
+        if res is not None:
+            runs[(job.group, job.method, job.student, job.seed)] = res
+            counts["reused"] += 1
+        else:
+            pending.append((job, key))
+    # single-pass attacks of one seed share a pass over the data (nasty.train.fit_group); the rest run alone
+    for seed in range(s.seeds):
+        batch = [(j, k) for j, k in pending if j.seed == seed and s.fuse and can_share_pass(j.method)
+                 and j.student not in skipped_students.get((j.group, j.method), {})]
+        groups: dict[int, list] = {}
+        for job, key in batch:
+            prep = prepare(job)
+            if prep is not None:
+                groups.setdefault(id(prep.ctx.train_split()[0]), []).append((job, key, prep))
+        for members in groups.values():
+            if len(members) == 1:
+                job, key, _ = members[0]
+                run_alone(job, key)
+                continue
+            try:
+                outs = run_attacks_together([p for _, _, p in members], log=quiet)
+            except Exception as e:  # noqa: BLE001  (one attack's bug: retry them one by one, so it costs only itself)
+                log(f"[audit] a shared pass of {len(members)} runs failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                    "running them one at a time")
+                for job, key, _ in members:
+                    run_alone(job, key)
+                continue
+            for (job, key, _), o in zip(members, outs):
+                if isinstance(o, Exception):
+                    failure(job, o)
+                else:
+                    persist(job, key, *o)
+        for job, key in pending:
+            if job.seed == seed and not (s.fuse and can_share_pass(job.method)):
+                if job.student not in skipped_students.get((job.group, job.method), {}):
+                    run_alone(job, key)
+    trained, reused = counts["trained"], counts["reused"]
     seconds = time.perf_counter() - t_start
 
-    teacher_pred = {g: cache.test_pred(m, data.x_test).numpy() for g, m in targets.items()}
+    deployed = dict(targets)
+    if post is not None:  # the teacher's answers as deployed: argmax of the defended probabilities
+        from ..defenses.output import DefendedModel
+
+        deployed["teacher"] = DefendedModel(targets["teacher"], post)
+    teacher_pred = {g: cache.test_pred(m, data.x_test).numpy() for g, m in deployed.items()}
     for h in hooks:
         h.remove()
     for gk, per in skipped_students.items():
@@ -372,6 +455,8 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
             reasons = set(per.values())
             skipped[gk] = reasons.pop() if len(reasons) == 1 else "; ".join(f"{st}: {r}" for st, r in per.items())
     audit = analyse(s, data, attacks, runs, teacher_pred, skipped, failed, notes, config, skipped_students)
+    for g, d in defenses.items():
+        audit["targets"][g]["defense"] = d
     audit["runtime"] = {"seconds": seconds, "runs_trained": trained, "runs_reused": reused,
                         "teacher_samples_run": sum(forwarded.values()), "teacher_samples_cached": cache.samples_run,
                         "teacher_cache_hits": cache.hits}
@@ -517,6 +602,39 @@ def _extra(runs: dict, g: str, a: str, st: str, seeds: list[int]) -> dict:
             if key in r:
                 out.setdefault(key, []).append(r[key])
     return out
+
+
+def describe_defense(side: dict, post) -> dict:
+    """What protects a target: the training-time defense recorded in its checkpoint, and the output
+    defense its answers pass through (``None`` where there is none)."""
+    d = side.get("defense") if isinstance(side.get("defense"), dict) else None
+    training = None
+    if d:
+        keys = ("tau", "omega", "protect_classes", "protect_by", "combine", "max_accuracy_drop", "kl_cap")
+        training = {"name": d.get("name"), **{k: d[k] for k in keys if d.get(k) not in (None, [], "")}}
+        if training["name"] not in ("class-selective", "budget"):
+            training.pop("protect_by", None)
+        if training["name"] != "multi-adversary":
+            training.pop("combine", None)
+        training["adversaries"] = len(side.get("adversaries") or d.get("adversary") or [])
+        info = side.get("defense_info") or {}
+        if isinstance(info, dict) and "omega" in info:
+            training["omega_selected"] = info["omega"]
+    return {"training": training, "output": post.describe() if post is not None else None}
+
+
+def defense_text(defense: dict | None) -> str:
+    """One line naming a target's defenses and their parameters."""
+    if not defense or (not defense.get("training") and not defense.get("output")):
+        return "none (a normally trained model answering with its own outputs)"
+    parts = []
+    t = defense.get("training")
+    if t:
+        params = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in t.items() if k != "name")
+        parts.append(f"training-time: {t['name']} ({params})")
+    if defense.get("output"):
+        parts.append(f"output: {defense['output']}")
+    return "; ".join(parts)
 
 
 def assumptions(method: str, query: str, data, surrogate: str | None = None) -> str:

@@ -5,13 +5,16 @@ Schema ``nasty-audit``, version 1. Top-level fields:
 - ``schema`` = ``"nasty-audit"``, ``schema_version`` = 1, ``created``, ``versions`` (package versions);
 - ``status``: ``"complete"`` or ``"incomplete"`` (then ``problems`` lists why); ``notes``;
 - ``config``: teacher and reference checkpoints with their SHA-256, data and training settings, ``query``,
+  ``output_defense`` (the teacher's, or null),
   ``attacks``, ``students``, ``seeds``, ``margin``, ``fidelity``, ``fail_on``, ``bootstrap``;
 - ``method``: the statistical method in words (``gain``, ``fidelity``, ``interval``, ``decision``);
 - ``dataset``: ``name``, ``classes``, ``test_size``, ``test_per_class``, ``train_images``;
 - ``baselines``: ``{"scratch"|"label-smoothing": {student: {accuracy, accuracy_sd, accuracy_per_seed,
   per_class_accuracy}}}``;
 - ``targets``: ``{"teacher": T, "reference": T}`` (reference only with ``--reference``), where ``T`` has
-  ``checkpoint``, ``accuracy``, ``per_class_accuracy`` and ``attacks``: ``{name: A}``;
+  ``checkpoint``, ``accuracy``, ``per_class_accuracy`` (as deployed: behind the output defense, if any),
+  ``defense`` (``training``: the training-time defense and its parameters from the checkpoint, or null;
+  ``output``: the output defense the answers pass through, or null) and ``attacks``: ``{name: A}``;
 - ``A`` (one attack, **the stable interface**): ``method`` (attack name), ``rule`` (``"gain"`` or
   ``"fidelity"``), ``threshold`` (text), ``status`` (``"ok"``, ``"skipped"``, ``"failed"``), ``reason``,
   ``transferred_classes`` (class indices, union over students), ``transferred_count``, ``num_classes``,
