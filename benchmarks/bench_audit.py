@@ -14,10 +14,11 @@ Tiny check on digits (about a minute on 2 cores; trains its own small teacher):
     OMP_NUM_THREADS=1 python benchmarks/bench_audit.py --dataset digits --students mlp --seeds 1 \\
         --epochs 2 --ks 1,2 --out bench_runs/audit-digits
 
-Fashion-MNIST (as in docs/results.md; long):
+Fashion-MNIST (as in docs/results.md; about 40 minutes on one core):
 
-    python benchmarks/bench_audit.py --teacher bench_runs/fm/seed0/normal --config configs/fashion-mnist.toml \\
-        --students mlp,cnn:width=0.25 --seeds 3 --ks 1,3,6 --out bench_runs/audit-fm
+    OMP_NUM_THREADS=1 python benchmarks/bench_audit.py --teacher bench_runs/fm/seed0/normal --config configs/fashion-mnist.toml \\
+        --train-subset 3000 --epochs 40 --batch-size 64 --extra '--lr 0.05 --schedule cosine' --students mlp:hidden=128,cnn:width=0.25 --seeds 3 --ks 1,3,6 \\
+        --unfused --out bench_runs/audit-fm
 
 Writes OUT/bench_audit.json and prints a Markdown table.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -57,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--epochs", type=int, help="Student epochs (default: the config's).")
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--extra", default="", help="More flags for every attack and audit, e.g. '--lr 0.05 --schedule cosine'.")
     ap.add_argument("--attacks", default=DEFAULT_ATTACKS, help="Pool of attacks; the first k are audited.")
     ap.add_argument("--ks", default="1,2", help="Comma-separated numbers of attacks to audit.")
     ap.add_argument("--teacher-epochs", type=int, default=4)
     ap.add_argument("--out", default="bench_runs/audit")
+    ap.add_argument("--unfused", action="store_true", help="Also time the largest audit with --no-fuse (one run at a time).")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, v in (("--train-subset", args.train_subset), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if v is not None:
             common += [flag, str(v)]
+    common += shlex.split(args.extra)
     teacher = args.teacher
     if not teacher:
         teacher = str(out / "teacher")
@@ -104,8 +109,18 @@ def main(argv: list[str] | None = None) -> int:
                      "meets_target": dt / t_attack <= 0.6 * k, "by_hand_seconds": (k + 2) * t_attack,
                      "runs_trained": audit["runtime"]["runs_trained"], "teacher_samples_run": audit["runtime"]["teacher_samples_run"],
                      "skipped": [a for a, v in audit["targets"]["teacher"]["attacks"].items() if v["status"] != "ok"]})
+    unfused = None
+    if args.unfused:
+        k = max(ks)
+        aud = out / f"audit-k{k}-nofuse"
+        dt = timed(nasty + ["audit", teacher, "--attacks", ",".join(pool[:k]), "--students", args.students, "--seeds",
+                            str(args.seeds), *common, "--out", aud, "--force", "--no-fuse"], out / f"audit-k{k}-nofuse.log", ok=(0, 1))
+        fused = next(r for r in rows if r["k"] == k)
+        unfused = {"k": k, "audit_seconds": dt, "ratio": dt / t_attack, "fused_speedup": dt / fused["audit_seconds"]}
     result = {"teacher": teacher, "students": students, "seeds": args.seeds, "common_args": common,
-              "attack_seconds": t_attack, "rows": rows, "machine": {"platform": platform.platform(), "python": platform.python_version()}}
+              "attack_seconds": t_attack, "rows": rows, "unfused": unfused,
+              "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                          "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}}
     (out / "bench_audit.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\none attack (`nasty attack --method kd`, {len(students)} student(s) x {args.seeds} seed(s)): {t_attack:.1f} s\n")
     print("| k attacks | audit s | ratio audit / one attack | target (0.6 k) | met | by hand, (k+2) x one attack, s | runs trained | teacher samples run |")
@@ -113,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['k']} ({', '.join(r['attacks'])}) | {r['audit_seconds']:.1f} | {r['ratio']:.2f} | {r['target_ratio']:.1f} | "
               f"{'yes' if r['meets_target'] else 'no'} | {r['by_hand_seconds']:.1f} | {r['runs_trained']} | {r['teacher_samples_run']} |")
+    if unfused:
+        print(f"\n--no-fuse, k = {unfused['k']}: {unfused['audit_seconds']:.1f} s (ratio {unfused['ratio']:.2f}); "
+              f"the shared passes save {100 * (1 - 1 / unfused['fused_speedup']):.0f}% ({unfused['fused_speedup']:.2f}x)")
     return 0
 
 

@@ -312,3 +312,21 @@ def test_defense_description_golden():
                               "protect_by": "label", "adversaries": 1}, "output": None}
     assert defense_text(d) == "training-time: class-selective (tau 4.0, omega 0.1, protect_classes Coat,Shirt, protect_by label, adversaries 1)"
     assert defense_text(describe_defense({}, None)).startswith("none")
+
+
+def test_baselines_from_another_audit_and_first_seed(run_cli, teacher_ckpt, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    base = [teacher_ckpt, "--seeds", "1", *TINY]
+    rc, _, err = run_cli("audit", *base, "--attacks", "kd", "--out", a)
+    assert rc == 0, err
+    rc, _, err = run_cli("audit", *base, "--attacks", "test-kd-twin", "--out", b, "--baselines-from", a)
+    assert rc == 0, err
+    rt = _audit(b)["runtime"]
+    assert rt["runs_trained"] == 1 and rt["runs_reused"] == 2  # both baselines copied from a
+    assert _audit(b)["baselines"] == _audit(a)["baselines"]
+    rc, _, err = run_cli("audit", *base, "--attacks", "kd", "--out", c, "--baselines-from", a, "--first-seed", "1")
+    assert rc == 0, err  # seed 1: nothing to reuse
+    assert _audit(c)["runtime"]["runs_trained"] == 3 and _audit(c)["config"]["seeds"] == [1]
+    assert (c / "runs" / "teacher" / "kd" / "mlp" / "seed-1" / "result.json").is_file()
+    rc, _, err = run_cli("audit", *base, "--out", tmp_path / "d", "--baselines-from", tmp_path)
+    assert rc == 2 and "no audit baselines" in err

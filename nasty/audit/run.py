@@ -60,6 +60,12 @@ class AuditSettings:
     queries: int | None = None  # query budget of the label-free attacks (a fixed seeded subset of their images)
     output_defense: str | None = None  # the audited teacher answers through this output defense (not the reference)
     fuse: bool = True  # train single-pass attacks of one seed together, in one pass over the data
+    first_seed: int = 0  # training seeds first_seed .. first_seed + seeds - 1
+    baselines_from: str | None = None  # another audit folder of the same task whose baseline runs are reused
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.seeds))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +245,10 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
     parse_access(s.query)
     if s.seeds < 1:
         raise NastyError(f"--seeds must be at least 1, got {s.seeds}")
+    if s.first_seed < 0:
+        raise NastyError(f"--first-seed must be >= 0, got {s.first_seed}")
+    if s.baselines_from is not None and not (Path(s.baselines_from) / "runs" / "baselines").is_dir():
+        raise NastyError(f"--baselines-from {s.baselines_from}: no audit baselines there (runs/baselines missing)")
     if not s.students:
         raise NastyError("--students is empty")
     if s.fail_on is not None and s.fail_on < 0:
@@ -314,8 +324,8 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
             for g in targets:
                 skipped[(g, a)] = why
             log(f"[audit] skipping {a}: {why}")
-    jobs = [Job("baselines", b, st, k) for b in stats.BASELINES for st in s.students for k in range(s.seeds)]
-    jobs += [Job(g, a, st, k) for g in targets for a in attacks for st in s.students for k in range(s.seeds)]
+    jobs = [Job("baselines", b, st, k) for b in stats.BASELINES for st in s.students for k in s.seed_list]
+    jobs += [Job(g, a, st, k) for g in targets for a in attacks for st in s.students for k in s.seed_list]
     runs: dict[tuple[str, str, str, int], dict] = {}
     quiet = (lambda m: None) if not verbose else log
     t_start = time.perf_counter()
@@ -403,13 +413,18 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
             continue
         key = run_key(job)
         res = load_run(job.dir(out), key)
+        if res is None and job.group == "baselines" and s.baselines_from is not None:
+            src = job.dir(Path(s.baselines_from))
+            if load_run(src, key) is not None:  # the same baseline (same data, schedule, seed): copy it in
+                shutil.copytree(src, job.dir(out), dirs_exist_ok=True)
+                res = load_run(job.dir(out), key)
         if res is not None:
             runs[(job.group, job.method, job.student, job.seed)] = res
             counts["reused"] += 1
         else:
             pending.append((job, key))
     # single-pass attacks of one seed share a pass over the data (nasty.train.fit_group); the rest run alone
-    for seed in range(s.seeds):
+    for seed in s.seed_list:
         batch = [(j, k) for j, k in pending if j.seed == seed and s.fuse and can_share_pass(j.method)
                  and j.student not in skipped_students.get((j.group, j.method), {})]
         groups: dict[int, list] = {}
@@ -475,7 +490,7 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
 
     y = data.y_test.numpy()
     C = data.num_classes
-    seeds = list(range(s.seeds))
+    seeds = s.seed_list
 
     def pred_matrix(group: str, method: str, student: str) -> np.ndarray | None:
         rows = [runs.get((group, method, student, k)) for k in seeds]
