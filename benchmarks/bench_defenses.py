@@ -1,31 +1,28 @@
-"""Defense benchmark (issue 5): every defense and setting against every attack, over seeds, and the
+"""Defense benchmark (issue 5): defenses x attacks over seeds, measured with `nasty audit`, and the
 Pareto plot of teacher accuracy drop vs the best attack's gain over the label-only student.
 
-Every training step is a real `nasty` CLI call (printed, so each number has its command); runs that
-already have a result.json are reused, so the script can be stopped and restarted.
+Every step is a real `nasty` CLI call (printed, so each number has its command); finished teachers
+and audit runs are reused, so the script can be stopped and restarted.
 
-Full run (Fashion-MNIST, 3 seeds; hours on 2 CPU cores -- far less on a GPU):
+As in docs/results.md (Fashion-MNIST, 3 seeds; about 2 hours on 2 CPU cores):
 
-    python benchmarks/bench_defenses.py --out bench_runs/defenses --seeds 0 1 2 --plot docs/pareto.png
+    OMP_NUM_THREADS=1 python benchmarks/bench_defenses.py --out bench_runs/fm --seeds 0 1 2 --plot docs/pareto.png
 
 Quick check that everything runs (digits, one seed, tiny schedules, a few minutes):
 
     python benchmarks/bench_defenses.py --tiny --out /tmp/bench_defenses_tiny
 
-Per seed it trains the normal CNN teacher and a normal MLP (the second adversary), then:
-
-- training-time defenses, each fine-tuned from the normal teacher (configs/fashion-mnist.toml):
-  nasty (one adversary), class-selective on 3 classes (Pullover, Coat, Shirt by default; by label
-  and by probability mass), several adversaries (CNN + MLP; mean and min), the accuracy budget
-  (0.5 points), and the budget combined with class-selective protection and both adversaries;
-- output defenses on the normal teacher (stingy top-2, rounding, reverse sigmoid, noise, label only);
-
-and attacks each teacher with every registered attack that accepts the access (logits for
-trained defenses, the defended probabilities for output defenses; white-box attacks only where
-the weights are the defense) for every ``--students`` architecture, plus KD for the
-``--heldout-students`` (architectures used as no adversary). The baselines, per student: labels
-only (``scratch``) and label smoothing. Writes ``OUT/defenses.json``, ``OUT/defenses.md`` (tables
-for docs/results.md) and the Pareto plot.
+Per seed s it trains (or reuses) the normal CNN teacher and a normal MLP (the second adversary), then
+the ``--settings`` training-time defenses, each fine-tuned from the normal teacher
+(configs/fashion-mnist.toml): ``nasty`` (one adversary), ``selective3`` (class-selective on Pullover,
+Coat, Shirt), ``multi-mean`` (CNN + MLP adversaries), ``budget0.5`` (the accuracy budget), and
+optionally ``selective3-mass``, ``multi-min``, ``budget0.5-selective3-multi``. Every teacher (the
+normal one, each defended one, and the normal one behind each ``--output-defenses`` spec) is audited
+with ``nasty audit --seeds 1 --first-seed s``: the ``--attacks`` against every ``--students``
+architecture, white-box (``--query weights``) for training-time defenses and through the defended
+probabilities (``--query probs``) for output defenses. The baselines (labels only, label smoothing)
+are trained by the seed's first audit and reused by the others (``--baselines-from``). Writes
+``OUT/defenses.json``, ``OUT/defenses.md`` (tables for docs/results.md) and the Pareto plot.
 """
 
 from __future__ import annotations
@@ -40,9 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-OUTPUT_DEFENSES = ["topk:2", "round:2", "reverse-sigmoid:beta=1.0:gamma=0.1", "noise:scale=0.05", "label"]
-BASELINES = ("scratch", "label-smoothing")
-SKIP_ATTACKS = ("ensemble",)  # needs several teachers
+OUTPUT_DEFENSES = ["topk:2", "reverse-sigmoid:beta=1.0:gamma=0.1", "noise:scale=0.05"]
+DEFAULT_SETTINGS = ["nasty", "selective3", "multi-mean", "budget0.5"]
+DEFAULT_ATTACKS = "kd,averager,tllm,skeptical,hint"  # hint is white-box: skipped behind output defenses
 
 
 def slug(text: str) -> str:
@@ -71,30 +68,22 @@ class Bench:
         self.commands: dict[str, str] = {}
 
     # -------------------------------------------------------------- running
-    def sh(self, cmd: list[str], run: Path, *, may_fail: bool = False) -> dict | None:
-        """Run a nasty command writing ``run``/result.json unless it exists; return the result (None: refused)."""
-        res_file = run / "result.json"
-        refused = run.with_name(run.name + ".refused")
+    def sh(self, cmd: list[str], key: str, done: Path | None, ok: tuple[int, ...] = (0,)) -> None:
+        """Run a nasty command (printed) unless ``done`` exists; stop the benchmark on failure."""
         line = " ".join(shlex.quote(c) for c in cmd)
-        self.commands[str(run)] = line
-        if res_file.is_file():
-            return json.loads(res_file.read_text())
-        if refused.is_file():
-            return None
+        self.commands[key] = line
+        if done is not None and done.is_file():
+            return
         print("$ " + line, flush=True)
-        run.parent.mkdir(parents=True, exist_ok=True)
+        log = self.out / "logs" / (slug(key) + ".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True)
-        (run.parent / (run.name + ".log")).write_text(p.stdout + p.stderr)
-        if p.returncode != 0:
+        log.write_text(p.stdout + p.stderr)
+        if p.returncode not in ok:
             msg = (p.stderr.strip().splitlines() or ["?"])[-1]
-            if may_fail and p.returncode == 2:  # refused: bad fit between attack and access, not a bug
-                print(f"  refused: {msg}", flush=True)
-                refused.write_text(msg + "\n")
-                return None
-            sys.exit(f"command failed ({p.returncode}): {msg}\n  see {run.parent / (run.name + '.log')}")
+            sys.exit(f"command failed ({p.returncode}): {msg}\n  see {log}")
         print(f"  ({time.time() - t0:.0f} s)", flush=True)
-        return json.loads(res_file.read_text())
 
     def nasty(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "nasty", *args]
@@ -105,98 +94,69 @@ class Bench:
     def normal(self, seed: int, model: str | None = None) -> Path:
         run = self.out / f"seed{seed}" / ("normal" if model is None else f"normal-{slug(model)}")
         self.sh(self.nasty("train-teacher", *self.teacher_flags(), "--seed", str(seed), *(["--model", model] if model else []),
-                           "--out", str(run), "--force"), run)
+                           "--out", str(run), "--force"), str(run), run / "result.json")
         return run
 
     def defended(self, seed: int, name: str, flags: list[str], multi: bool) -> dict:
         run = self.out / f"seed{seed}" / name
         advs = [self.normal(seed)] + ([self.normal(seed, self.a.second_adversary)] if multi else [])
         adv_flags = [x for p in advs for x in ("--adversary", str(p))]
-        res = self.sh(self.nasty("train-defended", *self.teacher_flags(), *shlex.split(self.a.defense_args), "--seed", str(seed),
-                                 *adv_flags, *flags, "--no-probe", "--out", str(run), "--force"), run)
-        assert res is not None
-        return res
+        self.sh(self.nasty("train-defended", *self.teacher_flags(), *shlex.split(self.a.defense_args), "--seed", str(seed),
+                           *adv_flags, *flags, "--no-probe", "--out", str(run), "--force"), str(run), run / "result.json")
+        return json.loads((run / "result.json").read_text())
 
-    def attack(self, seed: int, teacher: Path | None, tag: str, method: str, student: str, query: str | None,
-               output_defense: str | None = None) -> dict | None:
-        run = self.out / f"seed{seed}" / "attacks" / tag / f"{method}--{slug(student)}"
-        cmd = self.nasty("attack", "--config", self.a.config, *shlex.split(self.a.attack_args), "--seed", str(seed),
-                         "--method", method, "--student", student, "--out", str(run), "--force")
-        if teacher is not None:
-            cmd += ["--teacher", str(teacher), "--query", query or "logits"]
+    def audit(self, seed: int, tag: str, ckpt: Path, output_defense: str | None) -> dict:
+        """`nasty audit` of one teacher: every chosen attack x student, training seed = the teacher's seed;
+        the baselines are trained by the first audit of the seed and reused by the others."""
+        out = self.out / f"seed{seed}" / "audits" / slug(tag)
+        first = self.out / f"seed{seed}" / "audits" / "normal"
+        query = "probs" if output_defense else "weights"  # white-box where the weights are the defense
+        cmd = self.nasty("audit", str(ckpt), "--config", self.a.config, "--attacks", self.a.attacks, "--students",
+                         self.a.students.replace(";", ","), "--seeds", "1", "--first-seed", str(seed), "--query", query,
+                         *shlex.split(self.a.attack_args), "--out", str(out), "--json")
         if output_defense:
             cmd += ["--output-defense", output_defense]
-        return self.sh(cmd, run, may_fail=True)
-
-    # -------------------------------------------------------------- what to run
-    def attacks_for(self, output_defense: str | None) -> list[tuple[str, str]]:
-        """(method, access) pairs: soft outputs where the attack takes them, white-box only without an output defense."""
-        from nasty.attacks import ATTACKS
-
-        wanted = [m.strip() for m in self.a.attacks.split(",")] if self.a.attacks else sorted(ATTACKS)
-        pairs = []
-        for m in wanted:
-            cls = ATTACKS[m]
-            if m in BASELINES or m in SKIP_ATTACKS or not cls.needs_teacher:
-                continue
-            order = ("probs", "topk:2", "label") if output_defense else ("logits", "weights", "probs", "label")
-            access = next((q for q in order if q.split(":")[0] in cls.accepts), None)
-            if access is not None:
-                pairs.append((m, access))
-        return pairs
-
-    def teacher_accuracy_with(self, normal: Path, spec: str) -> tuple[float, list[float | None]]:
-        """Test accuracy of the normal teacher behind an output defense (argmax of the defended probabilities)."""
-        from nasty.checkpoint import load_checkpoint
-        from nasty.defenses import DefendedModel
-        from nasty.metrics import evaluate
-        from nasty.runs import data_from_config
-
-        model, side = load_checkpoint(normal)
-        cfg = json.loads((normal / "config.json").read_text())
-        data = data_from_config(cfg, normalization=(side["normalization"]["mean"], side["normalization"]["std"]))
-        m = evaluate(DefendedModel(model, spec), data.x_test, data.y_test, data.num_classes)
-        return m["accuracy"], m["per_class_accuracy"]
+        if out != first and (first / "runs" / "baselines").is_dir():
+            cmd += ["--baselines-from", str(first)]
+        self.sh(cmd, str(out), None, ok=(0, 1, 3))  # resumes: finished runs are reused
+        return json.loads((out / "audit.json").read_text())
 
     def run_seed(self, seed: int) -> dict:
-        students, heldout = self.a.students.split(";"), [s for s in self.a.heldout_students.split(";") if s]
-        row: dict = {"seed": seed, "baselines": {}, "teachers": {}}
-        for s in students + heldout:
-            row["baselines"][s] = {m: self.attack(seed, None, "baselines", m, s, None) for m in BASELINES}
+        row: dict = {"seed": seed, "teachers": {}}
         normal = self.normal(seed)
         normal_res = json.loads((normal / "result.json").read_text())
         row["normal_accuracy"] = normal_res["accuracy"]
         row["normal_per_class"] = normal_res["per_class_accuracy"]
-
-        def attack_all(tag: str, teacher: Path, od: str | None, with_heldout: bool) -> list[dict]:
-            rows = []
-            for method, access in self.attacks_for(od):
-                for s in students + (heldout if with_heldout and method == "kd" else []):
-                    r = self.attack(seed, teacher, tag, method, s, access, od)
-                    if r is not None:
-                        rows.append({"method": method, "student": s, "access": access, "accuracy": r["accuracy"],
-                                     "per_class_accuracy": r["per_class_accuracy"]})
-            return rows
-
+        a = self.audit(seed, "normal", normal, None)
+        row["baselines"] = a["baselines"]
         row["teachers"]["normal"] = {"kind": "none", "accuracy": normal_res["accuracy"], "per_class_accuracy": normal_res["per_class_accuracy"],
-                                     "attacks": attack_all("normal", normal, None, True)}
+                                     "audit": audit_rows(a)}
         for name, (flags, multi) in settings(self.a.protect).items():
-            if self.a.only and name not in self.a.only:
+            if name not in self.a.settings:
                 continue
             res = self.defended(seed, name, flags, multi)
             ckpt = Path(res["defended_checkpoint"])
+            a = self.audit(seed, name, ckpt, None)
             row["teachers"][name] = {
                 "kind": "training", "accuracy": res["defended_accuracy"], "per_class_accuracy": res["defended_per_class_accuracy"],
                 "protected": res.get("protected_classes"), "defense_info": {k: v for k, v in (res.get("defense_info") or {}).items() if k != "history"},
-                "attacks": attack_all(name, ckpt, None, multi or name == "nasty"),
-            }
+                "audit": audit_rows(a)}
         for spec in self.a.output_defenses:
-            if self.a.only and spec not in self.a.only:
-                continue
-            acc, per = self.teacher_accuracy_with(normal, spec)
-            row["teachers"][spec] = {"kind": "output", "accuracy": acc, "per_class_accuracy": per,
-                                     "attacks": attack_all("out-" + slug(spec), normal, spec, False)}
+            a = self.audit(seed, "out-" + spec, normal, spec)
+            t = a["targets"]["teacher"]
+            row["teachers"][spec] = {"kind": "output", "accuracy": t["accuracy"], "per_class_accuracy": t["per_class_accuracy"],
+                                     "audit": audit_rows(a)}
         return row
+
+
+def audit_rows(a: dict) -> list[dict]:
+    """Per attack and student: accuracy, per-class accuracy and transferred classes from audit.json."""
+    rows = []
+    for method, att in a["targets"]["teacher"]["attacks"].items():
+        for st, r in att.get("students", {}).items():
+            rows.append({"method": method, "student": st, "accuracy": r["accuracy"], "per_class_accuracy": r["per_class_accuracy"],
+                         "transferred": r["transferred_classes"]})
+    return rows
 
 
 # ------------------------------------------------------------------ summary
@@ -213,23 +173,24 @@ def point(row: dict, name: str, classes: list[str], protect_idx: list[int]) -> d
     out = {"accuracy": t["accuracy"], "drop": row["normal_accuracy"] - t["accuracy"],
            "drop_other": class_mean(row["normal_per_class"], other_idx) - class_mean(t["per_class_accuracy"], other_idx),
            "attacks": []}
-    for a in t["attacks"]:
-        sc, ls = base[a["student"]]["scratch"], base[a["student"]]["label-smoothing"]
-        if sc is None:
-            continue
+    for a in t["audit"]:
+        sc, ls = base["scratch"][a["student"]], base["label-smoothing"][a["student"]]
         out["attacks"].append({
             "method": a["method"], "student": a["student"], "accuracy": a["accuracy"],
             "gain": a["accuracy"] - sc["accuracy"],
-            "gain_vs_label_smoothing": a["accuracy"] - ls["accuracy"] if ls else None,
+            "gain_vs_label_smoothing": a["accuracy"] - ls["accuracy"],
             "gain_protected": class_mean(a["per_class_accuracy"], protect_idx) - class_mean(sc["per_class_accuracy"], protect_idx),
+            "gain_protected_vs_label_smoothing": class_mean(a["per_class_accuracy"], protect_idx) - class_mean(ls["per_class_accuracy"], protect_idx),
             "gain_other": class_mean(a["per_class_accuracy"], other_idx) - class_mean(sc["per_class_accuracy"], other_idx),
+            "transferred": a["transferred"],
+            "transferred_protected": [c for c in a["transferred"] if c in protect_idx],
         })
     if out["attacks"]:
         best = max(out["attacks"], key=lambda r: r["gain"])
         out["best_gain"], out["best_attack"] = best["gain"], f"{best['method']}/{best['student']}"
         out["best_gain_protected"] = max(r["gain_protected"] for r in out["attacks"])
-        ls_gains = [r["gain_vs_label_smoothing"] for r in out["attacks"] if r["gain_vs_label_smoothing"] is not None]
-        out["best_gain_vs_label_smoothing"] = max(ls_gains) if ls_gains else None
+        out["best_gain_vs_label_smoothing"] = max(r["gain_vs_label_smoothing"] for r in out["attacks"])
+        out["best_gain_protected_vs_label_smoothing"] = max(r["gain_protected_vs_label_smoothing"] for r in out["attacks"])
     return out
 
 
@@ -246,7 +207,8 @@ def summarise(rows: list[dict], classes: list[str], protect_idx: list[int]) -> d
     for name in names:
         pts = [point(r, name, classes, protect_idx) for r in rows if name in r["teachers"]]
         entry = {"kind": rows[0]["teachers"][name]["kind"], "protected": bool(rows[0]["teachers"][name].get("protected")), "seeds": pts}
-        for key in ("drop", "drop_other", "best_gain", "best_gain_protected", "best_gain_vs_label_smoothing"):
+        for key in ("drop", "drop_other", "best_gain", "best_gain_protected", "best_gain_vs_label_smoothing",
+                    "best_gain_protected_vs_label_smoothing"):
             entry[key] = mean_sd([p.get(key) for p in pts])
         kd = {}
         for p in pts:
@@ -254,6 +216,11 @@ def summarise(rows: list[dict], classes: list[str], protect_idx: list[int]) -> d
                 if a["method"] == "kd":
                     kd.setdefault(a["student"], []).append(a["gain"])
         entry["kd_gain"] = {s: mean_sd(v) for s, v in kd.items()}
+        # KD's transferred classes (union over students, the audit's rule) per seed: protected / other
+        entry["kd_transferred"] = []
+        for p in pts:
+            tr = set().union(*[set(a["transferred"]) for a in p["attacks"] if a["method"] == "kd"]) if p["attacks"] else set()
+            entry["kd_transferred"].append((len(tr & set(protect_idx)), len(tr - set(protect_idx))))
         summary[name] = entry
     return summary
 
@@ -266,11 +233,14 @@ def fmt(ms: tuple[float, float]) -> str:
 def markdown(summary: dict, protect: str) -> str:
     students = sorted({s for e in summary.values() for s in e["kd_gain"]})
     head = ["teacher", "kind", "teacher drop", "drop, unprotected classes", "best attack gain over label-only",
-            f"best gain on protected ({protect})", "best gain over label smoothing"] + [f"KD gain {s}" for s in students]
+            f"best gain on protected ({protect})", "best gain over label smoothing",
+            "best gain on protected over label smoothing", "KD: protected classes transferred (per seed)"] + [f"KD gain {s}" for s in students]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in summary.items():
         lines.append("| " + " | ".join([name, e["kind"], fmt(e["drop"]), fmt(e["drop_other"]), fmt(e["best_gain"]),
-                                         fmt(e["best_gain_protected"]), fmt(e["best_gain_vs_label_smoothing"])]
+                                         fmt(e["best_gain_protected"]), fmt(e["best_gain_vs_label_smoothing"]),
+                                         fmt(e["best_gain_protected_vs_label_smoothing"]),
+                                         " / ".join(f"{p}/{o}" for p, o in e["kd_transferred"])]
                                         + [fmt(e["kd_gain"].get(s, (float("nan"), 0))) for s in students]) + " |")
     return "\n".join(lines)
 
@@ -333,10 +303,9 @@ def main() -> None:
     ap.add_argument("--protect", default="Pullover,Coat,Shirt", help="the 3 classes class-selective settings protect")
     ap.add_argument("--second-adversary", default="mlp:hidden=256", help="architecture of the second adversary")
     ap.add_argument("--students", default="mlp:hidden=128;cnn:width=0.25", help="';'-separated student architectures (every attack)")
-    ap.add_argument("--heldout-students", default="resnet20:width=0.5", help="';'-separated students for KD only (used as no adversary)")
-    ap.add_argument("--attacks", default="", help="comma-separated attacks (default: every registered attack that fits)")
+    ap.add_argument("--attacks", default=DEFAULT_ATTACKS, help="comma-separated attacks of every audit")
+    ap.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, help=f"training-time settings (of: {', '.join(settings('x'))})")
     ap.add_argument("--output-defenses", nargs="*", default=OUTPUT_DEFENSES)
-    ap.add_argument("--only", nargs="*", default=[], help="run only these teacher settings (names or output-defense specs)")
     ap.add_argument("--teacher-args", default="", help="extra flags for train-teacher and train-defended")
     ap.add_argument("--defense-args", default="", help="extra flags for train-defended only")
     ap.add_argument("--attack-args", default="--train-subset 3000 --epochs 40 --batch-size 64 --lr 0.05 --schedule cosine",
@@ -346,7 +315,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.config, args.seeds, args.protect = "configs/digits.toml", args.seeds[:1], "3,5,8"
-        args.second_adversary, args.students, args.heldout_students = "mlp:hidden=64", "mlp:hidden=32", "cnn:width=0.25"
+        args.second_adversary, args.students = "mlp:hidden=64", "mlp:hidden=32"
         args.teacher_args = args.teacher_args or "--epochs 3"
         args.defense_args = args.defense_args or "--defense-epochs 2"
         args.attack_args = "--train-subset 300 --epochs 2 --batch-size 64"

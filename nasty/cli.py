@@ -165,6 +165,8 @@ def train_teacher(**kw) -> None:
 @click.option("--protect-classes", help="class-selective/budget: classes to protect, indices or names (e.g. 3,5,7 or Shirt,Coat).")
 @click.option("--protect-by", type=click.Choice(["label", "mass", "both"]), help="Where the KL acts: images labelled with a protected "
               "class (default), the adversary's probability mass on them, or both.")
+@click.option("--anchor", type=float, help="class-selective/budget: weight of KL(adversary || teacher) on unprotected images "
+              "(keeps their soft labels normal; default 0).")
 @click.option("--combine", type=click.Choice(["mean", "sum", "min"]), help="multi-adversary/budget: how several adversaries' KL terms combine.")
 @click.option("--max-accuracy-drop", type=float, help="budget: validation accuracy (points) the teacher may lose to the adversary; omega adapts.")
 @click.option("--dual-lr", type=float, help="budget: step of the per-epoch omega update (default 0.5).")
@@ -186,7 +188,7 @@ def train_defended_cmd(**kw) -> None:
     over = _base_overrides(kw)
     over["defense"] = {"name": kw["defense_name"], "tau": kw["tau"], "omega": kw["omega"], "omega_warmup": kw["omega_warmup"],
                        "kl_cap": kw["kl_cap"], "adversary": list(kw["adversary"]) or None, "adversary_model": kw["adversary_model"],
-                       "init_from": kw["init_from"], "protect_by": kw["protect_by"], "combine": kw["combine"],
+                       "init_from": kw["init_from"], "protect_by": kw["protect_by"], "anchor": kw["anchor"], "combine": kw["combine"],
                        "protect_classes": [c.strip() for c in kw["protect_classes"].split(",") if c.strip()] if kw["protect_classes"] else None,
                        "max_accuracy_drop": kw["max_accuracy_drop"], "dual_lr": kw["dual_lr"], "omega_max": kw["omega_max"],
                        "train": {k: v for k, v in (("epochs", kw["defense_epochs"]), ("lr", kw["defense_lr"])) if v is not None}}

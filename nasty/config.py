@@ -59,6 +59,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "protect_classes": ("list[str]", []),
         "max_accuracy_drop": ("float?", None),
         "protect_by": ("str", "label"),  # class-selective: label, mass or both
+        "anchor": ("float", 0.0),  # class-selective: weight of KL(adversary || teacher) on unprotected images
         "combine": ("str", "mean"),  # several adversaries: mean, sum or min
         "dual_lr": ("float", 0.5),  # budget: step of the multiplicative omega update
         "omega_max": ("float?", None),  # budget: upper bound of omega (default 1.0)
@@ -202,6 +203,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("defense", "dual_lr"): (lambda v: v > 0, "> 0"),
     ("defense", "omega_max"): (lambda v: v > 0, "> 0"),
     ("defense", "protect_by"): (lambda v: v in ("label", "mass", "both"), "label, mass or both"),
+    ("defense", "anchor"): (lambda v: v >= 0, "a number >= 0"),
     ("defense", "combine"): (lambda v: v in ("mean", "sum", "min"), "mean, sum or min"),
     ("attack", "temperature"): (lambda v: v > 0, "> 0"),
     ("attack", "alpha"): (lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -79,6 +79,30 @@ def test_class_selective_kl_acts_only_on_protected_samples():
     assert d.kl_term(z[:3], only_unprotected, [a[:3] for a in adv]).item() == 0.0
 
 
+def test_anchor_golden_and_only_on_unprotected_samples():
+    from nasty.defenses.selective import anchor_kl
+
+    # golden: one sample, tau 1: KL(p_A || p_T) with p_A = (0.5, 0.5), p_T = softmax(0, log 3) = (0.25, 0.75)
+    z = torch.tensor([[0.0, math.log(3.0)]])
+    a = [torch.zeros(1, 2)]
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert anchor_kl(z, a, 1.0, torch.ones(1)).item() == pytest.approx(expected, rel=1e-6)
+    assert anchor_kl(z, a, 2.0, torch.zeros(1)).item() == 0.0
+    assert anchor_kl(a[0], a, 4.0, torch.ones(1)).item() == pytest.approx(0.0, abs=1e-7)  # teacher = adversary
+    # in the defense: only the unprotected samples are pulled toward the adversary
+    d = get_defense("class-selective")(dcfg(name="class-selective", protect_classes=["1"], anchor=2.0), _Data(list("0123")))
+    torch.manual_seed(0)
+    zz = torch.randn(4, 4, requires_grad=True)
+    adv = [torch.randn(4, 4)]
+    batch = Batch(torch.zeros(4, 1), torch.tensor([0, 1, 2, 1]), torch.arange(4), False)
+    (g,) = torch.autograd.grad(d.extra_term(zz, batch, adv), zz)
+    assert g[1].abs().sum() == 0 and g[3].abs().sum() == 0 and g[0].abs().sum() > 0
+    assert get_defense("class-selective")(dcfg(name="class-selective", protect_classes=["1"]), _Data(list("0123"))).extra_term(
+        zz, batch, adv) is None  # off by default
+    with pytest.raises(NastyError, match="does not use anchor"):
+        get_defense("nasty")(dcfg(anchor=1.0))
+
+
 def test_class_selective_validation():
     cls = get_defense("class-selective")
     with pytest.raises(NastyError, match="needs --protect-classes"):

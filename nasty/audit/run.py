@@ -625,8 +625,8 @@ def describe_defense(side: dict, post) -> dict:
     d = side.get("defense") if isinstance(side.get("defense"), dict) else None
     training = None
     if d:
-        keys = ("tau", "omega", "protect_classes", "protect_by", "combine", "max_accuracy_drop", "kl_cap")
-        training = {"name": d.get("name"), **{k: d[k] for k in keys if d.get(k) not in (None, [], "")}}
+        keys = ("tau", "omega", "protect_classes", "protect_by", "anchor", "combine", "max_accuracy_drop", "kl_cap")
+        training = {"name": d.get("name"), **{k: d[k] for k in keys if d.get(k) not in (None, [], "") and not (k == "anchor" and not d[k])}}
         if training["name"] not in ("class-selective", "budget"):
             training.pop("protect_by", None)
         if training["name"] != "multi-adversary":

@@ -103,7 +103,7 @@ class OmegaController:
 class BudgetNasty(ClassSelectiveNasty, MultiAdversaryNasty):
     name = "budget"
     summary = "nasty teacher that sets its own omega to stay within --max-accuracy-drop of the adversary (dual update)"
-    uses: ClassVar[frozenset[str]] = frozenset({"protect_classes", "protect_by", "combine", "max_accuracy_drop", "dual_lr", "omega_max"})
+    uses: ClassVar[frozenset[str]] = frozenset({"protect_classes", "protect_by", "anchor", "combine", "max_accuracy_drop", "dual_lr", "omega_max"})
     require_protected: ClassVar[bool] = False
     min_adversaries: ClassVar[int] = 1
     target_ratio: ClassVar[float] = 0.5

@@ -23,6 +23,7 @@ from . import Defense, register_defense
 OPTIONAL_KEYS = {
     "protect_classes": "class-selective or budget",
     "protect_by": "class-selective or budget",
+    "anchor": "class-selective or budget",
     "combine": "multi-adversary or budget",
     "max_accuracy_drop": "budget",
     "dual_lr": "budget",
@@ -64,6 +65,10 @@ class NastyTeacher(Defense):
         """How the (batch-mean) KL terms of several adversaries combine (here: their mean)."""
         return torch.stack(kls).mean()
 
+    def extra_term(self, z: torch.Tensor, batch, adversary_logits: list[torch.Tensor]) -> torch.Tensor | None:
+        """A term added to the loss (``None``: nothing). Subclasses use it to hold parts of the output in place."""
+        return None
+
     def kl_term(self, z: torch.Tensor, batch, adversary_logits: list[torch.Tensor]) -> torch.Tensor:
         """The combined, weighted, capped KL of the teacher's logits ``z`` to every adversary."""
         tau, cap = self.cfg["tau"], self.cfg["kl_cap"]
@@ -76,8 +81,15 @@ class NastyTeacher(Defense):
         def objective(model, batch, epoch):
             z = model(batch.x)
             omega = self.omega_at(epoch)
-            kl = self.kl_term(z, batch, [adv(batch) for adv in adversaries])
+            adv_logits = [adv(batch) for adv in adversaries]
+            kl = self.kl_term(z, batch, adv_logits)
             ce = F.cross_entropy(z, batch.y)
-            return ce - omega * tau**2 * kl, {"ce": ce.item(), "kl_adv": kl.item(), "omega": omega}
+            loss = ce - omega * tau**2 * kl
+            terms = {"ce": ce.item(), "kl_adv": kl.item(), "omega": omega}
+            extra = self.extra_term(z, batch, adv_logits)
+            if extra is not None:
+                loss = loss + extra
+                terms["anchor"] = extra.item()
+            return loss, terms
 
         return objective

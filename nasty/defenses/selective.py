@@ -20,6 +20,12 @@ Design choice, ``protect_by`` (documented default ``label``):
 
 The batch mean keeps the per-sample strength of plain nasty training at the same omega (the total
 KL is smaller because fewer samples carry it).
+
+``anchor`` (default 0: off) adds ``anchor * tau^2 * mean_i[(1 - w_i) * KL(sigma_tau(z_A,i) || sigma_tau(z_T,i))]``:
+on the images the KL term spares, the teacher is distilled from the (normal) adversary, so the
+unprotected classes keep both their accuracy and their soft labels (the scrambled mass of the
+protected images otherwise leaks into the neighbouring classes' outputs). With several adversaries
+their mean tempered distribution is the anchor.
 """
 
 from __future__ import annotations
@@ -70,6 +76,14 @@ def protection_weight(y: torch.Tensor, adversary_logits: list[torch.Tensor], pro
     return mass if mode == "mass" else torch.maximum(by_label, mass)
 
 
+def anchor_kl(teacher_logits: torch.Tensor, adversary_logits: list[torch.Tensor], tau: float, weight: torch.Tensor) -> torch.Tensor:
+    """``tau^2 * mean_i[weight_i * KL(p_A,i || p_T,i)]`` at temperature ``tau``; ``p_A`` is the adversaries' mean."""
+    log_pt = F.log_softmax(teacher_logits / tau, dim=1)
+    p_a = torch.stack([F.softmax(a.float() / tau, dim=1) for a in adversary_logits]).mean(0)
+    per = (p_a * (torch.log(p_a.clamp_min(1e-12)) - log_pt)).sum(1)
+    return tau**2 * (per * weight).mean()
+
+
 def split_accuracy(metrics: dict, protected: list[int]) -> dict:
     """Accuracy (percent of images) on the protected classes and on the others, from ``evaluate``'s confusion matrix."""
     cm = torch.tensor(metrics["confusion_matrix"], dtype=torch.float64)
@@ -87,7 +101,7 @@ def split_accuracy(metrics: dict, protected: list[int]) -> dict:
 class ClassSelectiveNasty(NastyTeacher):
     name = "class-selective"
     summary = "nasty KL only where it protects --protect-classes (labelled with them, or their probability mass)"
-    uses: ClassVar[frozenset[str]] = frozenset({"protect_classes", "protect_by"})
+    uses: ClassVar[frozenset[str]] = frozenset({"protect_classes", "protect_by", "anchor"})
     require_protected: ClassVar[bool] = True
 
     def validate(self) -> None:
@@ -113,3 +127,9 @@ class ClassSelectiveNasty(NastyTeacher):
         if not self.protected:
             return None
         return protection_weight(batch.y, adversary_logits, self._mask, self.cfg.get("protect_by", "label"))
+
+    def extra_term(self, z, batch, adversary_logits):
+        lam = float(self.cfg.get("anchor") or 0.0)
+        if not lam or not self.protected:
+            return None
+        return lam * anchor_kl(z, adversary_logits, self.cfg["tau"], 1.0 - self.sample_weight(batch, adversary_logits))
