@@ -290,6 +290,11 @@ def test_output_defense_is_audited_and_named(run_cli, teacher_ckpt, tmp_path):
     a = _audit(out)
     assert a["config"]["output_defense"] == "label" and a["targets"]["teacher"]["defense"] == {"training": None, "output": "label"}
     assert "Defense: output: label." in (out / "audit.md").read_text()
+    old = _audit(out)
+    del old["targets"]["teacher"]["defense"]  # an audit.json written before targets recorded their defense
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    rc, _, err = run_cli("report", tmp_path / "old.json", "--out", tmp_path / "old")
+    assert rc == 0 and "Defense:" not in (tmp_path / "old" / "audit.md").read_text()
     res = json.loads((out / "runs/teacher/kd/mlp/seed-0/result.json").read_text())
     assert res["resources"]["output_defense"] == "label"
     # another output defense is another configuration; white-box access bypasses any output defense

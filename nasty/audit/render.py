@@ -164,6 +164,11 @@ def _extra_lines(att: dict, names: list[str]) -> list[str]:
     return out
 
 
+def _defense_sentence(target: dict) -> str:
+    """The " Defense: ..." sentence, for audits that record it (older audit.json files do not: then nothing)."""
+    return f" Defense: {defense_text(target['defense'])}." if "defense" in target else ""
+
+
 def _intro(audit: dict) -> list[str]:
     cfg = audit["config"]
     ds = audit["dataset"]
@@ -197,8 +202,7 @@ def render_markdown(audit: dict) -> str:
     md += [f"- {line}" for line in _intro(audit)] + [""]
     for target in audit["targets"]:
         md += [f"## {TARGET_TITLES.get(target, target)}: summary",
-               f"Teacher test accuracy {audit['targets'][target]['accuracy']:.2f}%. "
-               f"Defense: {defense_text(audit['targets'][target].get('defense'))}.", "",
+               f"Teacher test accuracy {audit['targets'][target]['accuracy']:.2f}%." + _defense_sentence(audit["targets"][target]), "",
                _md_table(SUMMARY_HEAD, _summary_rows(audit, target)), ""]
         md += [f"- {line}" for line in _found_lines(audit, target)] + ([""] if _found_lines(audit, target) else [])
     if audit.get("defense_effect"):
@@ -289,8 +293,8 @@ def render_html(audit: dict) -> str:
              '<div class="box">' + "<br>".join(_md_inline(x) for x in _intro(audit)) + "</div>"]
     for target in audit["targets"]:
         t = audit["targets"][target]
-        parts.append(f"<h2>{_h(TARGET_TITLES.get(target, target))}</h2><p>Teacher test accuracy <b>{t['accuracy']:.2f}%</b>. "
-                     f"Defense: {_h(defense_text(t.get('defense')))}.</p>")
+        parts.append(f"<h2>{_h(TARGET_TITLES.get(target, target))}</h2><p>Teacher test accuracy <b>{t['accuracy']:.2f}%</b>."
+                     f"{_h(_defense_sentence(t))}</p>")
         chips = []
         for a, att in t["attacks"].items():
             kind = "muted" if att["status"] != "ok" else ("bad" if att["transferred_count"] else "good")
