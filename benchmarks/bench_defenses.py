@@ -16,7 +16,7 @@ Per seed s it trains (or reuses) the normal CNN teacher and a normal MLP (the se
 the ``--settings`` training-time defenses, each fine-tuned from the normal teacher
 (configs/fashion-mnist.toml): ``nasty`` (one adversary), ``selective3`` (class-selective on Pullover,
 Coat, Shirt), ``multi-mean`` (CNN + MLP adversaries), ``budget0.5`` (the accuracy budget), and
-optionally ``selective3-mass``, ``multi-min``, ``budget0.5-selective3-multi``. Every teacher (the
+optionally ``selective3-anchor`` (with ``--anchor 1.0``), ``selective3-mass``, ``multi-min``, ``budget0.5-selective3-multi``. Every teacher (the
 normal one, each defended one, and the normal one behind each ``--output-defenses`` spec) is audited
 with ``nasty audit --seeds 1 --first-seed s``: the ``--attacks`` against every ``--students``
 architecture, white-box (``--query weights``) for training-time defenses and through the defended
@@ -53,6 +53,7 @@ def settings(protect: str) -> dict[str, tuple[list[str], bool]]:
     return {
         "nasty": (["--defense", "nasty"], False),
         "selective3": (["--defense", "class-selective", "--protect-classes", protect], False),
+        "selective3-anchor": (["--defense", "class-selective", "--protect-classes", protect, "--anchor", "1.0"], False),
         "selective3-mass": (["--defense", "class-selective", "--protect-classes", protect, "--protect-by", "mass"], False),
         "multi-mean": (["--defense", "multi-adversary", "--combine", "mean"], True),
         "multi-min": (["--defense", "multi-adversary", "--combine", "min"], True),
