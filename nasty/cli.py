@@ -452,7 +452,8 @@ def defenses_cmd(as_json: bool) -> None:
 @click.option("--queries", type=click.IntRange(min=1), help="Query budget of the label-free attacks (a fixed seeded subset of their images).")
 @click.option("--output-defense", help="The teacher answers through this output defense, e.g. topk:2 or reverse-sigmoid (not the reference).")
 @click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True, help="Training seeds are FIRST..FIRST+SEEDS-1.")
-@click.option("--baselines-from", type=click.Path(file_okay=False), help="Reuse the baseline runs of another audit of the same task (checked run by run).")
+@click.option("--baselines-from", multiple=True, type=click.Path(file_okay=False),
+              help="Reuse the baseline runs of another audit of the same task (checked run by run; repeatable).")
 @click.option("--fuse/--no-fuse", default=True, show_default=True, help="Train the single-pass attacks of one seed together, in one pass over the data.")
 @click.option("--margin", type=float, default=0.0, show_default=True, help="Gain rule: transferred when the CI's lower bound exceeds this (points).")
 @click.option("--fidelity", type=float, default=0.9, show_default=True, help="Fidelity rule (label-free attacks): fraction of the teacher's class accuracy.")
@@ -505,7 +506,7 @@ def audit_cmd(**kw) -> int:
                              seeds=kw["seeds"], reference=kw["reference"], query=kw["query"], margin=kw["margin"],
                              fidelity=kw["fidelity"], fail_on=kw["fail_on"], n_boot=kw["bootstrap"], params=params,
                              surrogate=kw["surrogate"], queries=kw["queries"], output_defense=kw["output_defense"], fuse=kw["fuse"],
-                             first_seed=kw["first_seed"], baselines_from=kw["baselines_from"])
+                             first_seed=kw["first_seed"], baselines_from=list(kw["baselines_from"]))
     teacher_dir = Path(kw["teacher"]).parent if Path(kw["teacher"]).suffix else Path(kw["teacher"])
     out = Path(kw["out"]) if kw["out"] else Path("runs") / f"audit-{slug(teacher_dir.resolve().name)}"
     audit = run_audit(settings, out, force=kw["force"], log=_log, verbose=kw["verbose"])

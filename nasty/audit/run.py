@@ -61,7 +61,7 @@ class AuditSettings:
     output_defense: str | None = None  # the audited teacher answers through this output defense (not the reference)
     fuse: bool = True  # train single-pass attacks of one seed together, in one pass over the data
     first_seed: int = 0  # training seeds first_seed .. first_seed + seeds - 1
-    baselines_from: str | None = None  # another audit folder of the same task whose baseline runs are reused
+    baselines_from: list[str] = field(default_factory=list)  # other audit folders of the same task whose baseline runs are reused
 
     @property
     def seed_list(self) -> list[int]:
@@ -247,8 +247,11 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         raise NastyError(f"--seeds must be at least 1, got {s.seeds}")
     if s.first_seed < 0:
         raise NastyError(f"--first-seed must be >= 0, got {s.first_seed}")
-    if s.baselines_from is not None and not (Path(s.baselines_from) / "runs" / "baselines").is_dir():
-        raise NastyError(f"--baselines-from {s.baselines_from}: no audit baselines there (runs/baselines missing)")
+    if isinstance(s.baselines_from, (str, Path)):
+        s.baselines_from = [str(s.baselines_from)]
+    for src in s.baselines_from:
+        if not (Path(src) / "runs" / "baselines").is_dir():
+            raise NastyError(f"--baselines-from {src}: no audit baselines there (runs/baselines missing)")
     if not s.students:
         raise NastyError("--students is empty")
     if s.fail_on is not None and s.fail_on < 0:
@@ -413,11 +416,12 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
             continue
         key = run_key(job)
         res = load_run(job.dir(out), key)
-        if res is None and job.group == "baselines" and s.baselines_from is not None:
-            src = job.dir(Path(s.baselines_from))
+        for other in s.baselines_from if res is None and job.group == "baselines" else []:
+            src = job.dir(Path(other))
             if load_run(src, key) is not None:  # the same baseline (same data, schedule, seed): copy it in
                 shutil.copytree(src, job.dir(out), dirs_exist_ok=True)
                 res = load_run(job.dir(out), key)
+                break
         if res is not None:
             runs[(job.group, job.method, job.student, job.seed)] = res
             counts["reused"] += 1
