@@ -166,10 +166,25 @@ def class_mean(per: list[float | None], idx: list[int]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def point(row: dict, name: str, classes: list[str], protect_idx: list[int]) -> dict:
-    """One teacher on one seed: accuracy drop and each attack's gain over its student's baselines."""
+def pooled_baselines(rows: list[dict]) -> dict:
+    """The baselines averaged over the seeds (accuracy and per-class accuracy), per method and student.
+    One student run is noisy (a seed can land two points away from the others), so every attack of
+    every seed is compared with the mean label-only / label-smoothing student."""
+    out: dict = {}
+    for b in ("scratch", "label-smoothing"):
+        out[b] = {}
+        for st in rows[0]["baselines"][b]:
+            runs = [r["baselines"][b][st] for r in rows]
+            per = [[x for x in col] for col in zip(*[r["per_class_accuracy"] for r in runs])]
+            out[b][st] = {"accuracy": statistics.mean(r["accuracy"] for r in runs),
+                          "accuracy_per_seed": [r["accuracy"] for r in runs],
+                          "per_class_accuracy": [statistics.mean(c) if None not in c else None for c in per]}
+    return out
+
+
+def point(row: dict, name: str, classes: list[str], protect_idx: list[int], base: dict) -> dict:
+    """One teacher on one seed: accuracy drop and each attack's gain over its student's (pooled) baselines."""
     t = row["teachers"][name]
-    base = row["baselines"]
     other_idx = [i for i in range(len(classes)) if i not in protect_idx]
     out = {"accuracy": t["accuracy"], "drop": row["normal_accuracy"] - t["accuracy"],
            "drop_other": class_mean(row["normal_per_class"], other_idx) - class_mean(t["per_class_accuracy"], other_idx),
@@ -204,9 +219,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def summarise(rows: list[dict], classes: list[str], protect_idx: list[int]) -> dict:
     names = list(rows[0]["teachers"])
+    base = pooled_baselines(rows)
     summary = {}
     for name in names:
-        pts = [point(r, name, classes, protect_idx) for r in rows if name in r["teachers"]]
+        pts = [point(r, name, classes, protect_idx, base) for r in rows if name in r["teachers"]]
         entry = {"kind": rows[0]["teachers"][name]["kind"], "protected": bool(rows[0]["teachers"][name].get("protected")), "seeds": pts}
         for key in ("drop", "drop_other", "best_gain", "best_gain_protected", "best_gain_vs_label_smoothing",
                     "best_gain_protected_vs_label_smoothing"):
@@ -332,9 +348,12 @@ def main() -> None:
     summary = summarise(rows, classes, protect_idx)
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "config": args.config, "seeds": args.seeds,
               "protected": [classes[i] for i in protect_idx], "argv": sys.argv[1:], "seconds": time.time() - t0,
-              "summary": summary, "rows": rows, "commands": bench.commands}
+              "summary": summary, "baselines_pooled": pooled_baselines(rows), "rows": rows, "commands": bench.commands}
     (args.out / "defenses.json").write_text(json.dumps(result, indent=1))
     md = markdown(summary, ",".join(classes[i] for i in protect_idx))
+    md += "\n\nBaselines (test accuracy per seed " + ", ".join(map(str, args.seeds)) + "; gains above are over their mean):\n" + "\n".join(
+        f"- {b} {st}: " + ", ".join(f"{v:.2f}" for v in r["accuracy_per_seed"]) + f" (mean {r['accuracy']:.2f})"
+        for b, per in result["baselines_pooled"].items() for st, r in per.items())
     (args.out / "defenses.md").write_text(md + "\n")
     plot = args.plot or args.out / "pareto.png"
     pareto_plot(summary, plot, f"{Path(args.config).stem}, seeds {','.join(map(str, args.seeds))}: mean ± std; "
