@@ -335,3 +335,14 @@ def test_baselines_from_another_audit_and_first_seed(run_cli, teacher_ckpt, tmp_
     assert (c / "runs" / "teacher" / "kd" / "mlp" / "seed-1" / "result.json").is_file()
     rc, _, err = run_cli("audit", *base, "--out", tmp_path / "d", "--baselines-from", tmp_path)
     assert rc == 2 and "no audit baselines" in err
+    # baselines trained under another teacher's input normalisation do not apply
+    other = tmp_path / "other-teacher"
+    shutil.copytree(teacher_ckpt, other)
+    side = json.loads((other / "model.json").read_text())
+    side["normalization"]["mean"] = [m + 0.5 for m in side["normalization"]["mean"]]
+    (other / "model.json").write_text(json.dumps(side))
+    cfg = json.loads((a / "audit-config.json").read_text())
+    cfg["teacher"] = str(other)
+    (a / "audit-config.json").write_text(json.dumps(cfg))
+    rc, _, err = run_cli("audit", *base, "--attacks", "kd", "--out", tmp_path / "e", "--baselines-from", a)
+    assert rc == 2 and "normalised differently" in err and err.strip().count("\n") == 0

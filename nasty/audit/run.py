@@ -117,6 +117,18 @@ def access_problem(name: str, query: str, *, surrogate: bool = False, n_teachers
     return None
 
 
+def _normalization_of_audit(folder: Path) -> list | None:
+    """The input normalisation (its teacher's) under which an audit folder's students were trained."""
+    from ..checkpoint import read_sidecar
+
+    try:
+        teacher = json.loads((folder / CONFIG_FILE).read_text())["teacher"]
+        norm = read_sidecar(teacher)[1]["normalization"]
+        return [list(norm["mean"]), list(norm["std"])]
+    except (OSError, ValueError, KeyError, TypeError, NastyError):
+        return None
+
+
 def _data_fingerprint(cfg: dict) -> dict:
     return {k: v for k, v in cfg["data"].items() if k not in ("data_root", "download")}
 
@@ -265,6 +277,11 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
     params = {a: attack_params(a, s.params) for a in [*stats.BASELINES, *attacks]}
 
     _, side = read_sidecar(s.teacher)
+    for src in s.baselines_from:
+        theirs = _normalization_of_audit(Path(src))
+        if theirs != [list(side["normalization"]["mean"]), list(side["normalization"]["std"])]:
+            raise NastyError(f"--baselines-from {src}: its students saw inputs normalised differently (its teacher's "
+                             f"normalization: {theirs or 'unknown'}); its baselines do not apply here")
     norm = (side["normalization"]["mean"], side["normalization"]["std"])
     data = data_from_config(s.cfg, normalization=norm)
     teacher, side, teacher_sha = _load_teacher(s.teacher, data)
