@@ -119,7 +119,8 @@ class Bench:
             cmd += ["--output-defense", output_defense]
         if out != first and (first / "runs" / "baselines").is_dir():
             cmd += ["--baselines-from", str(first)]
-        self.sh(cmd, str(out), None, ok=(0, 1, 3))  # resumes: finished runs are reused
+        # re-running resumes (finished runs are reused); --summary-only reads the audit.json already there
+        self.sh(cmd, str(out), out / "audit.json" if self.a.summary_only else None, ok=(0, 1, 3))
         return json.loads((out / "audit.json").read_text())
 
     def run_seed(self, seed: int) -> dict:
@@ -328,6 +329,7 @@ def main() -> None:
     ap.add_argument("--attack-args", default="--train-subset 3000 --epochs 40 --batch-size 64 --lr 0.05 --schedule cosine",
                     help="flags for every attack (the attacker's data and schedule)")
     ap.add_argument("--plot", type=Path, default=None, help="Pareto plot (default OUT/pareto.png)")
+    ap.add_argument("--summary-only", action="store_true", help="do not re-run audits that have an audit.json (tables and plot only)")
     ap.add_argument("--tiny", action="store_true", help="digits, one seed, tiny schedules: checks that everything runs")
     args = ap.parse_args()
     if args.tiny:
