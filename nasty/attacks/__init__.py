@@ -22,28 +22,9 @@ list_attacks = ATTACKS.summaries
 get_attack = ATTACKS.lookup
 
 
-def run_attack(
-    method: str,
-    *,
-    data,
-    teachers: list[nn.Module],
-    student: str,
-    train,
-    params: dict[str, Any] | None = None,
-    query: str = "logits",
-    labels: bool = True,
-    out_dir: str | Path | None = None,
-    log: Callable[[str], None] | None = None,
-    output_defense: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    x_queries: torch.Tensor | None = None,
-    data_source: str | None = None,
-    cache_teacher: bool = True,
-    teacher_cache: Any = None,
-    augment: str = "none",
-    x_val_queries: torch.Tensor | None = None,
-    query_budget: int | None = None,
-) -> tuple[nn.Module, dict]:
-    """Train a student with ``method`` against ``teachers`` and score it on ``data``'s test split.
+def run_attack(method: str, **kwargs: Any) -> tuple[nn.Module, dict]:
+    """Train a student with ``method`` against ``teachers`` and score it on ``data``'s test split
+    (keyword arguments: those of :func:`prepare_attack`).
 
     ``teacher_cache`` (a :class:`nasty.audit.cache.TeacherOutputCache`) shares the teacher's outputs
     across calls, so an audit runs the teacher once. Returns the student and a result dict (the
@@ -58,12 +39,10 @@ def run_attack(
     training seed). ``augment`` is ``none``, ``mixup[:ALPHA]`` or ``cutmix[:ALPHA]`` for the attacks
     that support it.
     """
-    prep = prepare_attack(method, data=data, teachers=teachers, student=student, train=train, params=params, query=query,
-                          labels=labels, out_dir=out_dir, log=log, output_defense=output_defense, x_queries=x_queries,
-                          data_source=data_source, cache_teacher=cache_teacher, teacher_cache=teacher_cache, augment=augment,
-                          x_val_queries=x_val_queries, query_budget=query_budget)
+    prep = prepare_attack(method, **kwargs)
     from ..train import seed_everything
 
+    train = prep.ctx.train
     seed_everything(train.seed, train.deterministic)  # the student's initial weights depend on the seed
     t0 = time.perf_counter()
     model, extra = prep.attack.train(prep.ctx)
@@ -150,7 +129,8 @@ def prepare_attack(
     x_val_queries: torch.Tensor | None = None,
     query_budget: int | None = None,
 ) -> PreparedAttack:
-    """Everything :func:`run_attack` does before training (same arguments)."""
+    """Everything :func:`run_attack` does before training: check the threat model, wrap the teachers
+    in query oracles, build the attacker's view of the data (see :func:`run_attack`)."""
     from .base import AttackContext, Oracle
 
     cls = get_attack(method)
