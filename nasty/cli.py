@@ -136,7 +136,7 @@ def cli() -> None:
 def train_teacher(**kw) -> None:
     """Train a normal teacher (cross-entropy)."""
     from .config import load_config
-    from .runs import data_from_config, prepare_out_dir, train_normal
+    from .runs import data_from_config, train_normal
 
     over = _base_overrides(kw)
     over["train"]["label_smoothing"] = kw["label_smoothing"]
@@ -181,7 +181,6 @@ def train_defended_cmd(**kw) -> None:
     """Train a defended ("nasty") teacher, then probe it with KD students and print a verdict."""
     from .config import load_config
     from .defenses import train_defended
-    from .runs import prepare_out_dir
 
     _positive("--tau", kw["tau"])
     _positive("--max-accuracy-drop", kw["max_accuracy_drop"])
@@ -234,7 +233,7 @@ def attack_cmd(**kw) -> None:
     from .checkpoint import atomic_write_json, check_compatible, load_checkpoint, read_sidecar
     from .config import load_config, train_config
     from .defenses.output import parse_output_defense
-    from .runs import data_from_config, prepare_out_dir, save_model
+    from .runs import data_from_config, save_model
 
     _positive("--temperature", kw["temperature"])
     output_defense = parse_output_defense(kw["output_defense"]) if kw["output_defense"] else None

@@ -9,7 +9,7 @@ refuses to run it otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,9 @@ from ..data import DataBundle
 from ..errors import NastyError
 from ..registry import with_defaults
 from ..train import Frozen, TrainConfig
+
+if TYPE_CHECKING:
+    from .augment import Mixer
 
 ACCESS_LEVELS = ("weights", "logits", "probs", "topk", "label")  # most to least revealing
 

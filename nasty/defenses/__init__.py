@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from ..errors import NastyError
 from ..registry import Registry
 
 DEFENSES = Registry("defense")

@@ -11,7 +11,7 @@ from . import register_model
 class MLP(nn.Module):
     def __init__(self, num_classes: int, in_features: int, hidden: tuple[int, ...]):
         super().__init__()
-        layers, width = [], in_features
+        width = in_features
         self.stage_names = []
         for i, h in enumerate(hidden):
             setattr(self, f"fc{i}", nn.Sequential(nn.Linear(width, h), nn.ReLU(inplace=True)))
