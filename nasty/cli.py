@@ -74,6 +74,21 @@ def _positive(name: str, value: float | None) -> None:
         raise NastyError(f"{name} must be positive, got {value}")
 
 
+def _param_value(item: str, text: str) -> Any:
+    """The value of ``--param KEY=VALUE``: a Python literal (number, string, list ...) or else the text
+    itself; NaN/inf anywhere in it is refused (the method's class checks the rest)."""
+    import ast
+
+    from .registry import check_param
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    check_param("--param", item.partition("=")[0], value, None)
+    return value
+
+
 def _run_dir(kw: dict, cfg: dict, default_name: str) -> Path:
     """The run's output folder: a fresh one (``--force`` to overwrite), or with ``--resume`` the
     folder of an interrupted run whose ``run.json`` must hold the same config. Every training in
@@ -226,7 +241,6 @@ def train_defended_cmd(**kw) -> None:
 @click.option("--kd-delay", type=int, help="skeptical: labels-only warm-up epochs before distillation.")
 def attack_cmd(**kw) -> None:
     """Train a student against a teacher with one attack and score it on the test split."""
-    import ast
 
     from .attacks import check_requirements, get_attack, run_attack
     from .attacks.base import load_surrogate
@@ -246,10 +260,7 @@ def attack_cmd(**kw) -> None:
         key, eq, value = item.partition("=")
         if not eq:
             raise NastyError(f"--param {item!r} is not KEY=VALUE")
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
+        options[key] = _param_value(item, value)
     over["attack"]["options"] = options or None
     cfg = load_config(kw["config"], over)
     a = cfg["attack"]
@@ -444,7 +455,7 @@ def defenses_cmd(as_json: bool) -> None:
 @click.option("--train-subset", type=int, help="The thief holds a stratified subset of N labelled training images.")
 @click.option("--attacks", default="all", show_default=True, help="Comma-separated attacks (see `nasty attacks`) or 'all'.")
 @click.option("--students", default="mlp", show_default=True, help="Comma-separated student architectures.")
-@click.option("--seeds", type=int, default=3, show_default=True, help="Training seeds per attack and student (0..N-1).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Training seeds per attack and student (0..N-1).")
 @click.option("--reference", type=click.Path(), help="An undefended teacher of the same task, attacked the same way.")
 @click.option("--query", default="logits", show_default=True, help="What the teacher exposes: logits, probs, topk:K, label, weights.")
 @click.option("--surrogate", help="Label-free attacks (copycat, knockoff) query the teacher on this dataset's images.")
@@ -457,7 +468,7 @@ def defenses_cmd(as_json: bool) -> None:
 @click.option("--margin", type=float, default=0.0, show_default=True, help="Gain rule: transferred when the CI's lower bound exceeds this (points).")
 @click.option("--fidelity", type=float, default=0.9, show_default=True, help="Fidelity rule (label-free attacks): fraction of the teacher's class accuracy.")
 @click.option("--fail-on", type=int, help="Exit 1 when an attack transfers more than N classes.")
-@click.option("--bootstrap", type=int, default=2000, show_default=True, help="Bootstrap replicates.")
+@click.option("--bootstrap", type=click.IntRange(min=100), default=2000, show_default=True, help="Bootstrap replicates (at least 100).")
 @click.option("--param", "params", multiple=True, help="Attack parameter ATTACK.KEY=VALUE (repeatable), e.g. kd.temperature=8.")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
@@ -474,32 +485,29 @@ def audit_cmd(**kw) -> int:
 
     Exit codes: 0 ok, 1 an attack transfers more than --fail-on classes, 2 bad input, 3 incomplete.
     """
-    import ast
 
     from .audit.render import terminal_table
     from .audit.run import AuditSettings, run_audit, slug
     from .checkpoint import read_sidecar
     from .config import load_config
 
-    _, side = read_sidecar(kw["teacher"])
-    over = _base_overrides(kw)
-    if kw["dataset"] is None and kw["config"] is None:
-        over["data"]["dataset"] = side["dataset"]
-        sdata = side.get("config", {}).get("data", {}) if isinstance(side.get("config"), dict) else {}
-        for k in ("data_root", "val_fraction", "split_seed"):
-            if over["data"].get(k) is None and sdata.get(k) is not None:
-                over["data"][k] = sdata[k]
-    cfg = load_config(kw["config"], over)
     params: dict[str, dict] = {}
     for item in kw["params"]:
         key, eq, value = item.partition("=")
         attack, dot, name = key.partition(".")
         if not eq or not dot or not attack or not name:
             raise NastyError(f"--param {item!r} is not ATTACK.KEY=VALUE (e.g. kd.temperature=8)")
-        try:
-            params.setdefault(attack, {})[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            params.setdefault(attack, {})[name] = value
+        params.setdefault(attack, {})[name] = _param_value(item, value)
+    _, side = read_sidecar(kw["teacher"])
+    over = _base_overrides(kw)
+    if kw["dataset"] is None and kw["config"] is None:
+        over["data"]["dataset"] = side["dataset"]
+        from .checkpoint import split_settings
+
+        for k, v in split_settings(side).items():  # type-checked: the sidecar may be hostile
+            if over["data"].get(k) is None and v is not None:
+                over["data"][k] = v
+    cfg = load_config(kw["config"], over)
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
     settings = AuditSettings(teacher=kw["teacher"], cfg=cfg, attacks=split(kw["attacks"]), students=split(kw["students"]),
                              seeds=kw["seeds"], reference=kw["reference"], query=kw["query"], margin=kw["margin"],
@@ -536,8 +544,40 @@ def report_cmd(audit_json: str, out: str | None, formats: str) -> None:
     click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
+class _Finite(click.ParamType):
+    """A float option (``click.FLOAT`` or a ``FloatRange``) that also refuses NaN and infinities:
+    ``--margin nan`` would otherwise pass every comparison it meets and give a silent wrong answer."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = inner.name
+
+    def get_metavar(self, *a: Any, **k: Any):
+        return self.inner.get_metavar(*a, **k)
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        import math
+
+        v = self.inner.convert(value, param, ctx)
+        if isinstance(v, float) and not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+def _finite_floats(group: click.Group) -> None:
+    """Wrap every float option of every command of ``group`` (recursively) in :class:`_Finite`:
+    one rule for all float options, also for those added later."""
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            _finite_floats(cmd)
+        for p in cmd.params:
+            if isinstance(p.type, click.types.FloatParamType):
+                p.type = _Finite(p.type)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors, documented exit codes (0 ok, 1 gate failed, 2 bad input, 3 could not complete)."""
+    _finite_floats(cli)
     args = sys.argv[1:] if argv is None else argv
     if not args:
         with click.Context(cli, info_name="nasty") as ctx:
