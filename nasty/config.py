@@ -50,7 +50,13 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "defense": {
         "name": ("str", "nasty"),
         "tau": ("float", 4.0),
-        "omega": ("float", 0.04),
+        "omega": ("float?", None),  # None: chosen from omega_grid on validation (locked), 0.04 with lock = "none"
+        "omega_grid": ("list[float]", [0.01, 0.03, 0.1, 0.3]),
+        "lock": ("str", "two-head"),  # none (the paper's single network), two-head or two-net
+        "nasty_head": ("str", "linear"),  # two-head: linear or mlp:hidden=H
+        "lock_rule": ("str", "swap"),  # how the decision is imposed: swap or margin
+        "lock_margin": ("float", 0.0),
+        "head_epochs": ("int?", None),  # two-head: epochs of the head on cached features (default: about 3000 steps)
         "omega_warmup": ("int", 0),
         "kl_cap": ("float?", None),
         "adversary": ("list[str]", []),
@@ -198,6 +204,11 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("defense", "tau"): (lambda v: v > 0, "> 0"),
     ("defense", "omega"): (lambda v: v >= 0, ">= 0"),
     ("defense", "omega_warmup"): (lambda v: v >= 0, ">= 0"),
+    ("defense", "omega_grid"): (lambda v: all(o >= 0 for o in v), "a list of numbers >= 0"),
+    ("defense", "lock"): (lambda v: v in ("none", "two-head", "two-net"), "none, two-head or two-net"),
+    ("defense", "lock_rule"): (lambda v: v in ("swap", "margin"), "swap or margin"),
+    ("defense", "lock_margin"): (lambda v: 0 <= v <= 100, "in [0, 100]"),
+    ("defense", "head_epochs"): (lambda v: 1 <= v <= 100000, "in 1..100000"),
     ("defense", "kl_cap"): (lambda v: v > 0, "> 0"),
     ("defense", "max_accuracy_drop"): (lambda v: v > 0, "> 0"),
     ("defense", "dual_lr"): (lambda v: v > 0, "> 0"),
@@ -242,6 +253,12 @@ def validate(cfg: dict) -> None:
         specs += [("defense.adversary_model", s) for s in split_model_specs(cfg["defense"]["adversary_model"])]
     for where, spec in specs:
         check_model_spec(spec, where)
+    from .models.locked import head_module
+
+    try:
+        head_module(cfg["defense"]["nasty_head"], 8, 2)
+    except ValueError as e:
+        raise NastyError(f"defense.nasty_head: {e}") from None
     if cfg["probe"]["enabled"] and not cfg["probe"]["students"]:
         raise NastyError("probe.students is empty; name at least one student or disable the probe")
     from .attacks import get_attack

@@ -55,3 +55,28 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: 
     if reference_pred is not None:
         out["teacher_agreement"] = agreement(pred, reference_pred)
     return out
+
+
+def expected_calibration_error(p: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
+    """ECE in percent: ``sum_b |B_b|/n * |acc(B_b) - conf(B_b)|`` over equal-width confidence bins
+    of the top-1 probability (Guo et al. 2017)."""
+    conf, pred = p.max(1)
+    correct = (pred == y).float()
+    idx = (conf * bins).long().clamp(0, bins - 1)
+    n = len(y)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += float(m.sum()) / n * abs(float(correct[m].mean()) - float(conf[m].mean()))
+    return 100.0 * ece
+
+
+def served_quality(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict:
+    """What a model's served probabilities still give a legitimate user: top-1 and top-5 accuracy
+    and calibration error (ECE, 15 bins), all in percent."""
+    z = predict_logits(model, x)
+    p = torch.softmax(z, 1)
+    k = min(5, p.shape[1])
+    top5 = (p.topk(k, 1).indices == y[:, None]).any(1)
+    return {"top1": accuracy(p.argmax(1), y), "top5": float(100.0 * top5.float().mean()), "ece": expected_calibration_error(p, y)}

@@ -57,7 +57,9 @@ def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str],
 
 
 def verdict_text(result: dict) -> str:
-    lines = [f"teacher accuracy: normal {result['normal_accuracy']:.2f}%, defended {result['defended_accuracy']:.2f}% "
+    lock = result.get("lock", "none")
+    served = "" if lock in (None, "none") else f" (served; decisions locked to the normal model, {lock}, omega {result['omega']:g})"
+    lines = [f"teacher accuracy: normal {result['normal_accuracy']:.2f}%, defended {result['defended_accuracy']:.2f}%{served} "
              f"({-result['accuracy_drop']:+.2f} points)"]
     probe = result.get("probe")
     if probe:
@@ -71,7 +73,10 @@ def verdict_text(result: dict) -> str:
         lines.append(f"verdict: KD from the defended teacher is worse than labels alone for {held} of {len(probe['students'])} probe students")
         if result["accuracy_drop"] > 1.0:
             lines.append(f"warning: the defended teacher lost {result['accuracy_drop']:.2f} points of accuracy; a defense that "
-                         "ruins the teacher protects nothing worth stealing (lower --omega or fine-tune with --init-from)")
+                         "ruins the teacher protects nothing worth stealing (lock the decisions with --lock two-head, lower --omega "
+                         "or fine-tune with --init-from)")
+        if lock not in (None, "none"):
+            lines.append("note: the locked artifact contains the normal model; it defends black-box serving, not its own weights")
     else:
         lines.append("verdict: probe skipped (--no-probe); the defense is untested")
     return "\n".join(lines)

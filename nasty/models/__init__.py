@@ -73,4 +73,4 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return dict(getattr(model, "nasty_spec"))
 
 
-from . import cnn, mlp, mobilenetv2, resnet, shufflenetv2  # noqa: E402,F401  (registration)
+from . import cnn, locked, mlp, mobilenetv2, resnet, shufflenetv2  # noqa: E402,F401  (registration)

@@ -23,10 +23,16 @@ class PlainCNN(nn.Module):
         self.head = nn.Linear(prev, num_classes)
         self.num_features = prev
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        return self.head(self.pool(x).flatten(1))
+        return self.pool(x).flatten(1)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model

@@ -20,11 +20,17 @@ class MLP(nn.Module):
         self.head = nn.Linear(width, num_classes)
         self.num_features = width
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        return self.head(x)
+        return x
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model

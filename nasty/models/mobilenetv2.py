@@ -52,11 +52,17 @@ class MobileNetV2C(nn.Module):
         self.head = nn.Linear(last, num_classes)
         self.num_features = last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        return self.head(self.pool(self.conv_last(x)).flatten(1))
+        return self.pool(self.conv_last(x)).flatten(1)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model

@@ -49,12 +49,18 @@ class PreActResNetC(nn.Module):
         self.head = nn.Linear(prev, num_classes)
         self.num_features = prev
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
         x = F.relu(self.bn(x))
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model
@@ -106,11 +112,17 @@ class ResNet18C(nn.Module):
         self.head = nn.Linear(prev, num_classes)
         self.num_features = prev
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model

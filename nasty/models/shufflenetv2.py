@@ -63,12 +63,17 @@ class ShuffleNetV2C(nn.Module):
         self.head = nn.Linear(last, num_classes)
         self.num_features = last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        x = self.conv_last(x)
-        return self.head(x.mean(dim=(2, 3)))
+        return self.conv_last(x).mean(dim=(2, 3))
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model
