@@ -167,6 +167,24 @@ def train_teacher(**kw) -> None:
     _emit(result, kw["as_json"], lambda: click.echo(f"teacher test accuracy {result['accuracy']:.2f}% -> {out}"))
 
 
+def _float_list(flag: str, text: str | None) -> list[float] | None:
+    """``"0.1,0.3"`` -> ``[0.1, 0.3]``; finite numbers only (one-line error otherwise)."""
+    if text is None:
+        return None
+    import math
+
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            v = float(part)
+        except ValueError:
+            raise NastyError(f"{flag}: {part!r} is not a number") from None
+        if not math.isfinite(v):
+            raise NastyError(f"{flag}: {part!r} is not a finite number")
+        out.append(v)
+    return out
+
+
 @cli.command("train-defended")
 @_common
 @click.option("--defense", "defense_name", help="Training-time defense (see `nasty defenses`); default nasty.")
@@ -189,6 +207,15 @@ def train_teacher(**kw) -> None:
 @click.option("--init-from", help="Fine-tune from a checkpoint, or 'adversary' for the (trained) adversary, instead of training from scratch.")
 @click.option("--defense-epochs", type=int, help="Epochs of the defended phase (default: [defense.train] or --epochs).")
 @click.option("--defense-lr", type=float, help="Learning rate of the defended phase.")
+@click.option("--lock", type=click.Choice(["two-head", "two-net", "none"]), help="Serve the nasty part's soft outputs with the normal "
+              "model's decisions (two-head: a nasty head on the normal backbone, the default; two-net: a nasty network beside the normal one; "
+              "none: the paper's single nasty network, which pays accuracy).")
+@click.option("--nasty-head", help="two-head: the nasty head, linear (default) or mlp:hidden=H.")
+@click.option("--lock-rule", type=click.Choice(["swap", "margin"]), help="How the decision is imposed on the nasty logits (default swap).")
+@click.option("--lock-margin", type=float, help="margin lock: how far the decided class is put above the others (default 0).")
+@click.option("--omega-grid", help="Candidates for omega, chosen by a KD probe on the validation split when --omega is not given "
+              "(comma-separated; default 0.01,0.03,0.1,0.3).")
+@click.option("--head-epochs", type=int, help="two-head: epochs of the nasty head on cached features (default: about 3000 steps).")
 @click.option("--probe-students", help="Comma-separated student architectures for the KD probe.")
 @click.option("--probe-subset", type=int, help="Labelled images the probe's students train on.")
 @click.option("--no-probe", is_flag=True, help="Skip the KD probe.")
@@ -205,6 +232,8 @@ def train_defended_cmd(**kw) -> None:
                        "init_from": kw["init_from"], "protect_by": kw["protect_by"], "anchor": kw["anchor"], "combine": kw["combine"],
                        "protect_classes": [c.strip() for c in kw["protect_classes"].split(",") if c.strip()] if kw["protect_classes"] else None,
                        "max_accuracy_drop": kw["max_accuracy_drop"], "dual_lr": kw["dual_lr"], "omega_max": kw["omega_max"],
+                       "lock": kw["lock"], "nasty_head": kw["nasty_head"], "lock_rule": kw["lock_rule"], "lock_margin": kw["lock_margin"],
+                       "omega_grid": _float_list("--omega-grid", kw["omega_grid"]), "head_epochs": kw["head_epochs"],
                        "train": {k: v for k, v in (("epochs", kw["defense_epochs"]), ("lr", kw["defense_lr"])) if v is not None}}
     over["probe"] = {"enabled": False if kw["no_probe"] else None, "train_subset": kw["probe_subset"],
                      "students": [s.strip() for s in kw["probe_students"].split(",") if s.strip()] if kw["probe_students"] else None}

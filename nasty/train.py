@@ -119,6 +119,20 @@ class Frozen:
         self._filled = torch.zeros(n, dtype=torch.bool)
         self.samples_run = 0
 
+    @classmethod
+    def from_outputs(cls, outputs: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "Frozen":
+        """A frozen network whose outputs on every training index are already known (``outputs``,
+        row i for training index i), e.g. computed on images while training runs on their features.
+        ``fn`` answers augmented batches (none: refused)."""
+
+        def refuse(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("precomputed outputs cannot answer augmented batches")
+
+        f = cls(fn or refuse, len(outputs))
+        f._store = outputs.detach().clone()
+        f._filled[:] = True
+        return f
+
     @torch.no_grad()
     def run(self, x: torch.Tensor) -> torch.Tensor:
         memo = _STEP_MEMO.get()  # inside fit_group: answers already computed for this batch by another member
