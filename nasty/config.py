@@ -51,11 +51,12 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "name": ("str", "nasty"),
         "tau": ("float", 4.0),
         "omega": ("float?", None),  # None: chosen from omega_grid on validation (locked), 0.04 with lock = "none"
-        "omega_grid": ("list[float]", [0.01, 0.03, 0.1, 0.3]),
+        "omega_grid": ("list[float]", [0.03, 0.1, 0.3]),
         "lock": ("str", "two-head"),  # none (the paper's single network), two-head or two-net
         "nasty_head": ("str", "linear"),  # two-head: linear or mlp:hidden=H
         "lock_rule": ("str", "swap"),  # how the decision is imposed: swap or margin
         "lock_margin": ("float", 0.0),
+        "cmi": ("float", 10.0),  # two-head: weight of the conditional mutual information of the head's outputs given the class
         "head_epochs": ("int?", None),  # two-head: epochs of the head on cached features (default: about 3000 steps)
         "omega_warmup": ("int", 0),
         "kl_cap": ("float?", None),
@@ -208,6 +209,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("defense", "lock"): (lambda v: v in ("none", "two-head", "two-net"), "none, two-head or two-net"),
     ("defense", "lock_rule"): (lambda v: v in ("swap", "margin"), "swap or margin"),
     ("defense", "lock_margin"): (lambda v: 0 <= v <= 100, "in [0, 100]"),
+    ("defense", "cmi"): (lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
     ("defense", "head_epochs"): (lambda v: 1 <= v <= 100000, "in 1..100000"),
     ("defense", "kl_cap"): (lambda v: v > 0, "> 0"),
     ("defense", "max_accuracy_drop"): (lambda v: v > 0, "> 0"),

@@ -260,7 +260,7 @@ def test_budget_validation():
 
 def _cfg(defense: dict, epochs: int = 4) -> dict:
     return load_config(None, {"model": {"name": "cnn:width=0.25"}, "train": {"epochs": epochs, "batch_size": 64, "seed": 0},
-                              "defense": defense, "probe": {"enabled": False}})
+                              "defense": {"lock": "none", **defense}, "probe": {"enabled": False}})
 
 
 def _per_sample_kl(out: Path, digits, tau: float = 4.0) -> torch.Tensor:

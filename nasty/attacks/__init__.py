@@ -267,4 +267,4 @@ def _attacker_view(data, oracles: list, labels_used: bool, x_queries: torch.Tens
     return dataclasses.replace(data, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val), selection
 
 
-from . import attention, averager, copycat, ensemble, hint, kd, knockoff, scratch, skeptical, tllm  # noqa: E402,F401  (registration)
+from . import attention, augavg, averager, copycat, ensemble, hint, kd, knockoff, rehead, scratch, skeptical, tllm, top1conf  # noqa: E402,F401  (registration)

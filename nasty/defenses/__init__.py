@@ -15,6 +15,7 @@ from ..errors import NastyError
 from ..registry import Registry
 
 DEFENSES = Registry("defense")
+PAPER_OMEGA = 0.04  # omega when none is given and none is chosen on validation (Ma et al. 2021, CIFAR-10)
 register_defense = DEFENSES.register
 list_defenses = DEFENSES.summaries
 get_defense = DEFENSES.lookup
@@ -29,6 +30,8 @@ class Defense:
     log: Callable[[str], None] | None = None  # where a defense reports progress (set by train_defended; default stderr)
 
     def __init__(self, cfg: dict[str, Any], data=None):
+        if "omega" in cfg and cfg["omega"] is None:  # not chosen on validation: the paper's value
+            cfg = {**cfg, "omega": PAPER_OMEGA}
         self.cfg = cfg
         self.data = data
         self.validate()
@@ -259,9 +262,6 @@ def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log) -> d
     result["verdict"] = verdict_text(result)
     atomic_write_json(out / "result.json", result)
     return result
-
-
-PAPER_OMEGA = 0.04  # omega of --lock none when none is given (Ma et al. 2021, CIFAR-10)
 
 
 from . import budget, lock, multi, nasty, selective  # noqa: E402,F401  (registration)

@@ -7,9 +7,15 @@ the strength ``omega`` is no longer bounded by what the teacher's accuracy can b
 ``omega`` leaves the dark knowledge in, too much collapses the soft outputs toward a constant
 (label smoothing, which helps a thief again); the window moves with the data, so by default
 ``omega`` is chosen from ``omega_grid`` by a KD probe scored on the validation split (never the
-test split): students train on a labelled subset of the training split, with labels only and
-with KD from each candidate, and the candidate under which KD gains least over labels (worst
-probe student) wins.
+test split): students train on a labelled subset of the training split, with labels only, with
+plain KD and with the adaptive re-head attack (:mod:`nasty.attacks.rehead`) from each candidate,
+and the candidate under which the best of those attacks gains least over labels (worst probe
+student) wins.
+
+The two-head form also penalises the conditional mutual information of the head's outputs given
+the class (``cmi``, after CMIM): the outputs should *destroy* what the normal model knows beyond
+the decision, not disguise it, since a disguise that is a smooth function of the normal logits is
+undone by a correction fitted on the thief's labels.
 
 Two-head form: the nasty head trains on the frozen backbone's cached features with the defense's
 own objective (the adversaries' logits are computed once on the images), which takes seconds.
@@ -29,7 +35,7 @@ from ..errors import NastyError
 from ..models import create_model, model_spec
 from ..models.locked import LockedTeacher
 
-DEFAULT_GRID = [0.01, 0.03, 0.1, 0.3]
+TUNING_ATTACKS = ("kd", "rehead")  # plain KD and the adaptive re-head attack: the strength must hold against both
 HEAD_STEPS = 3000  # optimiser steps of the nasty head when head_epochs is not set
 
 
@@ -62,6 +68,31 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return predict_logits(model, x)
 
 
+def conditional_mi(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    """Batch estimate of the conditional mutual information of the tempered outputs given the class
+    (Ye, Hamidi, Yang 2025): ``mean_i KL(P_i || Q_{y_i})`` with ``P = softmax(z / tau)`` and ``Q_c``
+    the mean ``P`` over the batch's samples of class ``c``. Zero when the outputs say nothing beyond
+    the class, so no correction fitted on labels can recover more than the class."""
+    log_p = torch.log_softmax(z / tau, 1)
+    p = log_p.exp()
+    onehot = torch.nn.functional.one_hot(y, z.shape[1]).to(p.dtype)
+    q = (onehot.T @ p) / onehot.sum(0).clamp_min(1)[:, None]
+    return (p * (log_p - torch.log(q[y].clamp_min(1e-12)))).sum(1).mean()
+
+
+def with_cmi(objective, weight: float, tau: float):
+    """``objective`` plus ``weight * CMI`` of the head's outputs given the label (unchanged for weight 0)."""
+    if not weight:
+        return objective
+
+    def wrapped(model, batch, epoch):
+        loss, terms = objective(model, batch, epoch)
+        cmi = conditional_mi(model(batch.x), batch.y, tau)
+        return loss + weight * cmi, {**terms, "cmi": cmi.item()}
+
+    return wrapped
+
+
 def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data, dcfg: dict, seed: int, deterministic: bool,
                run_dir: Path | None, log: Callable[[str], None]) -> tuple[nn.Module, dict]:
     """Train a nasty head on ``decision``'s frozen features with ``defense``'s objective."""
@@ -77,12 +108,10 @@ def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data,
     epochs = dcfg["head_epochs"] or max(5, min(300, math.ceil(HEAD_STEPS / steps)))
     seed_everything(seed, deterministic)
     head = head_module(dcfg["nasty_head"], f_train.shape[1], data.num_classes)
-    if dcfg["init_from"] == "adversary" and isinstance(head, nn.Linear):
-        head.load_state_dict(decision.head.state_dict())  # fine-tune from the normal head
     net = nn.Sequential(nn.Flatten(), head)
     cfg = TrainConfig(epochs=epochs, batch_size=batch, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine",
                       seed=seed, deterministic=deterministic, select="last")
-    res = fit(net, defense.objective(adv), fdata, cfg, run_dir=run_dir, desc=f"nasty-head:omega={defense.cfg['omega']:g}", log=log,
+    res = fit(net, with_cmi(defense.objective(adv), dcfg["cmi"], defense.cfg["tau"]), fdata, cfg, run_dir=run_dir, desc=f"nasty-head:omega={defense.cfg['omega']:g}", log=log,
               frozen=adv)
     return head, {"head_epochs": epochs, "head_optimizer": "adam", "head_lr": 1e-3, "head_val_accuracy": res.best_val_accuracy}
 
@@ -121,14 +150,17 @@ def choose_strength(candidates: list[tuple[float, nn.Module]], cfg: dict, data, 
         scratch[s] = r["accuracy"]
     table = []
     for omega, teacher in candidates:
-        gains = {}
-        for s in p["students"]:
-            _, r = run_attack("kd", data=tdata, teachers=[teacher], student=s, train=tcfg, params=params,
-                              out_dir=None if out is None else out / "tune" / slug(s) / f"kd-omega{omega:g}", log=log)
-            gains[s] = r["accuracy"] - scratch[s]
-        row = {"omega": omega, "val_kd_gain": gains, "worst_gain": max(gains.values())}
+        gains: dict[str, dict[str, float]] = {}
+        for method in TUNING_ATTACKS:
+            gains[method] = {}
+            for s in p["students"]:
+                _, r = run_attack(method, data=tdata, teachers=[teacher], student=s, train=tcfg, params=params,
+                                  out_dir=None if out is None else out / "tune" / slug(s) / f"{method}-omega{omega:g}", log=log)
+                gains[method][s] = r["accuracy"] - scratch[s]
+        row = {"omega": omega, "val_gain": gains, "worst_gain": max(g for m in gains.values() for g in m.values())}
         table.append(row)
-        log(f"[tune] omega={omega:g}: validation KD gain over labels " + ", ".join(f"{s} {g:+.2f}" for s, g in gains.items()))
+        log(f"[tune] omega={omega:g}: validation gain over labels " +
+            "; ".join(f"{m} " + ", ".join(f"{s} {g:+.2f}" for s, g in gm.items()) for m, gm in gains.items()))
     best = min(range(len(table)), key=lambda i: (table[i]["worst_gain"], table[i]["omega"]))
     return best, table
 
@@ -143,7 +175,7 @@ def check_lock_config(cfg: dict) -> None:
                          "use it with --lock none")
     if d["lock"] == "two-head" and d["init_from"] not in (None, "adversary"):
         raise NastyError("--init-from CKPT fine-tunes a nasty network; with --lock two-head the nasty part is a new head "
-                         "(use --lock two-net, or --init-from adversary to start the head from the normal head)")
+                         "(use --lock two-net or --lock none to fine-tune a network)")
     if d["omega"] is None and not d["omega_grid"]:
         raise NastyError("omega_grid is empty: give --omega or at least one value in --omega-grid")
     if d["omega"] is None and len(d["omega_grid"]) > 1 and not cfg["probe"]["students"]:

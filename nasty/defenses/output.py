@@ -22,6 +22,9 @@ Spec: items separated by ``,``; each ``name`` or ``name:ARG:ARG`` with positiona
   ``GaussianNoise``); a seeded generator makes a run reproducible.
 - ``cutoff:threshold`` (alias ``high-confidence``): zero every probability below the threshold (ART
   ``HighConfidence``), except the row's top class.
+- ``template:top:decoy:shift``: the decision ``d`` mapped to one fixed soft vector per class: ``top`` on
+  ``d``, ``decoy`` on class ``(d + shift) mod C`` and the rest spread evenly. It says nothing beyond
+  the decision (a reference point: any attack on it is a label-only attack) and misleads plain KD.
 
 A row that a perturbation would leave with no mass at all falls back to the one-hot of its
 argmax. :class:`DefendedModel` wraps any classifier so that its outputs are the defended
@@ -197,6 +200,32 @@ class HighConfidence(OutputDefense):
     def apply(self, p):
         keep = (p >= self.p["threshold"]) | _argmax_onehot(p).bool()
         return torch.where(keep, p, torch.zeros_like(p))
+
+
+@register_output_defense
+class Template(OutputDefense):
+    name = "template"
+    summary = "the decision mapped to one fixed, misleading soft vector per class (leaks nothing beyond the decision)"
+    params = {"top": 0.5, "decoy": 0.45, "shift": 1}
+
+    def validate(self):
+        top, decoy, shift = self.p["top"], self.p["decoy"], self.p["shift"]
+        if not (isinstance(top, (int, float)) and isinstance(decoy, (int, float)) and 0 < decoy < top < 1 and top + decoy <= 1):
+            raise NastyError(f"template needs 0 < decoy < top < 1 and top + decoy <= 1, got top={top!r}, decoy={decoy!r}")
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 1:
+            raise NastyError(f"template shift must be a positive integer, got {shift!r}")
+        self.p["top"], self.p["decoy"] = float(top), float(decoy)
+
+    def apply(self, p):
+        n, c = p.shape
+        top, decoy = self.p["top"], self.p["decoy"]
+        d = p.argmax(1, keepdim=True)
+        decoy_class = (d + (self.p["shift"] % (c - 1) or 1)) % c
+        rest = (1.0 - top - decoy) / (c - 2) if c > 2 else 0.0
+        out = torch.full_like(p, rest)
+        if c == 2:
+            decoy = 1.0 - top
+        return out.scatter(1, decoy_class, decoy).scatter(1, d, top)
 
 
 class Compose:
