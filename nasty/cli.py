@@ -204,7 +204,8 @@ def _float_list(flag: str, text: str | None) -> list[float] | None:
 @click.option("--max-accuracy-drop", type=float, help="budget: validation accuracy (points) the teacher may lose to the adversary; omega adapts.")
 @click.option("--dual-lr", type=float, help="budget: step of the per-epoch omega update (default 0.5).")
 @click.option("--omega-max", type=float, help="budget: upper bound of omega (default 1.0).")
-@click.option("--init-from", help="Fine-tune from a checkpoint, or 'adversary' for the (trained) adversary, instead of training from scratch.")
+@click.option("--init-from", help="--lock none/two-net: fine-tune the nasty network from a checkpoint, or 'adversary' for the (trained) "
+              "adversary of the same architecture, instead of training from scratch (a two-head lock's head always starts fresh).")
 @click.option("--defense-epochs", type=int, help="Epochs of the defended phase (default: [defense.train] or --epochs).")
 @click.option("--defense-lr", type=float, help="Learning rate of the defended phase.")
 @click.option("--lock", type=click.Choice(["two-head", "two-net", "none"]), help="Serve the nasty part's soft outputs with the normal "
@@ -214,7 +215,9 @@ def _float_list(flag: str, text: str | None) -> list[float] | None:
 @click.option("--lock-rule", type=click.Choice(["swap", "margin"]), help="How the decision is imposed on the nasty logits (default swap).")
 @click.option("--lock-margin", type=float, help="margin lock: how far the decided class is put above the others (default 0).")
 @click.option("--omega-grid", help="Candidates for omega, chosen by a KD probe on the validation split when --omega is not given "
-              "(comma-separated; default 0.01,0.03,0.1,0.3).")
+              "(comma-separated; default 0.03,0.1,0.3).")
+@click.option("--cmi", type=float, help="two-head: weight of the head's conditional mutual information given the class "
+              "(outputs that say nothing beyond the decision; default 10, 0 turns it off).")
 @click.option("--head-epochs", type=int, help="two-head: epochs of the nasty head on cached features (default: about 3000 steps).")
 @click.option("--probe-students", help="Comma-separated student architectures for the KD probe.")
 @click.option("--probe-subset", type=int, help="Labelled images the probe's students train on.")
@@ -233,7 +236,7 @@ def train_defended_cmd(**kw) -> None:
                        "protect_classes": [c.strip() for c in kw["protect_classes"].split(",") if c.strip()] if kw["protect_classes"] else None,
                        "max_accuracy_drop": kw["max_accuracy_drop"], "dual_lr": kw["dual_lr"], "omega_max": kw["omega_max"],
                        "lock": kw["lock"], "nasty_head": kw["nasty_head"], "lock_rule": kw["lock_rule"], "lock_margin": kw["lock_margin"],
-                       "omega_grid": _float_list("--omega-grid", kw["omega_grid"]), "head_epochs": kw["head_epochs"],
+                       "omega_grid": _float_list("--omega-grid", kw["omega_grid"]), "head_epochs": kw["head_epochs"], "cmi": kw["cmi"],
                        "train": {k: v for k, v in (("epochs", kw["defense_epochs"]), ("lr", kw["defense_lr"])) if v is not None}}
     over["probe"] = {"enabled": False if kw["no_probe"] else None, "train_subset": kw["probe_subset"],
                      "students": [s.strip() for s in kw["probe_students"].split(",") if s.strip()] if kw["probe_students"] else None}
