@@ -97,7 +97,8 @@ def test_mixup_queries_the_teacher_on_every_mixed_batch(digits, teacher, method)
     n = len(digits.y_train)
     extra = 0 if method == "kd" else len(digits.y_val)
     assert res["resources"]["queries"] == CFG.epochs * n + extra  # no cached outputs on mixed images
-    assert res["resources"]["augment"] == "mixup" and res["accuracy"] > 50
+    # a label-only MLP reaches about 88.6% in these 2 epochs; with mixup KD reaches 90.5% and knockoff 88.9%
+    assert res["resources"]["augment"] == "mixup" and res["accuracy"] > 80, res["accuracy"]
 
 
 def test_skeptical_warmup_is_labels_only(digits, teacher, tmp_path):
@@ -134,7 +135,8 @@ def test_knockoff_on_surrogate_queries_with_budget(digits, teacher):
                         x_queries=xq, query_budget=400, data_source="noisy digits (surrogate)")
     r = res["resources"]
     assert r["train_images"] == 400 and r["queries"] == 400 + 60 and r["labels"] is False
-    assert r["data"] == "noisy digits (surrogate)" and res["accuracy"] > 40
+    # 76.9% measured (a label-only MLP on 400 labelled digits: 79.7%); far above chance, or the queries were wasted
+    assert r["data"] == "noisy digits (surrogate)" and res["accuracy"] > 65, res["accuracy"]
 
 
 @pytest.mark.parametrize("mode", ["oneshot", "online"])
