@@ -487,7 +487,8 @@ def defenses_cmd(as_json: bool) -> None:
 @click.option("--train-subset", type=int, help="The thief holds a stratified subset of N labelled training images.")
 @click.option("--attacks", default="all", show_default=True, help="Comma-separated attacks (see `nasty attacks`) or 'all'.")
 @click.option("--students", default="mlp", show_default=True, help="Comma-separated student architectures.")
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Training seeds per attack and student (0..N-1).")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Training seeds per attack and student (0..N-1); fewer than 5 gives approximate intervals, 1 unreliable ones.")
 @click.option("--reference", type=click.Path(), help="An undefended teacher of the same task, attacked the same way.")
 @click.option("--query", default="logits", show_default=True, help="What the teacher exposes: logits, probs, topk:K, label, weights.")
 @click.option("--surrogate", help="Label-free attacks (copycat, knockoff) query the teacher on this dataset's images.")
@@ -500,7 +501,11 @@ def defenses_cmd(as_json: bool) -> None:
 @click.option("--margin", type=float, default=0.0, show_default=True, help="Gain rule: transferred when the CI's lower bound exceeds this (points).")
 @click.option("--fidelity", type=float, default=0.9, show_default=True, help="Fidelity rule (label-free attacks): fraction of the teacher's class accuracy.")
 @click.option("--fail-on", type=int, help="Exit 1 when an attack transfers more than N classes.")
-@click.option("--bootstrap", type=click.IntRange(min=100), default=2000, show_default=True, help="Bootstrap replicates (at least 100).")
+@click.option("--correction", type=click.Choice(["holm", "bh", "none"]), default="holm", show_default=True,
+              help="Multiple-comparison control over the classes and students of each attack (Holm: family-wise; bh: false discovery rate).")
+@click.option("--power", type=float, default=0.8, show_default=True, help="Power at which the detectable gain of an untransferred class is reported.")
+@click.option("--safe-below", type=float, help="A class not transferred is 'safe at this power' only when its detectable gain is below this (points).")
+@click.option("--bootstrap", type=int, default=None, hidden=True, help="Ignored (schema-1 bootstrap replicates; intervals are analytic now).")
 @click.option("--param", "params", multiple=True, help="Attack parameter ATTACK.KEY=VALUE (repeatable), e.g. kd.temperature=8.")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
@@ -544,6 +549,7 @@ def audit_cmd(**kw) -> int:
     settings = AuditSettings(teacher=kw["teacher"], cfg=cfg, attacks=split(kw["attacks"]), students=split(kw["students"]),
                              seeds=kw["seeds"], reference=kw["reference"], query=kw["query"], margin=kw["margin"],
                              fidelity=kw["fidelity"], fail_on=kw["fail_on"], n_boot=kw["bootstrap"], params=params,
+                             correction=kw["correction"], power=kw["power"], safe_below=kw["safe_below"],
                              surrogate=kw["surrogate"], queries=kw["queries"], output_defense=kw["output_defense"], fuse=kw["fuse"],
                              first_seed=kw["first_seed"], baselines_from=list(kw["baselines_from"]))
     teacher_dir = Path(kw["teacher"]).parent if Path(kw["teacher"]).suffix else Path(kw["teacher"])

@@ -3,6 +3,7 @@ and failed attacks, the fidelity rule, the reference teacher and the shared teac
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,11 +83,19 @@ def test_audit_outputs_cache_and_resume(run_cli, teacher_ckpt, digits, tmp_path)
     assert rc == 0, err
     assert "of 10 classes transferable" in stdout
     a = validate(_audit(out))
-    assert a["status"] == "complete" and a["config"]["seeds"] == [0, 1]
+    assert a["status"] == "complete" and a["config"]["seeds"] == [0, 1] and a["schema_version"] == 2
     kd = a["targets"]["teacher"]["attacks"]["kd"]
     assert kd["rule"] == "gain" and kd["transferred_count"] == len(kd["transferred_classes"])
+    assert kd["correction"] == "holm" and kd["family_size"] == 10 and "Holm-adjusted p < 0.025" in kd["threshold"]
+    sc = a["config"]["statistics"]
+    assert sc["correction"] == "holm" and sc["intervals"] == "approximate" and sc["power"] == 0.8
+    assert any("2 seeds: intervals and detectable gains are approximate" in n for n in a["notes"])
     rows = kd["students"]["mlp"]["classes"]
     assert len(rows) == 10 and all(r["gain_ci"][0] <= r["gain"] <= r["gain_ci"][1] for r in rows)
+    assert all(0 <= r["p_value"] <= r["p_adjusted"] <= 1 for r in rows)
+    assert all((r["detectable"] is None) == r["transferred"] for r in rows) and all(r["safe"] is None for r in rows)
+    md = (out / "audit.md").read_text()
+    assert "Holm correction" in md and "p (adjusted)" in md and "detectable at 80% power" in md and "approximate" in md
     assert all(r["baseline"] in ("scratch", "label-smoothing") for r in rows)
     assert 80 < kd["students"]["mlp"]["accuracy"] <= 100 and "teacher_agreement" in kd["students"]["mlp"]
     # baselines shared: 2 baselines + 2 attacks, x 2 seeds
@@ -113,8 +122,11 @@ def test_audit_outputs_cache_and_resume(run_cli, teacher_ckpt, digits, tmp_path)
         again = b["targets"]["teacher"]["attacks"][name]
         assert again["students"]["mlp"]["classes"] == att["students"]["mlp"]["classes"]  # same student, same numbers
     # statistics-only changes reuse every run
-    rc, _, _ = run_cli(*args, "--margin", "1.5")
-    assert rc == 0 and _audit(out)["runtime"]["runs_trained"] == 0
+    rc, _, _ = run_cli(*args, "--margin", "1.5", "--correction", "bh", "--safe-below", "50", "--power", "0.9")
+    c = _audit(out)
+    assert rc == 0 and c["runtime"]["runs_trained"] == 0 and c["config"]["statistics"]["correction"] == "bh"
+    rows = [r for r in c["targets"]["teacher"]["attacks"]["kd"]["students"]["mlp"]["classes"] if not r["transferred"]]
+    assert all(r["safe"] == (r["detectable"] < 50) for r in rows) and "Benjamini-Hochberg" in (out / "audit.md").read_text()
     # a different training config is refused, one line, exit 2; --force starts afresh
     rc, _, err = run_cli(*[x if x != "2" else "3" for x in args[:-6]], *TINY[:2], "--epochs", "3", *TINY[4:])
     assert rc == 2 and "different configuration" in err and "train.epochs" in err and err.strip().count("\n") == 0
@@ -127,12 +139,12 @@ def test_audit_outputs_cache_and_resume(run_cli, teacher_ckpt, digits, tmp_path)
 def test_exit_codes_and_report(run_cli, teacher_ckpt, tmp_path):
     out = tmp_path / "g"
     base = ["audit", teacher_ckpt, "--attacks", "kd", "--seeds", "1", "--out", out, *TINY]
-    rc, stdout, _ = run_cli(*base, "--margin", "-101", "--fail-on", "0")  # every class clears a -101 point bar
+    rc, stdout, _ = run_cli(*base, "--margin", "-100", "--fail-on", "0")  # every class clears a -100 point bar
     assert rc == 1 and "FAILED" in stdout
     a = _audit(out)
     assert a["gate"] == {"fail_on": 0, "failed": True, "failing_attacks": ["kd"]}
     assert a["targets"]["teacher"]["attacks"]["kd"]["transferred_count"] == 10
-    rc, stdout, _ = run_cli(*base, "--margin", "-101", "--fail-on", "10", "--json")
+    rc, stdout, _ = run_cli(*base, "--margin", "-100", "--fail-on", "10", "--json")
     assert rc == 0 and json.loads(stdout)["targets"]["teacher"]["kd"]["transferred_count"] == 10
 
     md = (out / "audit.md").read_text()
@@ -156,6 +168,13 @@ def test_exit_codes_and_report(run_cli, teacher_ckpt, tmp_path):
     assert rc == 2 and "transferred_count" in err
     rc, _, err = run_cli("report", tmp_path / "missing.json")
     assert rc == 2 and "not found" in err
+    # one seed: every interval is marked unreliable
+    assert a["config"]["statistics"]["intervals"] == "unreliable" and "UNRELIABLE" in md
+    assert all(r["interval"] == "unreliable" for r in a["targets"]["teacher"]["attacks"]["kd"]["students"]["mlp"]["classes"])
+    # a schema-1 audit (bootstrap intervals, no p-values) still renders
+    rc, stdout, err = run_cli("report", Path(__file__).parents[1] / "docs" / "audit-fashion-mnist" / "audit.json", "--out", tmp_path / "v1")
+    assert rc == 0, err
+    assert "schema-1 audit" in (tmp_path / "v1" / "audit.md").read_text() and "Bootstrap: 2000 replicates" in (tmp_path / "v1" / "audit.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -168,6 +187,14 @@ def test_exit_codes_and_report(run_cli, teacher_ckpt, tmp_path):
     (["--query", "topk"], "positive K"),
     (["--students", "mlpp"], "unknown model"),
     (["--fidelity", "0"], "--fidelity"),
+    (["--margin", "nan"], "--margin"),
+    (["--margin", "100"], "--margin"),
+    (["--margin", "-101"], "--margin"),
+    (["--power", "1"], "--power"),
+    (["--power", "nan"], "--power"),
+    (["--safe-below", "0"], "--safe-below"),
+    (["--safe-below", "inf"], "--safe-below"),
+    (["--correction", "bonferroni"], "--correction"),
 ])
 def test_usage_errors_exit_2(run_cli, teacher_ckpt, tmp_path, extra, message):
     rc, _, err = run_cli("audit", teacher_ckpt, "--out", tmp_path / "u", *TINY, *extra)
@@ -197,7 +224,7 @@ def test_skipped_failed_and_fidelity_rule(run_cli, teacher_ckpt, tmp_path):
     assert res["resources"]["labels"] is False
     # a definite gate failure outranks an incomplete audit
     rc, _, _ = run_cli("audit", teacher_ckpt, "--attacks", "kd,test-whitebox,test-labelfree,test-broken", "--seeds", "1",
-                       "--out", out, *TINY, "--margin", "-101", "--fail-on", "0")
+                       "--out", out, *TINY, "--margin", "-100", "--fail-on", "0")
     assert rc == 1
     # white-box access: the attack runs
     rc, _, err = run_cli("audit", teacher_ckpt, "--attacks", "test-whitebox", "--seeds", "1", "--out", tmp_path / "w",
@@ -210,7 +237,7 @@ def test_reference_shares_baselines(run_cli, teacher_ckpt, tmp_path):
     shutil.copytree(teacher_ckpt, ref)
     out = tmp_path / "r"
     rc, _, err = run_cli("audit", teacher_ckpt, "--reference", ref, "--attacks", "kd", "--seeds", "1", "--out", out, *TINY,
-                         "--margin", "-101")
+                         "--margin", "-100")
     assert rc == 0, err
     a = _audit(out)
     assert set(a["targets"]) == {"teacher", "reference"} and a["runtime"]["runs_trained"] == 4  # 2 baselines + 2 targets
@@ -346,3 +373,23 @@ def test_baselines_from_another_audit_and_first_seed(run_cli, teacher_ckpt, tmp_
     (a / "audit-config.json").write_text(json.dumps(cfg))
     rc, _, err = run_cli("audit", *base, "--attacks", "kd", "--out", tmp_path / "e", "--baselines-from", a)
     assert rc == 2 and "normalised differently" in err and err.strip().count("\n") == 0
+
+
+def test_resume_refuses_a_replaced_dataset(run_cli, teacher_ckpt, tmp_path):
+    """The audit fingerprints the data's contents: an npz replaced at the same path is another configuration."""
+    def write(seed):
+        rng = np.random.default_rng(seed)
+        np.savez(tmp_path / "d.npz", x_train=rng.random((200, 8, 8), dtype=np.float32), y_train=np.arange(200) % 10,
+                 x_test=rng.random((100, 8, 8), dtype=np.float32), y_test=np.arange(100) % 10)
+
+    write(0)
+    args = ["audit", teacher_ckpt, "--dataset", f"npz:{tmp_path / 'd.npz'}", "--attacks", "kd", "--seeds", "1",
+            "--out", tmp_path / "a", "--epochs", "1", *TINY[:2], *TINY[4:6]]
+    rc, _, err = run_cli(*args)
+    assert rc == 0, err
+    assert len(_audit(tmp_path / "a")["config"]["data_sha256"]) == 64
+    rc, _, err = run_cli(*args)
+    assert rc == 0 and _audit(tmp_path / "a")["runtime"]["runs_trained"] == 0  # same file: resumed
+    write(1)
+    rc, _, err = run_cli(*args)
+    assert rc == 2 and "contents changed" in err and "replaced" in err and err.strip().count("\n") == 0

@@ -25,6 +25,34 @@ def _ci(ci, fmt: str = "{:+.1f}") -> str:
     return f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
+def _p(v) -> str:
+    if v is None:
+        return "n/a"
+    return "<0.0001" if v < 1e-4 else f"{v:.4f}" if v < 0.01 else f"{v:.3f}"
+
+
+def _stats_cfg(audit: dict) -> dict | None:
+    """``config.statistics`` (schema 2), or ``None`` for a schema-1 audit (bootstrap intervals, no p-values)."""
+    return audit["config"].get("statistics")
+
+
+def _unit(att: dict) -> str:
+    return "" if att["rule"] == "fidelity" else " pts"
+
+
+def _power_cell(att: dict) -> str:
+    """Detectable gain (or fidelity) of the classes not transferred, over all students: range and how many are safe."""
+    dets = [r["detectable"] for row in att.get("students", {}).values() for r in row["classes"] if r.get("detectable") is not None]
+    if att["status"] != "ok" or not dets:
+        return "–"
+    fmt = "{:.2f}" if att["rule"] == "fidelity" else "{:.1f}"
+    out = (fmt.format(min(dets)) + "–" + fmt.format(max(dets)) if len(dets) > 1 else fmt.format(dets[0])) + _unit(att)
+    safe = [r["safe"] for row in att["students"].values() for r in row["classes"] if r.get("safe") is not None]
+    if safe:
+        out += f"; safe at this power: {sum(safe)} of {len(safe)}"
+    return out
+
+
 def _classes(idx: list[int], names: list[str]) -> str:
     return ", ".join(f"{i} ({names[i]})" if names[i] != str(i) else str(i) for i in idx) or "none"
 
@@ -114,9 +142,19 @@ def _summary_rows(audit: dict, target: str) -> list[list[str]]:
         acc = "; ".join(f"{st} {r['accuracy']:.2f} ± {r['accuracy_sd']:.2f}" for st, r in studs.items()) or "–"
         acc += "".join(f"; {st} not run" for st in att.get("skipped_students", {}))
         agr = "; ".join(f"{st} {_f(r.get('teacher_agreement'), '{:.1f}')}" for st, r in studs.items()) or "–"
-        out.append([a, headline(att, C), att["threshold"] if att["status"] == "ok" else "–",
-                    _classes(att["transferred_classes"], names) if att["status"] == "ok" else "–", acc, agr])
+        row = [a, headline(att, C), att["threshold"] if att["status"] == "ok" else "–",
+               _classes(att["transferred_classes"], names) if att["status"] == "ok" else "–"]
+        if _stats_cfg(audit):
+            row.append(_power_cell(att))
+        out.append(row + [acc, agr])
     return out
+
+
+def _summary_head(audit: dict) -> list[str]:
+    if not _stats_cfg(audit):
+        return SUMMARY_HEAD
+    p = _stats_cfg(audit)["power"]
+    return SUMMARY_HEAD[:4] + [f"not transferred: detectable at {p:.0%} power"] + SUMMARY_HEAD[4:]
 
 
 SUMMARY_HEAD = ["attack", "result", "rule (threshold)", "transferred classes", "student accuracy % (mean ± sd)", "teacher agreement %"]
@@ -136,14 +174,25 @@ def _class_rows(audit: dict, target: str) -> tuple[list[str], list[list[str]]]:
 
 def _detail_rows(audit: dict, att: dict, st: str) -> tuple[list[str], list[list[str]]]:
     names = audit["dataset"]["classes"]
-    head = ["class", "attack acc %", "baseline (better one) %", "gain, points [95% CI]", "fidelity [95% CI]", "transferred"]
+    sc = _stats_cfg(audit)
+    head = ["class", "attack acc %", "baseline (better one) %", "gain, points [95% CI]", "fidelity [95% CI]"]
+    if sc:
+        head += ["p (adjusted)", f"detectable at {sc['power']:.0%} power"]
+    head.append("transferred")
     rows = []
     for r in att["students"][st]["classes"]:
         c = r["class"]
-        rows.append([f"{c}: {names[c]}" if names[c] != str(c) else names[c], _f(r["accuracy"]),
-                     f"{_f(r['baseline_accuracy'])} ({r['baseline']})" if r["baseline"] else "n/a",
-                     f"{_f(r['gain'], '{:+.1f}')} {_ci(r['gain_ci'])}", f"{_f(r['fidelity'], '{:.2f}')} {_ci(r['fidelity_ci'], '{:.2f}')}",
-                     "**yes**" if r["transferred"] else "no"])
+        flag = " UNRELIABLE" if r.get("interval") == "unreliable" else ""
+        row = [f"{c}: {names[c]}" if names[c] != str(c) else names[c], _f(r["accuracy"]),
+               f"{_f(r['baseline_accuracy'])} ({r['baseline']})" if r["baseline"] else "n/a",
+               f"{_f(r['gain'], '{:+.1f}')} {_ci(r['gain_ci'])}{flag}", f"{_f(r['fidelity'], '{:.2f}')} {_ci(r['fidelity_ci'], '{:.2f}')}{flag}"]
+        if sc:
+            row.append(f"{_p(r.get('p_value'))} ({_p(r.get('p_adjusted'))})")
+            det = r.get("detectable")
+            row.append("–" if det is None else (f"{det:.2f}" if att["rule"] == "fidelity" else f"{det:.1f}")
+                       + ("" if r.get("safe") is None else (" (safe)" if r["safe"] else " (not safe)")))
+        row.append("**yes**" if r["transferred"] else "no")
+        rows.append(row)
     return head, rows
 
 
@@ -179,6 +228,20 @@ def _intro(audit: dict) -> list[str]:
              f"Teacher access: `--query {cfg['query']}`. Students: {', '.join(cfg['students'])}; seeds: "
              f"{', '.join(map(str, cfg['seeds']))}; {cfg['train'].get('epochs')} epochs each.",
              f"Status: **{audit['status']}**" + (f" ({'; '.join(audit['problems'])})" if audit["problems"] else "") + "."]
+    sc = _stats_cfg(audit)
+    if sc:
+        n_seeds = len(cfg["seeds"])
+        lines.append(f"Statistics: 95% t-intervals with the seed as the unit of replication; one-sided tests of gain > "
+                     f"{cfg['margin']:g} points, **{sc['correction_name'] if sc['correction'] != 'none' else 'no'} correction** "
+                     f"over the classes and students of each attack (alpha {sc['alpha']:g}); detectable gains at "
+                     f"{sc['power']:.0%} power" + (f"; safe below {sc['safe_below']:g} points" if sc.get("safe_below") is not None
+                                                     else "") + ".")
+        if sc["intervals"] == "unreliable":
+            lines.append(f"**Every interval is UNRELIABLE**: one seed captures no training noise (use --seeds {sc['recommended_seeds']}).")
+        elif sc["intervals"] == "approximate":
+            lines.append(f"Intervals are **approximate** with {n_seeds} seeds ({sc['recommended_seeds']} or more recommended).")
+    else:
+        lines.append("Statistics: schema-1 audit (percentile bootstrap intervals, no multiple-comparison correction).")
     gate = audit["gate"]
     if gate["fail_on"] is not None:
         lines.append(f"Gate `--fail-on {gate['fail_on']}`: " + (f"**FAILED** by {', '.join(gate['failing_attacks'])}" if gate["failed"]
@@ -203,7 +266,7 @@ def render_markdown(audit: dict) -> str:
     for target in audit["targets"]:
         md += [f"## {TARGET_TITLES.get(target, target)}: summary",
                f"Teacher test accuracy {audit['targets'][target]['accuracy']:.2f}%." + _defense_sentence(audit["targets"][target]), "",
-               _md_table(SUMMARY_HEAD, _summary_rows(audit, target)), ""]
+               _md_table(_summary_head(audit), _summary_rows(audit, target)), ""]
         md += [f"- {line}" for line in _found_lines(audit, target)] + ([""] if _found_lines(audit, target) else [])
     if audit.get("defense_effect"):
         md += ["## What the defense bought", "Classes transferred from the reference but not from the audited teacher "
@@ -225,8 +288,7 @@ def render_markdown(audit: dict) -> str:
     for a, att in audit["targets"]["teacher"]["attacks"].items():
         md.append(f"- **{a}**: {att['assumes']}" + (f" *Not run: {att['reason']}*" if att["status"] != "ok" else ""))
     md += ["", "## Method", ""] + [f"- **{k}**: {v}" for k, v in audit["method"].items()]
-    md += [f"- Bootstrap: {audit['config']['bootstrap']['replicates']} replicates, generator seed "
-           f"{audit['config']['bootstrap']['seed']}.", ""]
+    md += [f"- {_method_tail(audit)}", ""]
     if audit.get("notes"):
         md += ["## Notes", ""] + [f"- {n}" for n in audit["notes"]] + [""]
     return "\n".join(md)
@@ -300,7 +362,7 @@ def render_html(audit: dict) -> str:
             kind = "muted" if att["status"] != "ok" else ("bad" if att["transferred_count"] else "good")
             chips.append(f'<span class="badge {kind}">{_h(a)}: {_h(headline(att, C))}</span>')
         parts.append("<p>" + " ".join(chips) + "</p>")
-        parts.append(_html_table(SUMMARY_HEAD, _summary_rows(audit, target), text_cols=tuple(range(len(SUMMARY_HEAD)))))
+        parts.append(_html_table(_summary_head(audit), _summary_rows(audit, target), text_cols=tuple(range(len(_summary_head(audit))))))
         parts += [f"<p>{_h(line)}.</p>" for line in _found_lines(audit, target)]
         png = heatmap_png(audit, target)
         if png:
@@ -327,7 +389,7 @@ def render_html(audit: dict) -> str:
                 r = att["students"][st]
                 parts.append(f"<details><summary>{_h(a)} vs {_h(target)}, student {_h(st)} ({_h(att['rule'])} rule): "
                              f"{r['transferred_count']} of {C} transferred, accuracy {r['accuracy']:.2f}%</summary>")
-                parts.append(_html_table(head, rows, yes_col=5))
+                parts.append(_html_table(head, rows, yes_col=len(head) - 1))
                 parts += [f"<p>{_h(x)}</p>" for x in _extra_lines(att, names)]
                 parts.append("</details>")
     parts.append("<h2>What each attack assumes of the thief</h2><ul>")
@@ -335,8 +397,7 @@ def render_html(audit: dict) -> str:
         parts.append(f"<li><b>{_h(a)}</b>: {_h(att['assumes'])}" + (f" <i>Not run: {_h(att['reason'])}</i>" if att["status"] != "ok" else "") + "</li>")
     parts.append("</ul><h2>Method</h2><ul>")
     parts += [f"<li><b>{_h(k)}</b>: {_h(v)}</li>" for k, v in audit["method"].items()]
-    b = audit["config"]["bootstrap"]
-    parts.append(f"<li>Bootstrap: {b['replicates']} replicates, generator seed {b['seed']}.</li></ul>")
+    parts.append(f"<li>{_h(_method_tail(audit))}</li></ul>")
     if audit.get("notes"):
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_h(n)}</li>" for n in audit["notes"]) + "</ul>")
     parts.append(f"<p><small>nasty {_h(audit.get('versions', {}).get('nasty', ''))}, schema {_h(audit['schema'])} "
@@ -352,13 +413,29 @@ def terminal_table(audit: dict) -> str:
         width = max([len(a) for a in t["attacks"]] + [6])
         for a, att in t["attacks"].items():
             tail = f"  [{att['threshold']}] classes {att['transferred_classes']}" if att["status"] == "ok" else ""
+            if att["status"] == "ok" and _stats_cfg(audit) and _power_cell(att) != "–":
+                tail += f"; not transferred: detectable {_power_cell(att)}"
             lines.append(f"  {a:<{width}}  {headline(att, C)}{tail}")
+    sc = _stats_cfg(audit)
+    if sc and sc["intervals"] != "ok":
+        lines.append(f"intervals {sc['intervals'].upper()} with {len(audit['config']['seeds'])} seed(s); "
+                     f"{sc['recommended_seeds']} or more recommended")
     g = audit["gate"]
     if g["fail_on"] is not None:
         lines.append(f"gate --fail-on {g['fail_on']}: " + (f"FAILED ({', '.join(g['failing_attacks'])})" if g["failed"] else "passed"))
     if audit["status"] != "complete":
         lines.append(f"audit INCOMPLETE: {'; '.join(audit['problems'])}")
     return "\n".join(lines)
+
+
+def _method_tail(audit: dict) -> str:
+    sc = _stats_cfg(audit)
+    if sc:
+        return (f"Settings: level {sc['level']:g}, alpha {sc['alpha']:g} (one-sided), correction {sc['correction']}, power "
+                f"{sc['power']:g}, safe below {sc['safe_below'] if sc.get('safe_below') is not None else 'not set'}; "
+                f"intervals {sc['intervals']} ({len(audit['config']['seeds'])} seeds). Analytic: no resampling.")
+    b = audit["config"].get("bootstrap", {})
+    return f"Bootstrap: {b.get('replicates')} replicates, generator seed {b.get('seed')}."
 
 
 def write_reports(audit: dict, out: str | Path, formats: tuple[str, ...] = ("md", "html")) -> list[Path]:

@@ -32,6 +32,9 @@ from . import stats
 from .schema import SCHEMA, SCHEMA_VERSION
 
 CONFIG_FILE = "audit-config.json"
+# identifies how runs are keyed and stored (not the report's schema version: a new report format
+# must not retrain a single run)
+RUN_FORMAT = "nasty-audit/1"
 
 
 def slug(spec: str) -> str:
@@ -48,13 +51,16 @@ class AuditSettings:
     cfg: dict  # resolved nasty config (its [data] and [train] sections are used)
     attacks: list[str] = field(default_factory=lambda: ["all"])
     students: list[str] = field(default_factory=lambda: ["mlp"])
-    seeds: int = 3
+    seeds: int = stats.DEFAULT_SEEDS
     reference: str | None = None
     query: str = "logits"
     margin: float = 0.0
     fidelity: float = 0.9
     fail_on: int | None = None
-    n_boot: int = 2000
+    n_boot: int | None = None  # unused since schema 2 (the intervals are analytic); kept so old callers still work
+    correction: str = "holm"  # multiple-comparison control across the classes and students of one attack
+    power: float = 0.8  # the power at which the detectable gain of a class that is not transferred is reported
+    safe_below: float | None = None  # a class is "safe at this power" when its detectable gain is below this (points)
     params: dict[str, dict] = field(default_factory=dict)  # attack -> parameter overrides
     surrogate: str | None = None  # label-free attacks query the teacher on this dataset's images
     queries: int | None = None  # query budget of the label-free attacks (a fixed seeded subset of their images)
@@ -133,6 +139,19 @@ def _data_fingerprint(cfg: dict) -> dict:
     return {k: v for k, v in cfg["data"].items() if k not in ("data_root", "download")}
 
 
+def data_sha256(data) -> str:
+    """SHA-256 of the dataset's contents as the audit sees them (every split's images and labels, the
+    class names): a file replaced at the same path gives another fingerprint."""
+    h = hashlib.sha256()
+    h.update(json.dumps([data.name, list(data.classes)]).encode())
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        t = getattr(data, name)
+        arr = np.ascontiguousarray(t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t))
+        h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
+        h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -195,8 +214,14 @@ def check_resume(out: Path, config: dict, force: bool) -> None:
 
 
 def _config_diff(old: dict, new: dict) -> str | None:
-    for k in ("format", "teacher_sha256", "reference_sha256", "data", "train", "query", "surrogate", "output_defense"):
+    for k in ("format", "teacher_sha256", "reference_sha256", "data", "data_sha256", "train", "query", "surrogate",
+              "output_defense"):
         a, b = old.get(k), new.get(k)
+        if k == "data_sha256" and a is None:  # written before audits fingerprinted their data: trust the path
+            continue
+        if k == "data_sha256" and a != b:
+            return (f"the dataset's contents changed (SHA-256 of its arrays was {str(a)[:12]}..., now {str(b)[:12]}...): "
+                    "the file at the same path was replaced")
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 sub = next(x for x in [*a, *b] if a.get(x) != b.get(x))
@@ -268,8 +293,7 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         raise NastyError("--students is empty")
     if s.fail_on is not None and s.fail_on < 0:
         raise NastyError(f"--fail-on must be >= 0, got {s.fail_on}")
-    if not 0 < s.fidelity <= 1.5:
-        raise NastyError(f"--fidelity must be in (0, 1.5], got {s.fidelity}")
+    stats.check_settings(margin=s.margin, fidelity=s.fidelity, power=s.power, safe_below=s.safe_below, correction=s.correction)
     attacks, notes = resolve_attacks(s.attacks)
     unknown = set(s.params) - set(attacks) - set(stats.BASELINES)
     if unknown:
@@ -309,14 +333,22 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         defenses["reference"] = describe_defense(rside, None)
 
     config = {
-        "format": f"{SCHEMA}/{SCHEMA_VERSION}",
+        "format": RUN_FORMAT,
         "teacher": str(s.teacher), "teacher_sha256": teacher_sha,
         "reference": s.reference, "reference_sha256": ref_sha,
-        "data": _data_fingerprint(s.cfg), "train": {k: v for k, v in tcfg.to_dict().items() if k != "seed"},
+        "data": _data_fingerprint(s.cfg), "data_sha256": data_sha256(data), "train": {k: v for k, v in tcfg.to_dict().items() if k != "seed"},
         "query": s.query, "surrogate": s.surrogate, "queries": s.queries, "params": params,
         "output_defense": post.describe() if post is not None else None,
     }
     check_resume(out, config, force)
+    for src in s.baselines_from:
+        try:
+            theirs = json.loads((Path(src) / CONFIG_FILE).read_text()).get("data_sha256")
+        except (OSError, ValueError, AttributeError):
+            theirs = None
+        if theirs is not None and theirs != config["data_sha256"]:
+            raise NastyError(f"--baselines-from {src}: its students were trained on other data (dataset SHA-256 "
+                             f"{theirs[:12]}..., here {config['data_sha256'][:12]}...); its baselines do not apply here")
 
     cache = TeacherOutputCache()
     forwarded = {g: 0 for g in targets}  # every sample a teacher processes, inside the cache or not
@@ -552,8 +584,9 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
             cls = get_attack(a)
             rule = "gain" if cls.uses_labels else "fidelity"
             att = {"method": a, "summary": cls.summary, "rule": rule,
-                   "threshold": (f"gain: lower 95% bound > {s.margin:g} points" if rule == "gain"
-                                 else f"fidelity: lower 95% bound of accuracy / teacher's >= {s.fidelity:g}"),
+                   "threshold": (f"gain > {s.margin:g} points over both baselines" if rule == "gain"
+                                 else f"fidelity: accuracy / teacher's > {s.fidelity:g}")
+                   + f", one-sided, {CORRECTION_TEXT[s.correction]}-adjusted p < {stats.ALPHA:g}",
                    "assumes": assumptions(a, s.query, data, s.surrogate), "params": config["params"][a],
                    "status": "ok", "reason": None, "transferred_classes": [], "transferred_count": 0, "num_classes": C,
                    "students": {}}
@@ -576,15 +609,23 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
                         problems.append(f"{a} vs {g}: runs missing for {st}")
                         break
                     rows = stats.class_decisions(y, stats.correctness(m, y), base_corr[st], t_corr, num_classes=C, rule=rule,
-                                                 margin=s.margin, fidelity=s.fidelity, n_boot=s.n_boot, seed=0)
-                    tr = [r["class"] for r in rows if r["transferred"]]
-                    union.update(tr)
-                    row = {**summary(g, a, st, tp), "classes": rows, "transferred_classes": tr, "transferred_count": len(tr)}
+                                                 margin=s.margin, fidelity=s.fidelity, correction=s.correction, power=s.power,
+                                                 safe_below=s.safe_below, decide=False)
+                    row = {**summary(g, a, st, tp), "classes": rows}
                     extra = _extra(runs, g, a, st, seeds)
                     if extra:
                         row["extra"] = extra
                     att["students"][st] = row
                 if att["status"] == "ok":
+                    # one family: every class of every student of this attack (against this target)
+                    att["correction"] = s.correction
+                    att["family_size"] = stats.decide_family([r["classes"] for r in att["students"].values()], rule=rule,
+                                                             correction=s.correction, margin=s.margin, fidelity=s.fidelity,
+                                                             power=s.power, safe_below=s.safe_below)
+                    for r in att["students"].values():
+                        r["transferred_classes"] = [x["class"] for x in r["classes"] if x["transferred"]]
+                        r["transferred_count"] = len(r["transferred_classes"])
+                        union.update(r["transferred_classes"])
                     att["transferred_classes"] = sorted(union)
                     att["transferred_count"] = len(union)
                     found = [set(v) for st_row in att["students"].values() for v in st_row.get("extra", {}).get("undistillable_classes", [])]
@@ -605,6 +646,15 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
     failing = [a for a, v in targets["teacher"]["attacks"].items() if v["status"] == "ok" and s.fail_on is not None
                and v["transferred_count"] > s.fail_on]
     counts = np.bincount(y, minlength=C)
+    rel = stats.reliability(len(seeds))
+    if rel == "unreliable":
+        notes = [*notes, "One seed: every interval is UNRELIABLE. It captures the test-set noise only, not the training "
+                 "noise between seeds, and in simulation a false 'transferred' is several times more frequent than nominal. "
+                 f"Use --seeds {stats.DEFAULT_SEEDS} or more."]
+    elif rel == "approximate":
+        notes = [*notes, f"{len(seeds)} seeds: intervals and detectable gains are approximate (the seed-to-seed variance "
+                 f"rests on {len(seeds) - 1} degree{'s' if len(seeds) > 2 else ''} of freedom, so they are wide); "
+                 f"{stats.DEFAULT_SEEDS} or more seeds are recommended."]
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -614,8 +664,12 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
         "notes": notes,
         "config": {**{k: v for k, v in config.items() if k != "params"}, "attacks": attacks, "students": list(s.students),
                    "seeds": seeds, "margin": s.margin, "fidelity": s.fidelity, "fail_on": s.fail_on,
-                   "bootstrap": {"replicates": s.n_boot, "level": 0.95, "seed": 0, "method": "paired, seeds and test samples within class"}},
-        "method": METHOD_TEXT,
+                   "statistics": {"method": "t over seeds with the crossed seeds x test-samples variance (Satterthwaite df)",
+                                  "level": stats.LEVEL, "alpha": stats.ALPHA, "correction": s.correction,
+                                  "correction_name": CORRECTION_TEXT[s.correction], "power": s.power,
+                                  "safe_below": s.safe_below, "intervals": stats.reliability(len(seeds)),
+                                  "recommended_seeds": stats.DEFAULT_SEEDS}},
+        "method": method_text(s),
         "dataset": {"name": data.name, "classes": list(data.classes), "test_size": int(len(y)),
                     "test_per_class": [int(v) for v in counts], "train_images": int(len(data.y_train))},
         "baselines": baselines,
@@ -694,15 +748,37 @@ def assumptions(method: str, query: str, data, surrogate: str | None = None) -> 
     return f"The thief holds {what} {images}. {cls.summary[0].upper() + cls.summary[1:]}."
 
 
-METHOD_TEXT = {
-    "gain": "gain g_c = acc(attack, c) - acc(best baseline, c), percentage points on test class c, averaged over seeds; "
-            "the baseline is the better of the label-only (scratch) and label-smoothing students for that class.",
-    "fidelity": "for attacks that never read the labels: r_c = acc(attack, c) / acc(teacher, c).",
-    "interval": "95% percentile interval of a paired two-level bootstrap: each replicate resamples the seeds with replacement "
-                "and the test samples of class c with replacement, applies the same draw to the attack, both baselines and "
-                "the teacher, and recomputes the statistic (including which baseline is better). With one seed only test-set "
-                "noise is captured.",
-    "decision": "gain rule: transferred when the lower bound of g_c > margin; fidelity rule: transferred when the lower "
-                "bound of r_c >= fidelity. An attack's transferred classes are the union over its students (the thief "
-                "keeps the best student per class).",
-}
+CORRECTION_TEXT = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "un"}
+
+
+def method_text(s: AuditSettings) -> dict:
+    """The statistical method in words, as recorded in audit.json (see :mod:`nasty.audit.stats` for the formulas)."""
+    corr = {"holm": "Holm's step-down procedure over every (student, class) test of one attack: the chance that an attack "
+                    "shows any false 'transferred' class is at most alpha (family-wise error rate).",
+            "bh": "Benjamini-Hochberg over every (student, class) test of one attack: the expected share of false "
+                  "'transferred' classes among those reported is at most alpha (false discovery rate).",
+            "none": "none: each class is tested at alpha on its own; with 10 classes x 2 students an attack that transfers "
+                    "nothing shows a false 'transferred' class far more often than alpha."}[s.correction]
+    return {
+        "gain": "gain g_c = acc(attack, c) - acc(better baseline, c), percentage points on test class c, averaged over seeds; "
+                "the better baseline is the label-only (scratch) or label-smoothing student with the higher accuracy on c.",
+        "fidelity": "for attacks that never read the labels: r_c = acc(attack, c) / acc(teacher, c).",
+        "interval": "95% t-interval with the seed as the unit of replication: for D = attack - baseline (per seed and test "
+                    "image), Var(mean D) = V_S + V_I with V_S = max(MS_S, MS_E)/(S n) (seed-to-seed variance of the per-seed "
+                    "gains) and V_I = max(MS_I - MS_E, 0)/(S n) (test-image variance shared by all seeds), two-way ANOVA mean "
+                    "squares over S seeds x n test images; Satterthwaite df = V^2 / (V_S^2/(S-1) + V_I^2/(n-1)). The gain's "
+                    "interval is the smaller of the bounds against the two baselines. With one seed only test-set noise is "
+                    "captured (unreliable).",
+        "test": f"one-sided p-value of 'gain > {s.margin:g} points' (fidelity rule: 'r_c > {s.fidelity:g}', tested as "
+                f"mean(attack - {s.fidelity:g} x teacher) > 0); against two baselines the larger of the two p-values "
+                "(intersection-union test).",
+        "correction": corr,
+        "decision": f"transferred when the adjusted p-value is below {stats.ALPHA:g} (with no correction: exactly when the "
+                    "lower end of the 95% interval is above the margin). An attack's transferred classes are the union "
+                    "over its students (the thief keeps the best student per class).",
+        "power": f"for a class that is not transferred, 'detectable' is the smallest gain over the better baseline (fidelity "
+                 f"rule: the smallest fidelity) that this audit would call transferred with probability {s.power:g}, given "
+                 "the class's standard error and df, when it is the only transferable class of the attack (noncentral t)."
+                 + (f" 'Safe at this power' means detectable < {s.safe_below:g} points." if s.safe_below is not None else
+                    " Not transferred means not shown to transfer: a class is only as safe as its detectable gain is small."),
+    }

@@ -1,13 +1,18 @@
 """``audit.json``: the versioned, public result of ``nasty audit`` (the Markdown and HTML are rendered from it).
 
-Schema ``nasty-audit``, version 1. Top-level fields:
+Schema ``nasty-audit``, version 2 (version 1, with bootstrap intervals and no p-values, is still read
+and rendered). Top-level fields:
 
-- ``schema`` = ``"nasty-audit"``, ``schema_version`` = 1, ``created``, ``versions`` (package versions);
+- ``schema`` = ``"nasty-audit"``, ``schema_version`` = 2, ``created``, ``versions`` (package versions);
 - ``status``: ``"complete"`` or ``"incomplete"`` (then ``problems`` lists why); ``notes``;
 - ``config``: teacher and reference checkpoints with their SHA-256, data and training settings, ``query``,
   ``output_defense`` (the teacher's, or null),
-  ``attacks``, ``students``, ``seeds``, ``margin``, ``fidelity``, ``fail_on``, ``bootstrap``;
-- ``method``: the statistical method in words (``gain``, ``fidelity``, ``interval``, ``decision``);
+  ``data_sha256`` (the dataset's contents), ``attacks``, ``students``, ``seeds``, ``margin``, ``fidelity``, ``fail_on``,
+  ``statistics`` (v2: ``method``, ``level``, ``alpha``, ``correction`` = ``holm`` | ``bh`` | ``none``,
+  ``correction_name``, ``power``, ``safe_below``, ``intervals`` = ``ok`` | ``approximate`` | ``unreliable``,
+  ``recommended_seeds``; v1 had ``bootstrap`` instead);
+- ``method``: the statistical method in words (``gain``, ``fidelity``, ``interval``, ``test``, ``correction``,
+  ``decision``, ``power``);
 - ``dataset``: ``name``, ``classes``, ``test_size``, ``test_per_class``, ``train_images``;
 - ``baselines``: ``{"scratch"|"label-smoothing": {student: {accuracy, accuracy_sd, accuracy_per_seed,
   per_class_accuracy}}}``;
@@ -18,13 +23,19 @@ Schema ``nasty-audit``, version 1. Top-level fields:
 - ``A`` (one attack, **the stable interface**): ``method`` (attack name), ``rule`` (``"gain"`` or
   ``"fidelity"``), ``threshold`` (text), ``status`` (``"ok"``, ``"skipped"``, ``"failed"``), ``reason``,
   ``transferred_classes`` (class indices, union over students), ``transferred_count``, ``num_classes``,
-  ``assumes`` (text), ``params``, ``undistillable_classes`` (TLLM only), ``skipped_students``
+  ``assumes`` (text), ``params``, ``correction`` and ``family_size`` (v2: the tests the correction ran over),
+  ``undistillable_classes`` (TLLM only), ``skipped_students``
   (``{student: reason}`` for students the attack cannot use) and ``students``:
   ``{student: {accuracy, accuracy_sd, accuracy_per_seed, teacher_agreement, per_class_accuracy,
   transferred_classes, transferred_count, classes: [per-class rows]}}``;
 - a per-class row: ``class``, ``n``, ``accuracy``, ``baseline`` (``scratch`` or ``label-smoothing``: the
   better one for that class), ``baseline_accuracy``, ``baseline_accuracies``, ``gain``, ``gain_ci`` ([lo, hi]),
-  ``teacher_accuracy``, ``fidelity``, ``fidelity_ci``, ``transferred``. Accuracies and gains are in percent
+  ``teacher_accuracy``, ``fidelity``, ``fidelity_ci``, ``transferred``; v2 adds ``p_value`` (one-sided, of
+  "gain > margin" or "fidelity > threshold"), ``p_adjusted`` (after the attack's correction), ``se`` and ``df``
+  (of the decisive comparison), ``tests`` (per baseline: ``gain``, ``se``, ``df``, ``p_value``), ``interval``
+  (``ok``, ``approximate`` or ``unreliable``), ``detectable`` (classes not transferred: the smallest gain in
+  points -- fidelity rule: the smallest fidelity -- found with the configured power; else null) and ``safe``
+  (gain rule with ``--safe-below``: detectable below it; else null). Accuracies and gains are in percent
   (points); fidelity is a ratio;
 - ``defense_effect`` (with a reference): per attack ``protected_classes`` (transferred from the reference,
   not from the teacher), ``still_transferred``, ``newly_transferred``;
@@ -32,7 +43,8 @@ Schema ``nasty-audit``, version 1. Top-level fields:
 - ``runtime``: ``seconds``, ``runs_trained``, ``runs_reused``, ``teacher_samples_run`` (every sample the
   teachers processed), ``teacher_samples_cached`` (of which through the shared cache), ``teacher_cache_hits``.
 
-Readers must check ``schema_version``; fields are only ever added within a version.
+Readers must check ``schema_version``; fields are only ever added within a version. Version 2 changed the
+meaning of ``gain_ci`` (t-interval, see :mod:`nasty.audit.stats`) and of ``transferred`` (after the correction).
 """
 
 from __future__ import annotations
@@ -43,12 +55,13 @@ from pathlib import Path
 from ..errors import NastyError
 
 SCHEMA = "nasty-audit"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _TOP = {"schema": str, "schema_version": int, "status": str, "config": dict, "dataset": dict, "baselines": dict,
         "targets": dict, "gate": dict, "method": dict}
 _ATTACK = {"method": str, "rule": str, "status": str, "transferred_classes": list, "transferred_count": int, "students": dict}
 _ROW = ("class", "accuracy", "baseline", "gain", "gain_ci", "teacher_accuracy", "fidelity", "fidelity_ci", "transferred")
+_ROW_V2 = ("p_value", "p_adjusted", "detectable", "safe", "interval")
 
 
 def validate(obj: object, where: str = "audit.json") -> dict:
@@ -89,7 +102,7 @@ def validate(obj: object, where: str = "audit.json") -> dict:
                 if not isinstance(rows, list) or len(rows) != len(classes):
                     raise NastyError(f"{w}.students.{st}.classes must have one row per class")
                 for r in rows:
-                    missing = [k for k in _ROW if k not in r]
+                    missing = [k for k in (*_ROW, *(_ROW_V2 if ver >= 2 else ())) if k not in r]
                     if missing:
                         raise NastyError(f"{w}.students.{st}: class row lacks {missing[0]!r}")
     return obj

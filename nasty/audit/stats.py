@@ -1,74 +1,208 @@
-"""Per-class decision rules of the audit and their paired bootstrap confidence intervals.
+"""Per-class decision rules of the audit: intervals, one-sided tests, multiple-comparison control
+and the smallest gain the audit could have detected.
 
 Inputs are *correctness matrices* on the test split: ``A[s, i] = 1`` when the student trained with
 seed ``s`` classifies test sample ``i`` correctly. Every arm of a comparison (the attack's students,
 the label-only and label-smoothing baselines) was trained with the same seeds and is scored on the
-same test samples, so the comparison is *paired*.
+same test samples, so the comparison is *paired*, and the design is *crossed*: seeds x test samples.
 
-Gain rule (attacks that use the ground-truth labels)
-    ``g_c = acc(a, c) - max(acc(scratch, c), acc(label-smoothing, c))`` in percentage points, where
-    ``acc(m, c)`` is the accuracy on test class ``c`` averaged over seeds. The baseline is the better
-    of the two label-only students *for that class* (the report states which). Class ``c`` is
-    **transferred** when the lower end of the 95% interval of ``g_c`` is above ``margin``.
+Statistic
+    Gain rule (attacks that use the ground-truth labels): ``g_c = acc(a, c) - max_k acc(b_k, c)`` in
+    percentage points, ``acc`` averaged over seeds and the test samples of class ``c``; ``b_k`` are the
+    label-only (``scratch``) and ``label-smoothing`` students. Fidelity rule (attacks that never read
+    labels): ``r_c = acc(a, c) / acc(teacher, c)``.
 
-Fidelity rule (attacks that never read the labels: ``copycat``, ``knockoff``)
-    ``r_c = acc(a, c) / acc(teacher, c)``; transferred when the lower end of its 95% interval is at
-    least ``fidelity`` (default 0.9). A class the teacher never gets right has no ratio (``None``)
-    and is not transferred.
+Variance of a mean over seeds and test samples (the seed is the unit of replication)
+    For one comparison let ``D[s, i] = a[s, i] - b[s, i]`` (``S`` seeds x ``n`` test samples of the
+    class; for the fidelity rule ``D[s, i] = a[s, i] - f * t[i]``). The two-way crossed random-effects
+    model ``D[s, i] = mu + seed_s + item_i + e_si`` (as in multi-reader multi-case studies, seeds
+    playing the readers) gives ``Var(mean D) = s2_seed / S + s2_item / n + s2_e / (S n)``. With the
+    ANOVA mean squares ``MS_S = n * var_s(row means)`` (df ``S-1``), ``MS_I = S * var_i(column means)``
+    (df ``n-1``) and ``MS_E`` (residual, df ``(S-1)(n-1)``)::
 
-Interval: a two-level paired bootstrap. Each of ``n_boot`` replicates draws the seeds with
-replacement (``S`` of ``S``) and, independently, the test samples of class ``c`` with replacement
-(``n_c`` of ``n_c``); the *same* draw is applied to every arm (attack, both baselines, teacher),
-and the statistic -- including the choice of the better baseline -- is recomputed on the
-replicate. The interval is the 2.5th to 97.5th percentile of the replicates. Resampling seeds
-captures training noise, resampling test samples captures the finite test set; with one seed only
-the latter is captured (the report says so). The bootstrap generator is seeded, so the numbers are
-reproducible.
+        V  = V_S + V_I,   V_S = max(MS_S, MS_E) / (S n),   V_I = max(MS_I - MS_E, 0) / (S n)
+        df = V^2 / (V_S^2 / (S-1) + V_I^2 / (n-1))         (Welch-Satterthwaite, so S-1 <= df)
+
+    ``V_S`` is the seed-to-seed variance of the per-seed gains (what a t-test over seeds uses; it
+    also holds the test-sample noise that differs between seeds); ``V_I`` adds the test-sample
+    variance *shared* by all seeds (the same test images are scored every time), which a t-test
+    over per-seed gains would miss. Both are floored at what the model allows (variance components
+    are not negative). The interval is ``mean D +/- t(df) * sqrt(V)``. With one seed ``V = var_i(D) / n``
+    (df ``n-1``): test-sample noise only, training noise unseen -- every interval is **unreliable**.
+
+Gain interval and test against two baselines (intersection-union)
+    For each baseline ``k``: ``d_k = mean D_k``, ``se_k``, ``df_k`` as above, one-sided
+    ``p_k = P(T_{df_k} > (d_k - margin) / se_k)``. The class gain is the smaller of the ``d_k`` (the
+    better baseline), and "gain > margin" means "gain > margin over *both* baselines", so
+    ``p = max_k p_k`` (an intersection-union test: valid at level alpha without any adjustment, and
+    no selection bias from picking the better baseline on the same data). The 95% interval is
+    ``[min_k (d_k - t_{0.975,df_k} se_k), min_k (d_k + t_{1-0.025/K,df_k} se_k)]``: the lower end is a
+    one-sided 97.5% bound, the upper end Bonferroni over the ``K`` baselines.
+
+Fidelity interval
+    ``r +/- t(df) * se(mean(a - r t)) / acc(t)`` (delta method). The test of ``r > f`` uses
+    ``D = a - f t`` exactly (Fieller's construction): ``p = P(T_df > mean D / se(mean D))``.
+
+Multiple comparisons
+    All (student, class) tests of one attack against one target are one family of ``m`` tests.
+    ``holm`` (default) controls the family-wise error rate, ``bh`` (Benjamini-Hochberg) the false
+    discovery rate, ``none`` tests each class at ``alpha`` (what the lower end of the 95% interval
+    shows). A class is **transferred** when its adjusted p-value is below ``alpha = 0.025``
+    (one-sided; with ``none`` this is exactly "the lower 95% bound is above the margin").
+
+Detectable gain (power)
+    For a class that is not transferred: the smallest gain over the better baseline that the
+    audit would call transferred with probability ``power`` (default 0.8), given the class's
+    ``se`` and ``df`` (the noncentral t: ``P(T_{df, delta/se} > t_{1-alpha*, df}) = power``, solved
+    for ``delta``; ``detectable = margin + delta``). ``alpha* = alpha / m`` for ``holm`` and ``bh``
+    (the strictest step: the class is the only transferable one) and ``alpha`` for ``none``. With
+    two baselines the weaker one's head start is credited: ``max_k (margin + delta_k - (d_k - g))``.
+    The class is **safe at this power** when the detectable gain is below ``--safe-below`` points.
+
+Everything here is analytic (no resampling), so the numbers are exactly reproducible.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import numpy as np
 
 from ..errors import NastyError
 
 BASELINES = ("scratch", "label-smoothing")
+CORRECTIONS = ("holm", "bh", "none")
+ALPHA = 0.025  # one-sided; the lower end of a two-sided 95% interval
+LEVEL = 0.95
+DEFAULT_SEEDS = 5  # below this the report calls its intervals approximate (see docs/statistics.md)
 
 
-@dataclass
-class Resample:
-    """One bootstrap draw shared by every arm: seed indices ``(B, S)`` and per-sample counts ``(B, n_c)``."""
+def _t():
+    from scipy import stats as st
 
-    seeds: np.ndarray
-    counts: np.ndarray
+    return st
 
 
-def draw(n_seeds: int, n_samples: int, n_boot: int, rng: np.random.Generator) -> Resample:
-    if n_seeds < 1 or n_samples < 1 or n_boot < 1:
-        raise NastyError(f"bootstrap needs at least one seed, sample and replicate (got {n_seeds}, {n_samples}, {n_boot})")
-    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    counts = rng.multinomial(n_samples, np.full(n_samples, 1.0 / n_samples), size=n_boot)
-    return Resample(seeds, counts)
+# ----------------------------------------------------------------------------------------------
+# the crossed seeds x test-samples variance
 
 
-def replicate_accuracy(correct: np.ndarray, r: Resample) -> np.ndarray:
-    """Accuracy (percent) of each bootstrap replicate: ``correct`` is ``(S, n_c)`` or ``(n_c,)`` (no seeds)."""
-    correct = np.asarray(correct, dtype=np.float64)
-    n = r.counts.shape[1]
-    if correct.ndim == 1:
-        return 100.0 * (r.counts @ correct) / n
-    per_seed = 100.0 * (r.counts @ correct.T) / n  # (B, S): every seed scored on the replicate's samples
-    return np.take_along_axis(per_seed, r.seeds, axis=1).mean(1)
+def crossed(D: np.ndarray) -> tuple[float, float, float]:
+    """``(mean, variance of the mean, degrees of freedom)`` of ``D`` (seeds x samples), see the module doc."""
+    D = np.asarray(D, dtype=np.float64)
+    if D.ndim == 1:
+        D = D[None]
+    S, n = D.shape
+    g = float(D.mean())
+    if n < 2 and S < 2:
+        return g, float("nan"), float("nan")
+    if S == 1:
+        return g, float(D[0].var(ddof=1) / n), float(n - 1)
+    r = D.mean(1)
+    ms_s = n * float(r.var(ddof=1))
+    if n == 1:
+        return g, ms_s / S, float(S - 1)
+    c = D.mean(0)
+    ms_i = S * float(c.var(ddof=1))
+    resid = D - r[:, None] - c[None, :] + g
+    ms_e = float((resid ** 2).sum()) / ((S - 1) * (n - 1))
+    v_s = max(ms_s, ms_e) / (S * n)
+    v_i = max(ms_i - ms_e, 0.0) / (S * n)
+    v = v_s + v_i
+    if v <= 0:
+        return g, 0.0, float(S - 1)
+    df = v * v / (v_s * v_s / (S - 1) + v_i * v_i / (n - 1))
+    return g, float(v), float(df)
 
 
-def _interval(values: np.ndarray, level: float) -> tuple[float | None, float | None]:
-    v = values[np.isfinite(values)]
-    if len(v) == 0:
-        return None, None
-    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
+def p_greater(est: float, se: float, df: float, margin: float) -> float:
+    """One-sided p-value of ``H0: true <= margin`` against ``true > margin``."""
+    if not (math.isfinite(se) and math.isfinite(df)):
+        return 1.0
+    if se == 0:
+        return 0.0 if est > margin else 1.0
+    return float(_t().t.sf((est - margin) / se, df))
+
+
+def t_quantile(q: float, df: float) -> float:
+    return float(_t().t.ppf(q, df))
+
+
+def power_at(delta: np.ndarray | float, se, df, alpha: float):
+    """Probability that a one-sided t-test at ``alpha`` rejects when the true effect is ``delta`` above the margin."""
+    st = _t()
+    se, df, delta = np.asarray(se, float), np.asarray(df, float), np.asarray(delta, float)
+    crit = st.t.ppf(1 - alpha, df)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nc = np.where(se > 0, delta / np.where(se > 0, se, 1.0), np.where(delta > 0, np.inf, -np.inf))
+    out = np.where(np.isinf(nc), (nc > 0).astype(float), st.nct.sf(crit, df, np.where(np.isinf(nc), 0.0, nc)))
+    return out if out.ndim else float(out)
+
+
+def detectable_delta(se, df, alpha: float, power: float):
+    """Smallest ``delta`` (above the margin) with ``power_at(delta) >= power`` (vectorised bisection)."""
+    se, df = np.broadcast_arrays(np.asarray(se, float), np.asarray(df, float))
+    st = _t()
+    crit = st.t.ppf(1 - alpha, df)
+    lo = np.zeros(se.shape)
+    hi = np.maximum(crit, 1.0) + 2 * np.abs(st.norm.ppf(power)) + 5.0  # in units of se; widened below if needed
+    for _ in range(60):
+        short = st.nct.sf(crit, df, hi) < power
+        if not short.any():
+            break
+        hi = np.where(short, hi * 2, hi)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        ok = st.nct.sf(crit, df, mid) >= power
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+    out = np.where(se > 0, hi * se, 0.0)
+    out = np.where(np.isfinite(se) & np.isfinite(df), out, np.nan)
+    return out if out.ndim else float(out)
+
+
+def reliability(n_seeds: int) -> str:
+    """``unreliable`` (1 seed), ``approximate`` (fewer than :data:`DEFAULT_SEEDS`) or ``ok``."""
+    return "unreliable" if n_seeds < 2 else ("approximate" if n_seeds < DEFAULT_SEEDS else "ok")
+
+
+# ----------------------------------------------------------------------------------------------
+# multiple comparisons
+
+
+def adjust(p: list[float | None], method: str) -> list[float | None]:
+    """Adjusted p-values (``None`` entries are not tests and stay ``None``)."""
+    if method not in CORRECTIONS:
+        raise NastyError(f"unknown correction {method!r} (choose {', '.join(CORRECTIONS)})")
+    idx = [i for i, v in enumerate(p) if v is not None]
+    out: list[float | None] = [None] * len(p)
+    m = len(idx)
+    if not m:
+        return out
+    vals = np.array([p[i] for i in idx], float)
+    if method == "none":
+        adj = vals
+    elif method == "holm":
+        order = np.argsort(vals, kind="stable")
+        steps = (m - np.arange(m)) * vals[order]
+        adj = np.empty(m)
+        adj[order] = np.minimum(np.maximum.accumulate(steps), 1.0)
+    else:  # Benjamini-Hochberg step-up
+        order = np.argsort(vals, kind="stable")
+        steps = vals[order] * m / np.arange(1, m + 1)
+        adj = np.empty(m)
+        adj[order] = np.minimum(np.minimum.accumulate(steps[::-1])[::-1], 1.0)
+    for j, i in enumerate(idx):
+        out[i] = float(adj[j])
+    return out
+
+
+def per_test_alpha(method: str, m: int, alpha: float = ALPHA) -> float:
+    """The level one test must reach when it is the only true effect among ``m`` (used for power)."""
+    return alpha if method == "none" else alpha / max(m, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-class rows
 
 
 def _check(name: str, a: np.ndarray, n_seeds: int | None, n: int) -> np.ndarray:
@@ -76,6 +210,24 @@ def _check(name: str, a: np.ndarray, n_seeds: int | None, n: int) -> np.ndarray:
     if a.ndim != 2 or a.shape[1] != n or (n_seeds is not None and a.shape[0] != n_seeds):
         raise NastyError(f"{name}: expected a (seeds, {n}) correctness matrix, got shape {a.shape}")
     return a
+
+
+def check_settings(*, margin: float = 0.0, fidelity: float = 0.9, power: float = 0.8, safe_below: float | None = None,
+                   correction: str = "holm") -> None:
+    """Refuse out-of-range or non-finite statistical settings (one line, before any training)."""
+    def bad(x) -> bool:
+        return not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)
+
+    if bad(margin) or not -100.0 <= margin < 100.0:
+        raise NastyError(f"--margin must be a finite number of points in [-100, 100), got {margin}")
+    if bad(fidelity) or not 0 < fidelity <= 1.5:
+        raise NastyError(f"--fidelity must be in (0, 1.5], got {fidelity}")
+    if bad(power) or not 0.5 <= power < 1.0:
+        raise NastyError(f"--power must be in [0.5, 1), got {power}")
+    if safe_below is not None and (bad(safe_below) or not 0 < safe_below <= 100):
+        raise NastyError(f"--safe-below must be a number of points in (0, 100], got {safe_below}")
+    if correction not in CORRECTIONS:
+        raise NastyError(f"--correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
 
 
 def class_decisions(
@@ -88,23 +240,24 @@ def class_decisions(
     rule: str = "gain",
     margin: float = 0.0,
     fidelity: float = 0.9,
-    n_boot: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
+    correction: str = "holm",
+    power: float = 0.8,
+    safe_below: float | None = None,
+    alpha: float = ALPHA,
+    decide: bool = True,
 ) -> list[dict]:
-    """Per-class gain and fidelity with paired bootstrap intervals, and the decision under ``rule``.
+    """Per-class gain and fidelity with intervals, p-values and the decision under ``rule``.
 
     ``attack`` and each ``baselines[name]`` are ``(S, N)`` 0/1 correctness matrices with the same seeds
-    in the same order; ``teacher`` is ``(N,)``; ``y`` the ``N`` test labels. Returns one dict per class:
-    ``accuracy``, ``baseline`` (which was better), ``baseline_accuracy``, ``gain`` and ``gain_ci``,
-    ``teacher_accuracy``, ``fidelity`` and ``fidelity_ci``, ``transferred``, ``n``.
+    in the same order; ``teacher`` is ``(N,)``; ``y`` the ``N`` test labels. The classes of this call
+    are one family for ``correction`` (an audit re-decides across all students of an attack with
+    :func:`decide_family`). Returns one dict per class (see :mod:`nasty.audit.schema`).
     """
     if rule not in ("gain", "fidelity"):
         raise NastyError(f"unknown decision rule {rule!r} (gain or fidelity)")
     if not 0 < fidelity <= 10:
         raise NastyError(f"fidelity must be a positive fraction of the teacher's accuracy, got {fidelity}")
-    if n_boot < 100:
-        raise NastyError(f"use at least 100 bootstrap replicates, got {n_boot}")
+    check_settings(margin=margin, power=power, safe_below=safe_below, correction=correction)
     y = np.asarray(y)
     n = len(y)
     attack = _check("attack", attack, None, n)
@@ -116,48 +269,139 @@ def class_decisions(
     teacher = np.asarray(teacher)
     if teacher.shape != (n,):
         raise NastyError(f"teacher: expected ({n},) correctness, got {teacher.shape}")
-    rng = np.random.default_rng(seed)
-    rows = []
+    K = len(names)
+    q_lo, q_hi = 1 - (1 - LEVEL) / 2, 1 - (1 - LEVEL) / (2 * K)
+    rel = reliability(n_seeds)
+    nan = float("nan")
+    pre = []  # per class: the numbers, before the (vectorised) t quantiles and p-values
     for c in range(num_classes):
         idx = np.flatnonzero(y == c)
         if len(idx) == 0:
+            pre.append(None)
+            continue
+        a = attack[:, idx].astype(np.float64)
+        t = teacher[idx].astype(np.float64)
+        e = {"idx": idx, "acc_a": 100.0 * a.mean(), "base_acc": {b: 100.0 * m[:, idx].mean() for b, m in base.items()},
+             "t_acc": 100.0 * t.mean(), "tests": {}}
+        e["best"] = max(names, key=lambda b: (e["base_acc"][b], -names.index(b)))
+        for b, m in base.items():
+            d, v, df = crossed(100.0 * (a - m[:, idx]))
+            e["tests"][b] = [d, math.sqrt(v) if math.isfinite(v) else nan, df]
+        e["fid"] = e["acc_a"] / e["t_acc"] if e["t_acc"] > 0 else None
+        if e["fid"] is not None:
+            _, v, df = crossed(a - e["fid"] * t[None])
+            e["fid_ci_se"] = (math.sqrt(v) / (e["t_acc"] / 100.0) if math.isfinite(v) else nan, df)
+            d, v, df = crossed(a - fidelity * t[None])
+            e["fid_test"] = (d, math.sqrt(v) if math.isfinite(v) else nan, df)
+        pre.append(e)
+    st = _t()
+    # all t quantiles and p-values of this call at once (scipy's per-call overhead dominates otherwise)
+    tv = np.array([x for e in pre if e for b in names for x in e["tests"][b]] or [0.0, 1.0, 1.0]).reshape(-1, 3)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.isfinite(tv[:, 1]) & np.isfinite(tv[:, 2])
+        dfs = np.where(ok, tv[:, 2], 1.0)
+        ql, qh = st.t.ppf(q_lo, dfs), st.t.ppf(q_hi, dfs)
+        z = np.where(tv[:, 1] > 0, (tv[:, 0] - margin) / np.where(tv[:, 1] > 0, tv[:, 1], 1.0), 0.0)
+        pv = np.where(tv[:, 1] > 0, st.t.sf(z, dfs), np.where(tv[:, 0] > margin, 0.0, 1.0))
+        pv = np.where(ok, pv, 1.0)
+    fv = np.array([[*e["fid_ci_se"], *e["fid_test"]] for e in pre if e and e["fid"] is not None] or [[0.0, 1.0, 0.0, 1.0, 1.0]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fok = np.isfinite(fv[:, 0]) & np.isfinite(fv[:, 1])
+        fq = st.t.ppf(q_lo, np.where(fok, fv[:, 1], 1.0))
+        tok = np.isfinite(fv[:, 3]) & np.isfinite(fv[:, 4])
+        fz = np.where(fv[:, 3] > 0, fv[:, 2] / np.where(fv[:, 3] > 0, fv[:, 3], 1.0), 0.0)
+        fp = np.where(fv[:, 3] > 0, st.t.sf(fz, np.where(tok, fv[:, 4], 1.0)), np.where(fv[:, 2] > 0, 0.0, 1.0))
+        fp = np.where(tok, fp, 1.0)
+    rows = []
+    j = f = 0
+    for c, e in enumerate(pre):
+        if e is None:
             rows.append({"class": c, "n": 0, "accuracy": None, "baseline": None, "baseline_accuracy": None, "gain": None,
                          "gain_ci": [None, None], "teacher_accuracy": None, "fidelity": None, "fidelity_ci": [None, None],
-                         "transferred": False})
+                         "p_value": None, "p_adjusted": None, "transferred": False, "detectable": None, "safe": None,
+                         "interval": rel})
             continue
-        r = draw(n_seeds, len(idx), n_boot, rng)
-        acc_a = 100.0 * attack[:, idx].mean()
-        base_acc = {b: 100.0 * m[:, idx].mean() for b, m in base.items()}
-        best = max(names, key=lambda b: (base_acc[b], -names.index(b)))
-        t_acc = 100.0 * teacher[idx].mean()
-        rep_a = replicate_accuracy(attack[:, idx], r)
-        rep_b = np.max(np.stack([replicate_accuracy(m[:, idx], r) for m in base.values()]), axis=0)
-        rep_t = replicate_accuracy(teacher[idx], r)
-        gain = acc_a - base_acc[best]
-        gain_ci = _interval(rep_a - rep_b, level)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rep_f = np.where(rep_t > 0, rep_a / np.where(rep_t > 0, rep_t, 1.0), np.nan)
-        fid = acc_a / t_acc if t_acc > 0 else None
-        fid_ci = _interval(rep_f, level) if fid is not None else (None, None)
+        tests, lo, hi, all_ok = {}, [], [], True
+        for b in names:
+            d, se, df = e["tests"][b]
+            tests[b] = {"gain": d, "se": se if ok[j] else None, "df": df if ok[j] else None, "p_value": float(pv[j])}
+            all_ok &= bool(ok[j])
+            lo.append(d - ql[j] * se if se > 0 else d)
+            hi.append(d + qh[j] * se if se > 0 else d)
+            j += 1
+        fid, fid_ci, fid_p, fid_se, fid_df = e["fid"], [None, None], None, None, None
+        if fid is not None:
+            se_r, _ = e["fid_ci_se"]
+            if fok[f]:
+                fid_ci = [float(fid - fq[f] * se_r), float(fid + fq[f] * se_r)] if se_r > 0 else [float(fid), float(fid)]
+            if tok[f]:
+                fid_se, fid_df = e["fid_test"][1] / (e["t_acc"] / 100.0), e["fid_test"][2]
+            fid_p = float(fp[f])
+            f += 1
+        best = e["best"]
         if rule == "gain":
-            transferred = gain_ci[0] is not None and gain_ci[0] > margin
+            p = max(tests[b]["p_value"] for b in names)
+            se_b, df_b = tests[best]["se"], tests[best]["df"]
         else:
-            transferred = fid_ci[0] is not None and fid_ci[0] >= fidelity
+            p, se_b, df_b = fid_p, fid_se, fid_df
         rows.append({
             "class": c,
-            "n": int(len(idx)),
-            "accuracy": float(acc_a),
+            "n": int(len(e["idx"])),
+            "accuracy": float(e["acc_a"]),
             "baseline": best,
-            "baseline_accuracy": float(base_acc[best]),
-            "baseline_accuracies": {b: float(v) for b, v in base_acc.items()},
-            "gain": float(gain),
-            "gain_ci": list(gain_ci),
-            "teacher_accuracy": float(t_acc),
+            "baseline_accuracy": float(e["base_acc"][best]),
+            "baseline_accuracies": {b: float(v) for b, v in e["base_acc"].items()},
+            "gain": float(e["acc_a"] - e["base_acc"][best]),
+            "gain_ci": [float(min(lo)), float(min(hi))] if all_ok else [None, None],
+            "teacher_accuracy": float(e["t_acc"]),
             "fidelity": None if fid is None else float(fid),
-            "fidelity_ci": list(fid_ci),
-            "transferred": bool(transferred),
+            "fidelity_ci": fid_ci,
+            "p_value": p,
+            "se": None if se_b is None else float(se_b),
+            "df": None if df_b is None else float(df_b),
+            "tests": tests,
+            "interval": rel,
+            "transferred": False,
         })
+    if decide:
+        decide_family([rows], rule=rule, correction=correction, margin=margin, fidelity=fidelity, power=power,
+                      safe_below=safe_below, alpha=alpha)
     return rows
+
+
+def decide_family(families: list[list[dict]], *, rule: str, correction: str = "holm", margin: float = 0.0,
+                  fidelity: float = 0.9, power: float = 0.8, safe_below: float | None = None, alpha: float = ALPHA,
+                  detectable: bool = True) -> int:
+    """Apply ``correction`` across every row of ``families`` (the students of one attack), in place:
+    sets ``p_adjusted``, ``transferred``, ``detectable`` and ``safe``. Returns the family size ``m``."""
+    rows = [r for fam in families for r in fam]
+    adj = adjust([r.get("p_value") for r in rows], correction)
+    m = sum(v is not None for v in adj)
+    a_star = per_test_alpha(correction, m, alpha)
+    want = []  # (row index, offset, se, df): detectable = max over a row's entries of offset + delta(se, df)
+    for j, (r, pa) in enumerate(zip(rows, adj)):
+        r["p_adjusted"] = pa
+        r["transferred"] = bool(pa is not None and pa < alpha)
+        r["detectable"] = None
+        r["safe"] = None
+        if r["transferred"] or pa is None or not detectable:
+            continue
+        if rule == "gain":
+            tests = list((r.get("tests") or {}).values())
+            if tests and all(tv.get("se") is not None and tv.get("df") is not None for tv in tests):
+                want += [(j, margin - (tv["gain"] - r["gain"]), tv["se"], tv["df"]) for tv in tests]  # a weaker baseline's head start
+        elif r.get("se") is not None and r.get("df") is not None:
+            want.append((j, fidelity, r["se"], r["df"]))
+    if want:
+        delta = np.atleast_1d(detectable_delta([w[2] for w in want], [w[3] for w in want], a_star, power))
+        for (j, off, _, _), d in zip(want, delta):
+            v = float(off + d)
+            rows[j]["detectable"] = v if rows[j]["detectable"] is None else max(rows[j]["detectable"], v)
+    if rule == "gain" and safe_below is not None:
+        for r in rows:
+            if r["detectable"] is not None:
+                r["safe"] = bool(r["detectable"] < safe_below)
+    return m
 
 
 def correctness(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
