@@ -182,6 +182,46 @@ MAX_CLASSES = 100_000
 MAX_INPUT_DIM = 4096
 
 
+MAX_HEADER_BYTES = 100 << 20  # the limit of the safetensors library itself
+
+
+def _check_weights_size(weights: Path) -> None:
+    """Refuse a weights file that is not a regular file, or whose size differs from what its own
+    safetensors header describes (8 bytes, the JSON header, the tensors' data), without reading it."""
+    import stat
+    import struct
+
+    try:
+        st = weights.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise NastyError(f"{weights} is not a regular file")
+        with open(weights, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise NastyError(f"{weights}: not a readable safetensors file ({st.st_size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > st.st_size:
+                raise NastyError(f"{weights}: not a readable safetensors file (header of {n} bytes in a file of {st.st_size})")
+            meta = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise NastyError(f"{weights}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise NastyError(f"{weights}: not a readable safetensors file (unreadable header)") from None
+    if not isinstance(meta, dict):
+        raise NastyError(f"{weights}: not a readable safetensors file (header is not a table)")
+    end = 0
+    for k, v in meta.items():
+        if k == "__metadata__":
+            continue
+        offs = v.get("data_offsets") if isinstance(v, dict) else None
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)):
+            raise NastyError(f"{weights}: not a readable safetensors file (tensor {k!r} has no valid data_offsets)")
+        end = max(end, offs[1])
+    if st.st_size != 8 + n + end:
+        raise NastyError(f"{weights}: not a readable safetensors file ({st.st_size} bytes, but its header describes "
+                         f"{8 + n + end}: truncated, padded or altered)")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -387,13 +427,14 @@ def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> tuple[nn.
     from safetensors.torch import load_file
 
     weights, side = read_sidecar(path)
-    if sha256_file(weights) != side["weights_sha256"]:
-        raise NastyError(f"{weights}: SHA-256 does not match its sidecar (truncated or altered file)")
+    _check_weights_size(weights)  # before hashing: a sparse 200 GB file must not be read in full
     header = _header(weights)
     arch, kwargs = side["model"]["name"], side["model"]["kwargs"]
     meta = build_model(arch, side["num_classes"], side["input_shape"], kwargs, str(weights), meta=True)
     check_state_fits(_signature(meta.state_dict()), header, str(weights), arch)
     del meta
+    if sha256_file(weights) != side["weights_sha256"]:  # the file now has exactly the model's size
+        raise NastyError(f"{weights}: SHA-256 does not match its sidecar (truncated or altered file)")
     try:
         state = load_file(str(weights), device=map_location)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -409,9 +450,24 @@ def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> tuple[nn.
 
 
 def check_compatible(side: dict, data, what: str = "checkpoint") -> None:
-    """Refuse a checkpoint whose classes or input shape do not match the dataset."""
+    """Refuse a checkpoint whose classes (number, names, order) or input shape do not match the dataset.
+
+    Class *names* are compared too: the same images with the classes in another order would give
+    a plausible-looking wrong accuracy. Names differ legitimately only where one side has none
+    (the default names ``0 .. C-1``, e.g. an npz without ``classes``)."""
     if side["num_classes"] != data.num_classes:
         raise NastyError(f"{what} has {side['num_classes']} classes but dataset {data.name} has {data.num_classes}")
+    ours, theirs = [str(c) for c in side["classes"]], [str(c) for c in data.classes]
+    unnamed = [str(i) for i in range(len(ours))]
+    if ours != theirs:
+        if sorted(ours) == sorted(theirs):
+            i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            raise NastyError(f"{what} orders its classes differently from dataset {data.name} "
+                             f"(class {i} is {ours[i]!r} in the checkpoint, {theirs[i]!r} in the dataset)")
+        if ours != unnamed and theirs != unnamed:
+            i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            raise NastyError(f"{what} was trained on other classes than dataset {data.name} "
+                             f"(class {i} is {ours[i]!r} in the checkpoint, {theirs[i]!r} in the dataset)")
     shape = [data.in_channels, *data.image_size]
     if list(side["input_shape"]) != shape:
         raise NastyError(f"{what} expects input {tuple(side['input_shape'])} but dataset {data.name} gives {tuple(shape)}")

@@ -181,7 +181,7 @@ def _load_mnist(data_root: str | None = None, download: bool = False) -> RawData
         raw = _load_idx_dir([root / "MNIST" / "raw"])
     if raw is None:
         raise NastyError(
-            f"MNIST not found under {root}: put mnist.npz there (this workplace: ../shared/datasets/mnist.npz) "
+            f"MNIST not found under {root}: put mnist.npz there "
             "or torchvision's MNIST/raw files, or pass --download"
         )
     raw.classes = [str(i) for i in range(10)]
@@ -267,59 +267,243 @@ def _load_svhn(data_root: str | None = None, download: bool = False) -> RawData:
     return RawData(tr.data, tr.labels.astype(np.int64), te.data, te.labels.astype(np.int64), [str(i) for i in range(10)])
 
 
-def load_npz(path: str | Path) -> RawData:
-    path = Path(path)
-    if not path.is_file():
-        raise NastyError(f"npz file not found: {path}")
+MAX_CLASSES = 10_000  # a label of 10**9 must not make a 10**9-way classifier
+MAX_IMAGE_SIDE = 4096  # pixels per side of one image
+MIN_DATA_BUDGET = 64 << 20  # bytes of decoded pixels always allowed ...
+MAX_EXPANSION = 50  # ... and beyond that, at most this many times the bytes on disk (a deflate or PNG bomb expands ~1000x)
+
+
+def _data_budget(on_disk: int) -> int:
+    """Bytes of decoded arrays that ``on_disk`` bytes of files may hold: real image data compresses a
+    few times; a bomb (a small file that decodes to gigabytes) is refused before it is decoded.
+    ``NASTY_MAX_DATA_BYTES`` raises the limit for a dataset that is known to be good."""
+    env = os.environ.get("NASTY_MAX_DATA_BYTES")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise NastyError(f"NASTY_MAX_DATA_BYTES must be an integer, got {env!r}") from None
+    return max(MIN_DATA_BUDGET, MAX_EXPANSION * on_disk)
+
+
+def _regular_file(path: Path, what: str) -> Path:
+    """``path`` if it is a regular file (following symlinks); a FIFO, device, folder or symlink loop
+    is refused without being opened (opening a FIFO blocks forever)."""
+    import stat
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z]
-            if missing:
-                raise NastyError(f"{path} lacks arrays {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
-            arrays = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-            classes = [str(c) for c in z["classes"].tolist()] if "classes" in z else []
+        st = path.stat()
+    except OSError as e:
+        raise NastyError(f"{what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise NastyError(f"{what} {path} is not a regular file")
+    return path
+
+
+def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of the arrays in an npz, read from the zip directory and the .npy headers
+    only (nothing is decompressed beyond the headers). Refuses a file whose arrays would take more
+    memory than :func:`_data_budget` allows for its size."""
+    import zipfile
+
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > 64:
+                raise NastyError(f"{path}: {len(infos)} arrays; a dataset npz holds x_train, y_train, x_test, y_test (and classes)")
+            for info in infos:
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version in ((2, 0), (3, 0)):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f"unknown .npy version {version}")
+                n = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                total += n
+                out[info.filename[:-4]] = (tuple(int(d) for d in shape), dtype)
     except NastyError:
         raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as e:
+        raise NastyError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    budget = _data_budget(path.stat().st_size)
+    if total > budget:
+        raise NastyError(f"{path}: its arrays would take {total / 2**20:.0f} MiB in memory, more than the "
+                         f"{budget / 2**20:.0f} MiB allowed for a {path.stat().st_size / 2**20:.1f} MiB file "
+                         "(a compression bomb?); set NASTY_MAX_DATA_BYTES to load a dataset known to be good")
+    return out
+
+
+def load_npz(path: str | Path) -> RawData:
+    path = Path(path)
+    if not path.exists():
+        raise NastyError(f"npz file not found: {path}")
+    _regular_file(path, "npz file")
+    members = _npz_members(path)
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in members]
+    if missing:
+        raise NastyError(f"{path} lacks arrays {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
+    for k in ("x_train", "x_test", "y_train", "y_test", "classes"):
+        if k in members and members[k][1].kind not in ("u", "i", "f", "U", "S", "b"):
+            raise NastyError(f"{path}: array {k} has dtype {members[k][1]}, not numbers")
+    if "classes" in members and len(members["classes"][0]) == 1 and members["classes"][0][0] > MAX_CLASSES:
+        raise NastyError(f"{path}: {members['classes'][0][0]} class names, more than the {MAX_CLASSES} nasty supports")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+            classes = [str(c) for c in np.asarray(z["classes"]).reshape(-1).tolist()] if "classes" in z else []
+    except NastyError:
+        raise
+    except MemoryError:
+        raise NastyError(f"{path}: not enough memory to load its arrays") from None
     except Exception as e:
-        raise NastyError(f"cannot read {path}: {e}") from None
+        raise NastyError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     xtr, ytr, xte, yte = arrays
+    ytr, yte = _labels(ytr, f"{path} y_train"), _labels(yte, f"{path} y_test")
     if len(xtr) != len(ytr) or len(xte) != len(yte):
-        raise NastyError(f"{path}: images and labels differ in length")
-    ytr, yte = ytr.astype(np.int64).reshape(-1), yte.astype(np.int64).reshape(-1)
+        raise NastyError(f"{path}: images and labels differ in length ({len(xtr)} and {len(ytr)} train, {len(xte)} and {len(yte)} test)")
     if not classes:
-        classes = [str(i) for i in range(int(max(ytr.max(), yte.max())) + 1)]
+        top = int(max(ytr.max(initial=-1), yte.max(initial=-1)))
+        if top >= MAX_CLASSES:
+            raise NastyError(f"{path}: a label of {top} means {top + 1} classes, more than the {MAX_CLASSES} nasty supports")
+        classes = [str(i) for i in range(top + 1)]
     return RawData(_to_nchw(xtr), ytr, _to_nchw(xte), yte, classes)
 
 
+def _labels(y: np.ndarray, where: str) -> np.ndarray:
+    """Integer class labels, one per image: shape (N,) or (N, 1); integers, or floats that are integers."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise NastyError(f"{where}: labels must be one integer per image, got shape {y.shape}")
+    if y.dtype.kind in ("u", "i"):
+        if y.dtype.kind == "u" and len(y) and y.max() > np.iinfo(np.int64).max:
+            raise NastyError(f"{where}: labels out of range")
+        return y.astype(np.int64)
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all() and (np.abs(y) < 2**62).all():
+        return y.astype(np.int64)
+    raise NastyError(f"{where}: labels must be integers, got dtype {y.dtype}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
 def load_imagefolder(path: str | Path) -> RawData:
+    """``PATH/train/<class>/*.png`` and ``PATH/test/<class>/*.png``. Every file is checked before any
+    is decoded: regular files only (no FIFO, folder or symlink loop named ``x.png``), one size and
+    mode read from the image headers, and the decoded total within :func:`_data_budget`."""
     from PIL import Image
 
     path = Path(path)
     if not (path / "train").is_dir() or not (path / "test").is_dir():
         raise NastyError(f"imagefolder dataset needs {path}/train/<class>/ and {path}/test/<class>/")
-    classes = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
+    try:
+        classes = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
+        extra = sorted(p.name for p in (path / "test").iterdir() if p.is_dir() and p.name not in classes)
+    except OSError as e:
+        raise NastyError(f"cannot list {path}: {e.strerror or e}") from None
     if not classes:
         raise NastyError(f"no class folders in {path}/train")
+    if extra:
+        raise NastyError(f"{path}/test/{extra[0]} is a class with no training images ({path}/train/{extra[0]} is missing)")
+    if len(classes) > MAX_CLASSES:
+        raise NastyError(f"{path}/train: {len(classes)} class folders, more than the {MAX_CLASSES} nasty supports")
+
+    def files(split: str) -> list[tuple[Path, int]]:
+        out = []
+        for ci, c in enumerate(classes):
+            folder = path / split / c
+            try:
+                names = sorted(folder.iterdir()) if folder.is_dir() else []
+            except OSError as e:
+                raise NastyError(f"cannot list {folder}: {e.strerror or e}") from None
+            out += [(_regular_file(f, "image"), ci) for f in names if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not out:
+            raise NastyError(f"no images in {path}/{split}")
+        return out
+
+    found = {split: files(split) for split in ("train", "test")}
+    # headers only: size and mode of every image, before decoding any
+    shape = None
+    pixels = on_disk = 0
+    for split, items in found.items():
+        for f, _ in items:
+            try:
+                with Image.open(f) as im:
+                    (w, h), mode = im.size, im.mode
+            except Exception as e:  # PIL raises many types for a file that is not an image
+                raise NastyError(f"{f}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
+                raise NastyError(f"{f}: image of {w}x{h} pixels; nasty takes at most {MAX_IMAGE_SIDE} per side")
+            this = (h, w, 1 if mode == "L" else 3)
+            if shape is None:
+                shape = this
+            elif this != shape:
+                raise NastyError(f"images differ in size or colour: {f} is {w}x{h} {mode}, the first image {shape[1]}x{shape[0]} "
+                                 f"with {shape[2]} channel(s)")
+            pixels += h * w * this[2]
+            on_disk += f.stat().st_size
+    budget = _data_budget(on_disk)
+    if pixels > budget:
+        raise NastyError(f"{path}: its images decode to {pixels / 2**20:.0f} MiB, more than the {budget / 2**20:.0f} MiB allowed "
+                         f"for {on_disk / 2**20:.1f} MiB of files (an image bomb?); set NASTY_MAX_DATA_BYTES to load a dataset known to be good")
 
     def read(split: str):
         xs, ys = [], []
-        for ci, c in enumerate(classes):
-            folder = path / split / c
-            for f in sorted(folder.iterdir()) if folder.is_dir() else []:
-                if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
-                    with Image.open(f) as im:
-                        xs.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im))
-                    ys.append(ci)
-        if not xs:
-            raise NastyError(f"no images in {path}/{split}")
-        shapes = {x.shape for x in xs}
-        if len(shapes) != 1:
-            raise NastyError(f"images in {path}/{split} differ in size: {sorted(shapes)[:3]}")
+        for f, ci in found[split]:
+            try:
+                with Image.open(f) as im:
+                    xs.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im))
+            except Exception as e:
+                raise NastyError(f"{f}: cannot decode ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            if xs[-1].shape != shape[: 2 if shape[2] == 1 else 3]:
+                raise NastyError(f"{f}: decodes to shape {xs[-1].shape}, its header says {shape}")
+            ys.append(ci)
         return _to_nchw(np.stack(xs)), np.asarray(ys, np.int64)
 
     xtr, ytr = read("train")
     xte, yte = read("test")
     return RawData(xtr, ytr, xte, yte, classes)
+
+
+def _check_raw(raw: RawData, name: str) -> None:
+    """What every dataset must satisfy before it is split, normalised or trained on: numeric images
+    of one shape in both splits, finite pixels, at least one image per split, labels that name
+    classes, at least two classes, and no test class without training images."""
+    for split in ("train", "test"):
+        x, y = getattr(raw, f"x_{split}"), getattr(raw, f"y_{split}")
+        if not isinstance(x, np.ndarray) or x.dtype.kind not in ("u", "i", "f", "b"):
+            raise NastyError(f"dataset {name}: {split} images must be numbers, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim != 4 or 0 in x.shape[1:]:
+            raise NastyError(f"dataset {name}: {split} images have shape {x.shape}")
+        if len(x) == 0:
+            raise NastyError(f"dataset {name} has no {split} images")
+        if len(y) != len(x):
+            raise NastyError(f"dataset {name}: {len(x)} {split} images but {len(y)} labels")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise NastyError(f"dataset {name}: {split} images hold NaN or inf pixels")
+    if raw.x_train.shape[1:] != raw.x_test.shape[1:]:
+        raise NastyError(f"dataset {name}: train images are {tuple(raw.x_train.shape[1:])} but test images {tuple(raw.x_test.shape[1:])}")
+    if any(d > MAX_IMAGE_SIDE for d in raw.x_train.shape[2:]):
+        raise NastyError(f"dataset {name}: images of {raw.x_train.shape[2]}x{raw.x_train.shape[3]}; at most {MAX_IMAGE_SIDE} per side")
+    n = len(raw.classes)
+    if n > MAX_CLASSES:
+        raise NastyError(f"dataset {name} has {n} classes, more than the {MAX_CLASSES} nasty supports")
+    for y in (raw.y_train, raw.y_test):
+        if len(y) and (y.min() < 0 or y.max() >= n):
+            raise NastyError(f"labels outside 0..{n - 1} in dataset {name}")
+    present = np.unique(raw.y_train)
+    if len(present) < 2:
+        raise NastyError(f"dataset {name}: its training images show {len(present)} class; a classifier needs at least 2")
+    orphans = np.setdiff1d(np.unique(raw.y_test), present)
+    if len(orphans):
+        c = int(orphans[0])
+        raise NastyError(f"dataset {name}: class {raw.classes[c]!r} has test images but no training images")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,11 +567,8 @@ def load_dataset(
     if augment not in AUGMENTATIONS:
         raise NastyError(f"unknown augmentation {augment!r} (choose {', '.join(AUGMENTATIONS)} or auto)")
 
+    _check_raw(raw, name)
     x_pool, y_pool = raw.x_train, raw.y_train
-    n_classes = len(raw.classes)
-    for y in (raw.y_train, raw.y_test):
-        if len(y) and (y.min() < 0 or y.max() >= n_classes):
-            raise NastyError(f"labels outside 0..{n_classes - 1} in dataset {name}")
     info: dict = {}
     if train_subset is not None:
         if not 0 < train_subset <= len(y_pool):
@@ -396,6 +577,9 @@ def load_dataset(
         x_pool, y_pool = x_pool[keep], y_pool[keep]
         info["train_subset"] = int(train_subset)
     val_idx = stratified_indices(y_pool, val_fraction, split_seed)
+    if not 0 < len(val_idx) < len(y_pool):
+        raise NastyError(f"dataset {name}: {len(y_pool)} training images leave {len(val_idx)} for validation at "
+                         f"val_fraction {val_fraction}; use more training images (--train-subset) or another val_fraction")
     mask = np.zeros(len(y_pool), bool)
     mask[val_idx] = True
 
