@@ -186,7 +186,11 @@ def load_config(path: str | Path | None, cli: dict | None = None) -> dict:
         try:
             data = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise NastyError(f"{p}: invalid TOML ({e})") from None
+            raise NastyError(f"{p}: invalid TOML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        except RecursionError:
+            raise NastyError(f"{p}: invalid TOML (nested too deeply)") from None
+        except OSError as e:
+            raise NastyError(f"cannot read config file {p}: {e.strerror or e}") from None
         cfg = merge(cfg, data, str(p))
     if cli:
         cleaned = {sec: {k: v for k, v in t.items() if v is not None} for sec, t in cli.items()}

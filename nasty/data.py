@@ -116,9 +116,14 @@ def _to_nchw(x: np.ndarray) -> np.ndarray:
 def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) without pickle or downloads."""
     opener = gzip.open if path.suffix == ".gz" else open
+    _regular_file(path, "IDX file")
+    budget = _data_budget(path.stat().st_size)
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            data = f.read(budget + 1)  # a gzip bomb stops here, not after expanding in full
+        if len(data) > budget:
+            raise NastyError(f"{path}: decompresses to more than {budget / 2**20:.0f} MiB (a compression bomb?); "
+                             "set NASTY_MAX_DATA_BYTES to load a dataset known to be good")
         zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
         if zero != 0 or dtype_code != 0x08:
             raise ValueError("not an unsigned-byte IDX file")

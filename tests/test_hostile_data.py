@@ -320,3 +320,28 @@ def test_tllm_delta_nan_refused(run_cli, tmp_path):
     one_line(rc, err, "finite")
     assert not (tmp_path / "o").exists()
 
+
+
+def test_deep_toml_is_bad_input(run_cli, tmp_path):
+    cfg = tmp_path / "deep.toml"
+    cfg.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    rc, out, err = run_cli("train-teacher", "--config", cfg, "--out", tmp_path / "run")
+    one_line(rc, err, "invalid TOML")
+
+
+def test_gzip_idx_bomb_stops_at_the_budget(tmp_path, monkeypatch):
+    import gzip
+    import struct
+
+    from nasty.data import load_dataset
+
+    root = tmp_path / "mnist"
+    root.mkdir()
+    for stem, shape in (("train-images-idx3-ubyte", (20, 28, 28)), ("t10k-images-idx3-ubyte", (4, 28, 28)),
+                        ("train-labels-idx1-ubyte", (20,)), ("t10k-labels-idx1-ubyte", (4,))):
+        with gzip.open(root / f"{stem}.gz", "wb") as f:
+            f.write(struct.pack(">HBB", 0, 8, len(shape)) + struct.pack(">" + "I" * len(shape), *shape))
+            f.write(bytes(int(np.prod(shape)) + (8 << 20) * ("train-images" in stem)))  # 8 MiB of trailing zeros
+    monkeypatch.setenv("NASTY_MAX_DATA_BYTES", str(1 << 20))
+    with pytest.raises(NastyError, match="compression bomb"):
+        load_dataset("mnist", str(root))
