@@ -94,7 +94,7 @@ def _run_dir(kw: dict, cfg: dict, default_name: str) -> Path:
     folder of an interrupted run whose ``run.json`` must hold the same config. Every training in
     the command then saves its state after each epoch and resumes from it (see ``nasty.train.fit``)."""
     from .checkpoint import atomic_write_json
-    from .runs import prepare_out_dir
+    from .runs import clean_leftovers, has_content, lock_out_dir, prepare_out_dir
     from .train import _first_difference, checkpointing
 
     from . import distributed
@@ -125,14 +125,16 @@ def _run_dir(kw: dict, cfg: dict, default_name: str) -> Path:
             diff = _first_difference(prev.get("config"), json.loads(json.dumps(cfg)))
             if diff:
                 raise NastyError(f"cannot resume {out}: option {diff}; pass the options of the interrupted run, or --force to start over")
-        elif out.is_dir() and any(out.iterdir()):
+        elif out.is_dir() and has_content(out):
             raise NastyError(f"cannot resume: {out} holds no run.json (not a run of this version of nasty); pass --force to start over")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise NastyError(f"cannot create output directory {out}: {e.strerror}") from None
+        lock_out_dir(out)  # one run at a time in a folder
+        clean_leftovers(out)  # temporary files of the killed run; its complete files are kept
     else:
-        out = prepare_out_dir(kw["out"], kw["force"], default_name)
+        out = prepare_out_dir(kw["out"], kw["force"], default_name, inputs=cfg)
     atomic_write_json(out / "run.json", {"command": command, "config": cfg})
     distributed.barrier()
     click.get_current_context().with_resource(checkpointing(save=True, resume=bool(kw.get("resume"))))
@@ -554,6 +556,10 @@ def audit_cmd(**kw) -> int:
                              first_seed=kw["first_seed"], baselines_from=list(kw["baselines_from"]))
     teacher_dir = Path(kw["teacher"]).parent if Path(kw["teacher"]).suffix else Path(kw["teacher"])
     out = Path(kw["out"]) if kw["out"] else Path("runs") / f"audit-{slug(teacher_dir.resolve().name)}"
+    if kw["force"] and out.is_dir() and any(out.iterdir()):
+        from .runs import check_replaceable
+
+        check_replaceable(out, cfg)  # --force deletes only an old run, never an input or the current folder
     audit = run_audit(settings, out, force=kw["force"], log=_log, verbose=kw["verbose"])
     headline = {"out_dir": str(out), "status": audit["status"], "gate": audit["gate"],
                 "targets": {g: {a: {k: v[k] for k in ("method", "rule", "status", "reason", "transferred_classes", "transferred_count")}

@@ -7,10 +7,11 @@ non-empty directory is never overwritten without ``force``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.nn as nn
 
@@ -23,18 +24,157 @@ from .models import create_model
 from .train import ce_objective, fit, seed_everything
 
 
-def prepare_out_dir(out: str | Path | None, force: bool, default_name: str) -> Path:
+RUN_MARKERS = ("run.json", "result.json", "model.json", "config.json", "metrics.jsonl", "audit.json", "audit-config.json")
+LOCK_FILE = ".nasty.lock"
+_LOCKS: dict[Path, int] = {}  # run folder -> open, flock-ed file descriptor held by this process
+
+
+def _is_leftover(p: Path) -> bool:
+    """A file nasty leaves behind only when killed: the temporary file of an atomic write (or its
+    backup), or the lock file of a run folder."""
+    n = p.name
+    return n == LOCK_FILE or (n.startswith(".") and (n.endswith(".tmp") or n.endswith(".tmp.bak")))
+
+
+def has_content(path: Path) -> bool:
+    """Whether folder ``path`` holds anything besides the leftovers of a killed write."""
+    try:
+        return any(not _is_leftover(p) for p in path.iterdir())
+    except OSError as e:
+        raise NastyError(f"cannot list output directory {path}: {e.strerror or e}") from None
+
+
+def clean_leftovers(path: Path) -> None:
+    """Remove the temporary files that killed writes left anywhere in run folder ``path`` (call with
+    the folder's lock held: a live run's temporary files are never touched)."""
+    for p in path.rglob(".*.tmp*"):
+        if p.is_file() and _is_leftover(p) and p.name != LOCK_FILE:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def lock_out_dir(path: Path) -> None:
+    """Take an exclusive lock on run folder ``path`` for the rest of this command (or process): a
+    second nasty run on the same folder at the same time is refused instead of both 'succeeding'."""
+    import fcntl
+
+    key = path.resolve()
+    if key in _LOCKS:
+        return
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise NastyError(f"cannot lock output directory {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise NastyError(f"output directory {path} is in use by another nasty run; wait for it or choose another --out") from None
+    _LOCKS[key] = fd
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(lambda: unlock_out_dir(key))
+
+
+def unlock_out_dir(path: Path) -> None:
+    fd = _LOCKS.pop(Path(path).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing releases the flock
+
+
+def _strings(obj: Any, depth: int = 0) -> Iterator[str]:
+    if depth > 8:
+        return
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v, depth + 1)
+
+
+def input_paths(values: Any) -> list[Path]:
+    """Every existing file or folder that a string in ``values`` names (also after a ``npz:`` or
+    ``imagefolder:`` style prefix), both as written and with symlinks resolved."""
+    out: list[Path] = []
+    for s in _strings(values):
+        for cand in (s, s.partition(":")[2]):
+            if not cand or len(cand) > 4096 or "\0" in cand:
+                continue
+            p = Path(cand).expanduser()
+            try:
+                if os.path.lexists(p):
+                    out += [Path(os.path.abspath(p)), p.resolve()]
+            except (OSError, RuntimeError, ValueError):
+                continue
+    return out
+
+
+def command_inputs(extra: Any = None) -> list[Path]:
+    """The paths that the running command reads: every option and argument value (except ``--out``)
+    naming an existing path, the default data folder, and ``extra`` (e.g. the resolved config)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    params = {k: v for k, v in (ctx.params.items() if ctx is not None else ()) if k != "out"}
+    default_root = os.environ.get("NASTY_DATA_ROOT", "data")
+    return input_paths([params, extra, default_root])
+
+
+def check_replaceable(path: Path, inputs: Any = None) -> None:
+    """What ``--force`` may delete: a folder that is recognisably a nasty run, that is neither the
+    current directory nor one of its parents, and that neither is nor holds an input of this command."""
+    real, plain = path.resolve(), Path(os.path.abspath(path))
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise NastyError(f"--force refused: --out {path} is the current directory or holds it")
+    if path.is_symlink():
+        raise NastyError(f"--force refused: --out {path} is a symbolic link; name the folder itself")
+    for p in command_inputs(inputs):
+        for mine in (real, plain):
+            if p == mine or mine in p.parents:
+                raise NastyError(f"--force refused: --out {path} {'is' if p == mine else 'holds'} {p}, an input of this command")
+    if not any((path / m).exists() for m in RUN_MARKERS):
+        raise NastyError(f"--force refused: {path} does not look like a nasty run (none of {', '.join(RUN_MARKERS[:4])} ...); "
+                         "delete it yourself or choose another --out")
+
+
+def prepare_out_dir(out: str | Path | None, force: bool, default_name: str, inputs: Any = None) -> Path:
+    """The run folder: created, or an existing empty one (leftover temporary files of a killed write do
+    not count), or with ``force`` an old run replaced (see :func:`check_replaceable`). The folder is
+    locked against a concurrent nasty run for the rest of the command."""
     path = Path(out) if out else Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and not path.is_dir():
+    if os.path.lexists(path) and not path.is_dir():
         raise NastyError(f"--out {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not force:
-            raise NastyError(f"output directory {path} is not empty; pass --force to overwrite it or choose another --out")
-        shutil.rmtree(path)
+    if path.is_dir():
+        if has_content(path):
+            if not force:
+                raise NastyError(f"output directory {path} is not empty; pass --force to overwrite it or choose another --out")
+            check_replaceable(path, inputs)
+            lock_out_dir(path)  # refuses a folder that a live run is writing
+            try:
+                shutil.rmtree(path)
+            except OSError as e:
+                raise NastyError(f"cannot clear output directory {path}: {e.strerror or e}") from None
+            finally:
+                unlock_out_dir(path)
+        elif any(path.iterdir()):  # only the leftovers of a killed write: not a reason to refuse
+            lock_out_dir(path)
+            clean_leftovers(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise NastyError(f"cannot create output directory {path}: {e.strerror}") from None
+    lock_out_dir(path)
+    if has_content(path):  # another run filled it between our check and our lock
+        unlock_out_dir(path)
+        raise NastyError(f"output directory {path} was filled by another nasty run; choose another --out")
     return path
 
 
