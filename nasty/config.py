@@ -51,7 +51,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "name": ("str", "nasty"),
         "tau": ("float", 4.0),
         "omega": ("float?", None),  # None: chosen from omega_grid on validation (locked), 0.04 with lock = "none"
-        "omega_grid": ("list[float]", [0.03, 0.1, 0.3]),
+        "omega_grid": ("list[float]", [0.1, 0.3, 1.0]),
         "lock": ("str", "two-head"),  # none (the paper's single network), two-head or two-net
         "nasty_head": ("str", "linear"),  # two-head: linear or mlp:hidden=H
         "lock_rule": ("str", "swap"),  # how the decision is imposed: swap or margin

@@ -56,12 +56,6 @@ def assemble(decision: nn.Module, nasty: nn.Module, data, form: str, dcfg: dict)
 
 
 @torch.no_grad()
-def _features(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model.forward_features(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from ..metrics import predict_logits
 
@@ -93,13 +87,40 @@ def with_cmi(objective, weight: float, tau: float):
     return wrapped
 
 
+class ServedHead(nn.Module):
+    """The nasty head as it is served: input = the backbone's features plus the decided class as a last
+    column; output = the head's logits with the decision locked on top. Training through it makes
+    the defense's objective (and the CMI term) act on what a thief will actually see."""
+
+    def __init__(self, head: nn.Module, lock: str, margin: float):
+        super().__init__()
+        self.head, self.lock, self.margin = head, lock, margin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..models.locked import lock_decision
+
+        x = x.flatten(1)
+        return lock_decision(self.head(x[:, :-1]), x[:, -1].long(), self.lock, self.margin)
+
+
+def _with_decision(decision: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """``decision``'s features of ``x`` with its decided class appended as a last column."""
+    decision.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            f = decision.forward_features(x[i : i + batch])
+            out.append(torch.cat([f, decision.forward_head(f).argmax(1, keepdim=True).to(f.dtype)], 1))
+    return torch.cat(out)
+
+
 def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data, dcfg: dict, seed: int, deterministic: bool,
                run_dir: Path | None, log: Callable[[str], None]) -> tuple[nn.Module, dict]:
     """Train a nasty head on ``decision``'s frozen features with ``defense``'s objective."""
     from ..models.locked import head_module
     from ..train import Frozen, TrainConfig, fit, seed_everything
 
-    f_train, f_val = _features(decision, data.x_train), _features(decision, data.x_val)
+    f_train, f_val = (_with_decision(decision, x) for x in (data.x_train, data.x_val))
     adv = [Frozen.from_outputs(_logits(a, data.x_train)) for a in adversaries]
     fdata = dataclasses.replace(data, x_train=f_train[:, :, None, None], x_val=f_val[:, :, None, None],
                                 x_test=f_val[:, :, None, None], y_test=data.y_val, augment="none")
@@ -107,8 +128,8 @@ def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data,
     steps = math.ceil(len(f_train) / batch)
     epochs = dcfg["head_epochs"] or max(5, min(300, math.ceil(HEAD_STEPS / steps)))
     seed_everything(seed, deterministic)
-    head = head_module(dcfg["nasty_head"], f_train.shape[1], data.num_classes)
-    net = nn.Sequential(nn.Flatten(), head)
+    head = head_module(dcfg["nasty_head"], f_train.shape[1] - 1, data.num_classes)
+    net = ServedHead(head, dcfg["lock_rule"], dcfg["lock_margin"])
     cfg = TrainConfig(epochs=epochs, batch_size=batch, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine",
                       seed=seed, deterministic=deterministic, select="last")
     res = fit(net, with_cmi(defense.objective(adv), dcfg["cmi"], defense.cfg["tau"]), fdata, cfg, run_dir=run_dir, desc=f"nasty-head:omega={defense.cfg['omega']:g}", log=log,
@@ -194,3 +215,32 @@ def describe_lock(side: dict) -> str | None:
 def lock_summary(model: LockedTeacher) -> dict[str, Any]:
     return {"form": model.form, "lock": model.lock, "margin": model.margin,
             "white_box": "the artifact contains the normal model: whoever holds its weights holds the normal model"}
+
+
+def lock_checkpoints(decision_path: str, nasty_path: str, lock: str = "swap", margin: float = 0.0) -> tuple[LockedTeacher, dict, dict]:
+    """A two-net lock from two existing checkpoints (e.g. a nasty teacher trained with ``--lock none``
+    and the normal model it was trained against). Both must agree on classes, input shape and
+    normalisation, and neither may already be locked; returns the model and both sidecars."""
+    from ..checkpoint import load_checkpoint, read_sidecar
+
+    sides = {}
+    for what, path in (("decision", decision_path), ("nasty", nasty_path)):
+        _, side = read_sidecar(path)
+        if describe_lock(side):
+            raise NastyError(f"{path} is {describe_lock(side)}; a lock needs two plain models")
+        sides[what] = side
+    d, n = sides["decision"], sides["nasty"]
+    for key, label in (("classes", "classes"), ("input_shape", "input shape"), ("normalization", "normalisation")):
+        if d[key] != n[key]:
+            raise NastyError(f"the decision model ({decision_path}) and the nasty part ({nasty_path}) disagree on {label}: "
+                             f"{d[key]} vs {n[key]}")
+    decision, _ = load_checkpoint(decision_path)
+    nasty, _ = load_checkpoint(nasty_path)
+
+    class _Data:  # what assemble needs of a dataset
+        classes = d["classes"]
+        num_classes = len(d["classes"])
+        in_channels = d["input_shape"][0]
+        image_size = tuple(d["input_shape"][1:])
+
+    return assemble(decision, nasty, _Data, "two-net", {"lock_rule": lock, "lock_margin": margin}), d, n
