@@ -217,7 +217,7 @@ def _float_list(flag: str, text: str | None) -> list[float] | None:
 @click.option("--lock-rule", type=click.Choice(["swap", "margin"]), help="How the decision is imposed on the nasty logits (default swap).")
 @click.option("--lock-margin", type=float, help="margin lock: how far the decided class is put above the others (default 0).")
 @click.option("--omega-grid", help="Candidates for omega, chosen by a KD probe on the validation split when --omega is not given "
-              "(comma-separated; default 0.03,0.1,0.3).")
+              "(comma-separated; default 0.1,0.3,1).")
 @click.option("--cmi", type=float, help="two-head: weight of the head's conditional mutual information given the class "
               "(outputs that say nothing beyond the decision; default 10, 0 turns it off).")
 @click.option("--head-epochs", type=int, help="two-head: epochs of the nasty head on cached features (default: about 3000 steps).")
@@ -353,6 +353,35 @@ def _explicit_query(kw: dict) -> bool:
     import tomllib
 
     return "query" in tomllib.loads(Path(kw["config"]).read_text()).get("attack", {})
+
+
+@cli.command("lock")
+@click.option("--decision", required=True, type=click.Path(), help="The normal model: it makes every decision.")
+@click.option("--nasty", "nasty_part", required=True, type=click.Path(), help="The nasty network whose soft outputs are served.")
+@click.option("--lock-rule", type=click.Choice(["swap", "margin"]), default="swap", show_default=True)
+@click.option("--lock-margin", type=float, default=0.0, show_default=True)
+@click.option("--out", required=True, help="Folder of the locked checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@click.option("--json", "as_json", is_flag=True)
+def lock_cmd(decision: str, nasty_part: str, lock_rule: str, lock_margin: float, out: str, force: bool, as_json: bool) -> None:
+    """Lock an existing nasty network to a normal model's decisions (one two-net artifact)."""
+    import math
+
+    from .checkpoint import save_checkpoint
+    from .defenses.lock import lock_checkpoints
+    from .runs import prepare_out_dir
+
+    if not (math.isfinite(lock_margin) and 0 <= lock_margin <= 100):
+        raise NastyError(f"--lock-margin must be in [0, 100], got {lock_margin}")
+    model, side, nside = lock_checkpoints(decision, nasty_part, lock_rule, lock_margin)
+    folder = prepare_out_dir(out, force, "locked")
+    norm = side["normalization"]
+    save_checkpoint(folder, model, classes=side["classes"], input_shape=tuple(side["input_shape"]), mean=norm["mean"], std=norm["std"],
+                    dataset=side["dataset"], config={"lock": {"decision": str(decision), "nasty": str(nasty_part)}},
+                    extra={"defense": nside.get("defense", {"name": "locked"}), "lock": {"decision": str(decision), "nasty": str(nasty_part),
+                                                                                          "rule": lock_rule, "margin": lock_margin}})
+    res = {"checkpoint": str(folder), "decision": str(decision), "nasty": str(nasty_part), "lock_rule": lock_rule}
+    _emit(res, as_json, lambda: click.echo(f"locked teacher -> {folder} (decisions from {decision}, soft outputs from {nasty_part})"))
 
 
 @cli.command("eval")
