@@ -710,6 +710,12 @@ def describe_defense(side: dict, post) -> dict:
         info = side.get("defense_info") or {}
         if isinstance(info, dict) and "omega" in info:
             training["omega_selected"] = info["omega"]
+        model = side.get("model") if isinstance(side.get("model"), dict) else {}
+        kw = model.get("kwargs") if isinstance(model.get("kwargs"), dict) else {}
+        if model.get("name") == "locked":
+            training["lock"] = f"{kw.get('form', '?')}, {kw.get('lock', '?')}"
+            training["white_box"] = ("the artifact contains the normal model: white-box (--query weights) results are "
+                                     "attacks on the normal model, not a test of the defense")
     return {"training": training, "output": post.describe() if post is not None else None}
 
 
@@ -720,8 +726,10 @@ def defense_text(defense: dict | None) -> str:
     parts = []
     t = defense.get("training")
     if t:
-        params = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in t.items() if k != "name")
+        params = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in t.items() if k not in ("name", "white_box"))
         parts.append(f"training-time: {t['name']} ({params})")
+        if t.get("white_box"):
+            parts.append(f"note: {t['white_box']}")
     if defense.get("output"):
         parts.append(f"output: {defense['output']}")
     return "; ".join(parts)
