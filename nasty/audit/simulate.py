@@ -138,8 +138,8 @@ def calibrate(m: Model, reps: int, seed: int = 0, **kw) -> dict:
                 else:
                     detect.append(r["transferred"])
                     # the power the report would claim for this gain, from the class's own se and df
-                    claimed.append(min(stats.power_at(g - margin + (tv["gain"] - r["gain"]), tv["se"], tv["df"], a_star)
-                                       for tv in r["tests"].values()))
+                    pp = stats.power_parts(r)
+                    claimed.append(float(stats.iut_power(g - margin, pp, a_star)))
                 if r["gain_ci"][0] is not None:
                     cover_lo.append(r["gain_ci"][0] <= g)
                     cover.append(r["gain_ci"][0] <= g <= r["gain_ci"][1])

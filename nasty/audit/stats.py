@@ -18,17 +18,20 @@ Variance of a mean over seeds and test samples (the seed is the unit of replicat
     model ``D[s, i] = mu + seed_s + item_i + e_si`` (as in multi-reader multi-case studies, seeds
     playing the readers) gives ``Var(mean D) = s2_seed / S + s2_item / n + s2_e / (S n)``. With the
     ANOVA mean squares ``MS_S = n * var_s(row means)`` (df ``S-1``), ``MS_I = S * var_i(column means)``
-    (df ``n-1``) and ``MS_E`` (residual, df ``(S-1)(n-1)``)::
+    (df ``n-1``) and ``MS_E`` (residual, df ``(S-1)(n-1)``), and ``V_X = MS_X / (S n)``::
 
-        V  = V_S + V_I,   V_S = max(MS_S, MS_E) / (S n),   V_I = max(MS_I - MS_E, 0) / (S n)
-        df = V^2 / (V_S^2 / (S-1) + V_I^2 / (n-1))         (Welch-Satterthwaite, so S-1 <= df)
+        V  = V_S + max(V_I - V_E, 0)
+        df = V^2 / (V_S^2/(S-1) + V_I^2/(n-1) + V_E^2/((S-1)(n-1)))   if V_I > V_E   (Satterthwaite)
+        df = S - 1                                                      otherwise
 
-    ``V_S`` is the seed-to-seed variance of the per-seed gains (what a t-test over seeds uses; it
-    also holds the test-sample noise that differs between seeds); ``V_I`` adds the test-sample
-    variance *shared* by all seeds (the same test images are scored every time), which a t-test
-    over per-seed gains would miss. Both are floored at what the model allows (variance components
-    are not negative). The interval is ``mean D +/- t(df) * sqrt(V)``. With one seed ``V = var_i(D) / n``
-    (df ``n-1``): test-sample noise only, training noise unseen -- every interval is **unreliable**.
+    ``V_S = var_s(per-seed mean gain) / S`` is exactly what a t-test over the per-seed gains uses (it
+    holds the seed-to-seed training noise and the test-sample noise that differs between seeds);
+    ``V_I - V_E = s2_item / n`` adds the test-sample variance *shared* by all seeds (the same test
+    images are scored every time), which a t-test over per-seed gains misses. The shared component is
+    truncated at zero (a variance is not negative). The interval is ``mean D +/- t_{0.975}(df) sqrt(V)``:
+    with S - 1 degrees of freedom when the seed term dominates, close to a z-interval when the
+    test set dominates. With one seed ``V = var_i(D) / n`` (df ``n-1``): test-sample noise only,
+    training noise unseen -- every interval is **unreliable**.
 
 Gain interval and test against two baselines (intersection-union)
     For each baseline ``k``: ``d_k = mean D_k``, ``se_k``, ``df_k`` as above, one-sided
@@ -106,12 +109,14 @@ def crossed(D: np.ndarray) -> tuple[float, float, float]:
     ms_i = S * float(c.var(ddof=1))
     resid = D - r[:, None] - c[None, :] + g
     ms_e = float((resid ** 2).sum()) / ((S - 1) * (n - 1))
-    v_s = max(ms_s, ms_e) / (S * n)
-    v_i = max(ms_i - ms_e, 0.0) / (S * n)
-    v = v_s + v_i
+    v_s, v_i, v_e = ms_s / (S * n), ms_i / (S * n), ms_e / (S * n)
+    v = v_s + max(v_i - v_e, 0.0)
     if v <= 0:
         return g, 0.0, float(S - 1)
-    df = v * v / (v_s * v_s / (S - 1) + v_i * v_i / (n - 1))
+    if v_i > v_e:
+        df = v * v / (v_s * v_s / (S - 1) + v_i * v_i / (n - 1) + v_e * v_e / ((S - 1) * (n - 1)))
+    else:
+        df = float(S - 1)
     return g, float(v), float(df)
 
 
@@ -158,6 +163,60 @@ def detectable_delta(se, df, alpha: float, power: float):
     out = np.where(se > 0, hi * se, 0.0)
     out = np.where(np.isfinite(se) & np.isfinite(df), out, np.nan)
     return out if out.ndim else float(out)
+
+
+def iut_power(delta, parts: list[tuple], alpha: float):
+    """Power of the intersection-union test when the gain over the better baseline is ``delta`` above the margin.
+
+    ``parts``: per baseline ``(head, se, df)`` arrays (``head``: the credited head start of that baseline's
+    comparison, 0 for the better one). Each comparison's power is the noncentral t's; the test needs all
+    of them to reject, and as the comparisons share the attack's students (positively dependent) the
+    product of their powers is a lower bound, which is what is claimed."""
+    st = _t()
+    delta = np.asarray(delta, float)
+    pw = []
+    for head, se, df in parts:
+        se, df = np.asarray(se, float), np.asarray(df, float)
+        crit = st.t.ppf(1 - alpha, df)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            nc = (delta + head) / np.where(se > 0, se, np.nan)
+        p = np.where(se > 0, st.nct.sf(crit, df, np.nan_to_num(nc)), (delta + np.asarray(head)) > 0)
+        pw.append(p)
+    return np.prod(pw, axis=0)
+
+
+def detectable_iut(parts: list[tuple], alpha: float, power: float) -> np.ndarray:
+    """Smallest ``delta >= 0`` with ``iut_power(delta) >= power`` (vectorised bisection over classes)."""
+    se_max = np.max([np.asarray(p[1], float) for p in parts], axis=0)
+    lo = np.zeros(np.shape(se_max))
+    hi = np.maximum(se_max, 1e-9) * 8.0
+    for _ in range(40):
+        short = iut_power(hi, parts, alpha) < power
+        if not short.any():
+            break
+        hi = np.where(short, hi * 2, hi)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        ok = iut_power(mid, parts, alpha) >= power
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+    return hi
+
+
+def power_parts(r: dict) -> list[tuple] | None:
+    """The inputs of :func:`iut_power` for one gain-rule row: a weaker baseline's head start is credited only
+    beyond two standard errors of the baselines' difference (an observed lead of a tied baseline is noise)."""
+    tests = r.get("tests") or {}
+    if not tests or any(tv.get("se") is None or tv.get("df") is None for tv in tests.values()):
+        return None
+    best = r["baseline"]
+    parts = []
+    for b, tv in tests.items():
+        head = tv["gain"] - tests[best]["gain"] if b != best else 0.0
+        if b != best:
+            head = max(0.0, head - 2.0 * (tv.get("se_vs_best") or 0.0))
+        parts.append((head, tv["se"], tv["df"]))
+    parts.sort(key=lambda p: p[0])
+    return parts
 
 
 def reliability(n_seeds: int) -> str:
@@ -287,6 +346,11 @@ def class_decisions(
         for b, m in base.items():
             d, v, df = crossed(100.0 * (a - m[:, idx]))
             e["tests"][b] = [d, math.sqrt(v) if math.isfinite(v) else nan, df]
+        e["se_vs"] = {}
+        for o in names:  # the standard error of each weaker baseline's lead (for the power of the test)
+            if o != e["best"]:
+                _, v12, _ = crossed(100.0 * (base[o][:, idx].astype(np.float64) - base[e["best"]][:, idx]))
+                e["se_vs"][o] = math.sqrt(v12) if math.isfinite(v12) else None
         e["fid"] = e["acc_a"] / e["t_acc"] if e["t_acc"] > 0 else None
         if e["fid"] is not None:
             _, v, df = crossed(a - e["fid"] * t[None])
@@ -325,6 +389,8 @@ def class_decisions(
         for b in names:
             d, se, df = e["tests"][b]
             tests[b] = {"gain": d, "se": se if ok[j] else None, "df": df if ok[j] else None, "p_value": float(pv[j])}
+            if b in e["se_vs"]:
+                tests[b]["se_vs_best"] = e["se_vs"][b]
             all_ok &= bool(ok[j])
             lo.append(d - ql[j] * se if se > 0 else d)
             hi.append(d + qh[j] * se if se > 0 else d)
@@ -378,7 +444,7 @@ def decide_family(families: list[list[dict]], *, rule: str, correction: str = "h
     adj = adjust([r.get("p_value") for r in rows], correction)
     m = sum(v is not None for v in adj)
     a_star = per_test_alpha(correction, m, alpha)
-    want = []  # (row index, offset, se, df): detectable = max over a row's entries of offset + delta(se, df)
+    gain_rows, fid_rows = [], []
     for j, (r, pa) in enumerate(zip(rows, adj)):
         r["p_adjusted"] = pa
         r["transferred"] = bool(pa is not None and pa < alpha)
@@ -387,16 +453,21 @@ def decide_family(families: list[list[dict]], *, rule: str, correction: str = "h
         if r["transferred"] or pa is None or not detectable:
             continue
         if rule == "gain":
-            tests = list((r.get("tests") or {}).values())
-            if tests and all(tv.get("se") is not None and tv.get("df") is not None for tv in tests):
-                want += [(j, margin - (tv["gain"] - r["gain"]), tv["se"], tv["df"]) for tv in tests]  # a weaker baseline's head start
+            pp = power_parts(r)
+            if pp is not None:
+                gain_rows.append((j, pp))
         elif r.get("se") is not None and r.get("df") is not None:
-            want.append((j, fidelity, r["se"], r["df"]))
-    if want:
-        delta = np.atleast_1d(detectable_delta([w[2] for w in want], [w[3] for w in want], a_star, power))
-        for (j, off, _, _), d in zip(want, delta):
-            v = float(off + d)
-            rows[j]["detectable"] = v if rows[j]["detectable"] is None else max(rows[j]["detectable"], v)
+            fid_rows.append(j)
+    for k in sorted({len(pp) for _, pp in gain_rows}):  # rows with the same number of baselines together
+        sel = [(j, pp) for j, pp in gain_rows if len(pp) == k]
+        parts = [tuple(np.array([pp[i][q] for _, pp in sel]) for q in range(3)) for i in range(k)]
+        delta = detectable_iut(parts, a_star, power)
+        for (j, _), d in zip(sel, np.atleast_1d(delta)):
+            rows[j]["detectable"] = float(margin + d)
+    if fid_rows:
+        delta = np.atleast_1d(detectable_delta([rows[j]["se"] for j in fid_rows], [rows[j]["df"] for j in fid_rows], a_star, power))
+        for j, d in zip(fid_rows, delta):
+            rows[j]["detectable"] = float(fidelity + d)
     if rule == "gain" and safe_below is not None:
         for r in rows:
             if r["detectable"] is not None:
