@@ -66,6 +66,9 @@ def test_kd_loss_mask_keeps_the_kd_term_only_where_true():
     zt_top = torch.tensor([[3.0, 0.0, -math.inf], [-math.inf, 1.0, 2.0], [1.0, -math.inf, 1.0]])
     masked, _ = kd_loss(zs, zt_top, y, T, a, mask=mask)
     assert torch.isfinite(masked)
+    zs_top = torch.where(torch.isinf(zt_top), torch.full_like(zs, -math.inf), zs)  # a student that withholds the same
+    both_top, _ = kd_loss(zs_top, zt_top, None, T, a, mask=mask)
+    assert torch.isfinite(both_top)
     # without labels: the KD term alone (alpha counts as 1)
     nolab, t2 = kd_loss(zs, zt, None, T, a, mask=mask)
     assert nolab.item() == pytest.approx((per[0] + per[2]) / 3, rel=1e-5) and t2["ce"] == 0.0
