@@ -29,6 +29,7 @@ import tomllib
 from pathlib import Path
 
 ATTACKS = [  # (name, method, --param list, teacher: locked|normal, extra flags)
+    ("label-smoothing", "label-smoothing", [], "normal", []),  # the second label-only baseline (CMIM's bar); uses no teacher
     ("kd", "kd", [], "locked", []),
     ("rehead-affine", "rehead", [], "locked", []),
     ("rehead-mlp", "rehead", ["corrector=mlp"], "locked", []),
@@ -83,7 +84,8 @@ def mean_sd(xs: list[float]) -> str:
 def run_seed(args, cfg: dict, seed: int) -> dict:
     root = Path(args.out) / f"seed{seed}"
     t0 = time.time()
-    locked = result(root / "locked", nasty("train-defended", "--config", args.config, "--seed", str(seed)))
+    source = ["--dataset", args.dataset] if args.dataset else ["--config", args.config]
+    locked = result(root / "locked", nasty("train-defended", *source, "--seed", str(seed), *shlex.split(args.flags)))
     normal_ckpt = locked["normal_checkpoint"]
     row: dict = {"seed": seed, "normal_accuracy": locked["normal_accuracy"], "served_accuracy": locked["defended_accuracy"],
                  "omega": locked["omega"], "quality": {"normal": locked["normal_quality"], "locked": locked["defended_quality"]},
@@ -91,17 +93,22 @@ def run_seed(args, cfg: dict, seed: int) -> dict:
     if args.defaults_only:
         row["seconds"] = time.time() - t0
         return row
-    single = result(root / "single", nasty("train-defended", "--config", args.config, "--seed", str(seed), "--adversary", normal_ckpt,
-                                           "--lock", "none", "--omega", str(args.single_omega)))
-    row["single_accuracy"] = single["defended_accuracy"]
-    row["quality"]["single"] = single["defended_quality"]
-    row["single_probe"] = single["probe"]
+    if args.skip_single:
+        row["single_probe"] = None
+    else:
+        single = result(root / "single", nasty("train-defended", "--config", args.config, "--seed", str(seed), "--adversary", normal_ckpt,
+                                               "--lock", "none", "--omega", str(args.single_omega)))
+        row["single_accuracy"] = single["defended_accuracy"]
+        row["quality"]["single"] = single["defended_quality"]
+        row["single_probe"] = single["probe"]
     data = ["--config", args.config, "--seed", str(seed), *student_flags(cfg)]
     for st in cfg["probe"]["students"]:
         slug = st.replace(":", "-").replace("=", "")
         base = result(root / slug / "scratch", nasty("attack", "--method", "scratch", "--teacher", normal_ckpt, "--student", st, *data))
         gains = {"scratch_accuracy": base["accuracy"]}
         for name, method, params, teacher, extra in ATTACKS:
+            if args.attacks and name not in args.attacks:
+                continue
             t = locked["defended_checkpoint"] if teacher == "locked" else normal_ckpt
             cmd = nasty("attack", "--method", method, "--teacher", t, "--student", st, *data, *extra,
                         *[f for p in params for f in ("--param", p)])
@@ -133,17 +140,23 @@ def quality_of_references(args, seed: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/digits.toml")
+    ap.add_argument("--dataset", help="with --defaults-only: `train-defended --dataset D` with no other flags instead of --config")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--single-omega", type=float, default=0.1, help="omega of the paper's single network (--lock none)")
     ap.add_argument("--defaults-only", action="store_true", help="only the default train-defended per seed (thread-count check)")
+    ap.add_argument("--flags", default="", help="extra train-defended flags of the locked teacher (a variant: --lock two-net ...)")
+    ap.add_argument("--skip-single", action="store_true", help="do not train the paper's single network")
+    ap.add_argument("--attacks", nargs="*", help="only these rows of the attack table (default: all)")
     ap.add_argument("--out", default="bench_runs/locked")
     args = ap.parse_args()
-    cfg = tomllib.loads(Path(args.config).read_text())
+    if args.dataset and not args.defaults_only:
+        sys.exit("--dataset is for --defaults-only")
+    cfg = {"probe": {"students": ["mlp", "cnn:width=0.25"]}} if args.dataset else tomllib.loads(Path(args.config).read_text())
     rows = [run_seed(args, cfg, s) for s in args.seeds]
     if not args.defaults_only:
         for r in rows:
             r["quality"].update(quality_of_references(args, r["seed"]))
-    info = {"command": " ".join(shlex.quote(a) for a in sys.argv), "config": args.config, "seeds": args.seeds,
+    info = {"command": " ".join(shlex.quote(a) for a in sys.argv), "config": args.dataset or args.config, "seeds": args.seeds,
             "threads": os.environ.get("OMP_NUM_THREADS", "default"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "python": platform.python_version()}
     out = Path(args.out) / "locked.json"
@@ -157,10 +170,23 @@ def main() -> None:
     if args.defaults_only:
         return
     students = cfg["probe"]["students"]
+    print("\nGain over the better label-only baseline (max of scratch and label-smoothing, per seed):")
     print("\n| attack (teacher) | " + " | ".join(students) + " |")
     print("|---|" + "---|" * len(students))
     for name, *_ in ATTACKS:
+        if (args.attacks and name not in args.attacks) or name == "label-smoothing":
+            continue
+        print(f"| {name} | " + " | ".join(mean_sd([r["gains"][s][name] - max(0.0, r["gains"][s].get("label-smoothing", 0.0))
+                                                  for r in rows]) for s in students) + " |")
+    print("\nGain over scratch (labels only, plain CE):")
+    print("\n| attack (teacher) | " + " | ".join(students) + " |")
+    print("|---|" + "---|" * len(students))
+    for name, *_ in ATTACKS:
+        if args.attacks and name not in args.attacks:
+            continue
         print(f"| {name} | " + " | ".join(mean_sd([r["gains"][s][name] for r in rows]) for s in students) + " |")
+    if args.skip_single:
+        return
     print("| single network (paper), KD | " + " | ".join(
         mean_sd([next(x["kd_gain_defended"] for x in r["single_probe"]["students"] if x["student"] == s) for r in rows]) for s in students) + " |")
     print("\n| served | top-1 | top-5 | ECE |\n|---|---|---|---|")

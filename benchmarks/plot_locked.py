@@ -1,0 +1,75 @@
+"""Leakage vs what the served probabilities still give a legitimate user, from bench_locked.py results.
+
+    python benchmarks/plot_locked.py docs/bench/locked-digits.json docs/bench/locked-fashion.json --out docs/pareto.png
+
+x: top-5 accuracy and calibration error (ECE) of the served probabilities (test split); y: the best
+attack's gain over the label-only twin (points; mean over seeds of the worst student), i.e. leakage.
+Served defenses: the normal teacher, the paper's single nasty network (KD only was measured), the
+decision-locked teacher (every attack of the benchmark), the class template and labels only (0 by
+definition: it is the label-only baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+LOCKED = ["kd", "kd-probs", "rehead-affine", "rehead-mlp", "top1-confidence", "augment-average", "averager", "skeptical", "tllm-drop"]
+
+
+def leakage(rows: list[dict]) -> dict[str, float]:
+    """Per served defense: mean over seeds of max over students and attacks of the gain over labels."""
+    def floor(r: dict, student: str) -> float:  # the better label-only baseline, relative to scratch
+        return max(0.0, r["gains"][student].get("label-smoothing", 0.0))
+
+    def best(r: dict, names: list[str]) -> float:
+        return max(r["gains"][s][n] - floor(r, s) for s in r["gains"] for n in names)
+
+    out = {
+        "normal": statistics.mean(best(r, ["normal-kd", "normal-rehead-affine"]) for r in rows),
+        "locked": statistics.mean(best(r, LOCKED) for r in rows),
+        "template": statistics.mean(best(r, ["template-kd", "template-rehead-affine"]) for r in rows),
+        "label": 0.0,
+    }
+    if all(r.get("single_probe") for r in rows):
+        out["single"] = statistics.mean(max(s["kd_gain_defended"] - floor(r, s["student"]) for s in r["single_probe"]["students"]) for r in rows)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results", nargs="+")
+    ap.add_argument("--out", default="docs/pareto.png")
+    args = ap.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(args.results), 2, figsize=(10, 4 * len(args.results)), squeeze=False)
+    for row, path in zip(axes, args.results):
+        doc = json.loads(Path(path).read_text())
+        rows = doc["rows"]
+        leak = leakage(rows)
+        name = Path(doc["info"]["config"]).stem
+        for ax, metric, label in ((row[0], "top5", "top-5 accuracy of the served probabilities (%)"),
+                                  (row[1], "ece", "calibration error of the served probabilities (ECE, %)")):
+            for k, y in leak.items():
+                if not all(k in r["quality"] for r in rows):
+                    continue
+                x = statistics.mean(r["quality"][k][metric] for r in rows)
+                ax.scatter(x, y, s=60)
+                ax.annotate(k, (x, y), textcoords="offset points", xytext=(5, 5))
+            ax.axhline(0, color="grey", lw=0.8, ls="--")
+            ax.set_xlabel(label)
+            ax.set_ylabel("best attack's gain over labels (points)")
+            ax.set_title(f"{name}, {len(rows)} seeds")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
