@@ -165,3 +165,24 @@ def test_seed_sets_the_students_initial_weights(digits, teacher):
         model, _ = run_attack("kd", data=digits, teachers=[teacher], student="mlp:hidden=16", train=cfg, log=quiet)
         outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
+
+
+def test_skeptical_official_warmup_by_default(digits, teacher, tmp_path):
+    """Official recipe: kd_delay 20, warm-up while epoch <= kd_delay with CE on the final head only;
+    a run too short for it is shortened to half its epochs and says so."""
+    from nasty.attacks.skeptical import Skeptical
+
+    assert Skeptical.params["kd_delay"] == 20 and Skeptical.params["warmup"] == "final"
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=0)
+    _, res = run_attack("skeptical", data=digits, teachers=[teacher], student="mlp", train=cfg, log=quiet, out_dir=tmp_path / "a")
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert ["kd_kl" in r for r in rows] == [False, False, True, True]
+    assert any("shortened to 2" in n for n in res["notes"])
+    _, res = run_attack("skeptical", data=digits, teachers=[teacher], student="mlp", train=cfg, log=quiet, out_dir=tmp_path / "b",
+                        params={"kd_delay": 0})
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert ["kd_kl" in r for r in rows] == [False, True, True, True]  # epoch <= 0: one warm-up epoch
+    _, res = run_attack("skeptical", data=digits, teachers=[teacher], student="mlp", train=cfg, log=quiet, out_dir=tmp_path / "c",
+                        params={"kd_delay": 0, "warmup": "all"})
+    rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kd_kl" in r for r in rows)  # the variant: epoch < kd_delay

@@ -6,8 +6,11 @@ network; the final head learns from labels and self-distillation. Inference uses
 
 Works for any registered student: auxiliary heads hang on forward hooks at its ``stage_names``.
 With ``n`` stages, stage ``h = head_stage`` (default ``max(1, n - 2)``) carries the teacher's head
-and stage ``s = sd_stage`` (default ``max(1, n - 1)``) the self-distillation head. After the
-labels-only warm-up of ``kd_delay`` epochs (``CE`` on all heads) the loss is the reference one:
+and stage ``s = sd_stage`` (default ``max(1, n - 1)``) the self-distillation head. The warm-up is
+the official code's: while ``epoch <= kd_delay`` (``kd_delay + 1`` epochs, published ``kd_delay``
+20) only the final head learns, with ``CE`` (``warmup=all``: the variant with ``CE`` on every head
+for ``kd_delay`` epochs). A run too short for the delay (``epochs <= kd_delay + 1``) uses half its
+epochs and says so in its notes. Then the loss is the reference one:
 
 ``a T^2 KL(sig_T(z_T) || sig_T(z_h)) + (1-a) CE(z_h, y)
 + g KL(sig_T(z_final) || sig_T(z_s)) + (1-g) CE(z_s, y) + CE(z_final, y)``
@@ -46,8 +49,8 @@ class Skeptical(Attack):
     summary = "teacher distilled into a shallow auxiliary head; final head from labels + self-distillation (Kundu et al. 2021)"
     accepts = ("weights", "logits", "probs", "topk")
     supports_augment = True
-    params = {"temperature": 4.0, "alpha": 0.9, "head_stage": None, "sd_stage": None, "sd_weight": 0.3, "kd_delay": 0,
-              "head_width": None}
+    params = {"temperature": 4.0, "alpha": 0.9, "head_stage": None, "sd_stage": None, "sd_weight": 0.3, "kd_delay": 20,
+              "warmup": "final", "head_width": None}
 
     def validate(self):
         p = self.p
@@ -56,6 +59,8 @@ class Skeptical(Attack):
             raise NastyError(f"skeptical sd_weight must be in [0, 1], got {p['sd_weight']}")
         if isinstance(p["kd_delay"], bool) or not isinstance(p["kd_delay"], int) or p["kd_delay"] < 0:
             raise NastyError(f"skeptical kd_delay must be an integer >= 0 (epochs), got {p['kd_delay']!r}")
+        if p["warmup"] not in ("final", "all"):
+            raise NastyError(f"skeptical warmup must be final (official: CE on the final head) or all, got {p['warmup']!r}")
         hw = p["head_width"]
         if hw is not None and (isinstance(hw, bool) or not isinstance(hw, int) or hw < 1):
             raise NastyError(f"skeptical head_width must be a positive integer, got {hw!r}")
@@ -77,15 +82,23 @@ class Skeptical(Attack):
         teacher = ctx.frozen_teacher()
         mix = ctx.mixer()
         T, a, g, delay = self.p["temperature"], self.p["alpha"], self.p["sd_weight"], self.p["kd_delay"]
+        official = self.p["warmup"] == "final"
+        warm_epochs = delay + 1 if official else delay
+        if warm_epochs >= ctx.train.epochs:
+            warm_epochs = ctx.train.epochs // 2
+            ctx.notes.append(f"kd_delay {delay} leaves no distillation epoch in {ctx.train.epochs}: warm-up shortened to {warm_epochs} epochs")
         kh, ks = h.replace(".", "_"), s.replace(".", "_")
 
         def objective(model, batch, epoch):
-            m = mix(batch) if epoch >= delay else mix.identity(batch)
+            warm = epoch < warm_epochs
+            m = mix.identity(batch) if warm else mix(batch)
             z = model(m.x)
+            ce_f = mixed_ce(z, m)
+            if warm and official:
+                return ce_f, {"ce": ce_f.item()}
             zh = model.extra[kh](model.tap[h])
             zs = zh if ks == kh else model.extra[ks](model.tap[s])
-            ce_f = mixed_ce(z, m)
-            if epoch < delay:
+            if warm:
                 loss = ce_f + mixed_ce(zh, m) + (mixed_ce(zs, m) if ks != kh else 0.0)
                 return loss, {"ce": ce_f.item()}
             kd = kd_per_sample(zh, teacher(m.batch), T).mean()
