@@ -68,6 +68,7 @@ Everything here is analytic (no resampling), so the numbers are exactly reproduc
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -146,6 +147,12 @@ def power_at(delta: np.ndarray | float, se, df, alpha: float):
 
 def detectable_delta(se, df, alpha: float, power: float):
     """Smallest ``delta`` (above the margin) with ``power_at(delta) >= power`` (vectorised bisection)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _detectable_delta(se, df, alpha, power)
+
+
+def _detectable_delta(se, df, alpha: float, power: float):
     se, df = np.broadcast_arrays(np.asarray(se, float), np.asarray(df, float))
     st = _t()
     crit = st.t.ppf(1 - alpha, df)
@@ -180,7 +187,9 @@ def iut_power(delta, parts: list[tuple], alpha: float):
         crit = st.t.ppf(1 - alpha, df)
         with np.errstate(divide="ignore", invalid="ignore"):
             nc = (delta + head) / np.where(se > 0, se, np.nan)
-        p = np.where(se > 0, st.nct.sf(crit, df, np.nan_to_num(nc)), (delta + np.asarray(head)) > 0)
+        with warnings.catch_warnings():  # scipy's series may warn far in the tails (power ~0 or ~1): harmless here
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = np.where(se > 0, st.nct.sf(crit, df, np.nan_to_num(nc)), (delta + np.asarray(head)) > 0)
         pw.append(p)
     return np.prod(pw, axis=0)
 
