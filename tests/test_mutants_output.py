@@ -96,3 +96,63 @@ def re_escape(s: str) -> str:
     import re
 
     return re.escape(s)
+
+
+def test_template_decoy_position_wraps_and_three_classes():
+    p4 = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]], dtype=torch.float64)
+    one = Template(top=0.6, decoy=0.3, shift=1)(p4)
+    assert one.argmax(1).tolist() == [0, 3] and (one == 0.3).nonzero()[:, 1].tolist() == [1, 0]  # d + 1 mod C
+    four = Template(top=0.6, decoy=0.3, shift=4)(p4)  # shift mod (C - 1) = 1: never the decided class itself
+    assert torch.equal(four, one)
+    p3 = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64)
+    assert torch.allclose(Template(top=0.6, decoy=0.3)(p3), torch.tensor([[0.1, 0.6, 0.3]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("spec", ["round:0", "round:12", "cutoff:0.001", "cutoff:0.999", "rsig:beta=0.001:gamma=0.001",
+                                  "noise:0", "topk:1", "template:top=0.6:decoy=0.4", "template:top=0.5:decoy=0.001"])
+def test_parameters_at_their_bounds_are_accepted(spec):
+    parse_output_defense(spec)(torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("round:13", "round needs an integer number of decimals in 0..12, got 13"),
+    ("round:-1", "in 0..12, got -1"),
+    ("cutoff:0", "cutoff needs a threshold in (0, 1), got 0.0"),
+    ("cutoff:1", "cutoff needs a threshold in (0, 1), got 1.0"),
+    ("rsig:beta=0", "reverse-sigmoid needs a positive beta"),
+    ("rsig:gamma=0", "reverse-sigmoid needs a positive gamma"),
+    ("noise:0.1:1.5", "is not an integer"),
+    ("rsig:beta=x", "'x' is not a number"),
+    ("template:top=0.5:decoy=0", "template needs 0 < decoy < top < 1"),
+    ("template:top=0.4:decoy=0.4", "template needs 0 < decoy < top < 1"),
+    ("template:top=1:decoy=0.001", "template needs 0 < decoy < top < 1"),
+    ("template:top=0.6:decoy=0.5", "top + decoy <= 1"),
+    ("label:3", "output defense label takes at most 0 values (none), got 'label:3'"),
+    ("round:2:3", "output defense round takes at most 1 values (decimals), got 'round:2:3'"),
+    ("rsig:beta=2:beta=3", "output defense reverse-sigmoid: beta given twice in 'rsig:beta=2:beta=3'"),
+    ("  ", "empty --output-defense spec (e.g. topk:2,round:3)"),
+])
+def test_out_of_range_parameters_are_refused_with_their_message(spec, msg):
+    with pytest.raises(NastyError) as e:
+        parse_output_defense(spec)
+    assert msg in str(e.value), str(e.value)
+
+
+def test_chains_and_wrappers_of_plain_callables():
+    import torch.nn as nn
+
+    from nasty.defenses.output import Compose, DefendedModel, make_output_defense
+
+    def halve(p):
+        return p / 2
+
+    assert Compose([halve]).describe() == repr(halve)
+    with pytest.raises(NastyError, match="an output defense chain needs at least one part"):
+        Compose([])
+    model = nn.Linear(3, 4)
+    wrapped = DefendedModel(model, TopK(k=2))  # a defense object, not a spec
+    assert wrapped.describe() == "topk:k=2" and (torch.isfinite(wrapped(torch.randn(5, 3))).sum(1) == 2).all()
+    assert DefendedModel(model, halve).describe() == repr(halve)
+    assert make_output_defense("stingy", k=1).describe() == "topk:k=1"  # aliases resolve
+    with pytest.raises(NastyError, match="did you mean"):
+        make_output_defense("topc")
