@@ -393,3 +393,25 @@ def test_resume_refuses_a_replaced_dataset(run_cli, teacher_ckpt, tmp_path):
     write(1)
     rc, _, err = run_cli(*args)
     assert rc == 2 and "contents changed" in err and "replaced" in err and err.strip().count("\n") == 0
+
+
+def test_tllm_reuses_the_label_only_baseline(teacher_ckpt, tmp_path):
+    """TLLM's preliminary label-only student is the audit's label-only baseline (same student, data, schedule and
+    seed): it is not trained again, and TLLM's student is exactly the one it is when it trains that run itself."""
+    from nasty.audit.run import AuditSettings, run_audit
+    from nasty.config import load_config
+
+    cfg = load_config(None, {"data": {"dataset": "digits"}, "train": {"epochs": 2, "batch_size": 128, "deterministic": True}})
+    out = {}
+    for reuse in (True, False):
+        s = AuditSettings(teacher=str(teacher_ckpt), cfg=cfg, attacks=["tllm"], students=["mlp"], seeds=1,
+                          reuse_label_only=reuse)
+        out[reuse] = run_audit(s, tmp_path / str(reuse), log=lambda m: None)
+    assert out[True]["runtime"]["label_only_runs_reused"] == 1 and out[False]["runtime"]["label_only_runs_reused"] == 0
+    run = "runs/teacher/tllm/mlp/seed-0"
+    a, b = (np.load(tmp_path / str(r) / run / "test_pred.npy", allow_pickle=False) for r in (True, False))
+    assert np.array_equal(a, b)
+    ra, rb = (json.loads((tmp_path / str(r) / run / "result.json").read_text()) for r in (True, False))
+    assert ra["identification"]["ce_val_per_class"] == rb["identification"]["ce_val_per_class"]
+    assert "label_only_run" in ra["identification"] and "label_only_run" not in rb["identification"]
+    assert not (tmp_path / "True" / run / "prelim-ce").exists() and (tmp_path / "False" / run / "prelim-ce").is_dir()

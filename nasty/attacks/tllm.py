@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import NastyError
 from ..metrics import per_class_accuracy, predict_logits
-from ..train import ce_objective
+from ..train import ce_objective, seed_everything
 from . import register_attack
 from .augment import Mixed
 from .base import Attack, check_temperature_alpha, kd_per_sample
@@ -141,12 +141,24 @@ class TLLM(Attack):
                       "delta_threshold": delta_min}
 
         ce_model = self.build_student(ctx)
+        # the audit hands over its label-only baseline's validation predictions when that baseline is this very
+        # run (same student, data, schedule and seed): it is not trained twice (nasty.audit.run)
+        reused = ctx.info.pop("label_only_val_pred", None)
         if self.p["mode"] == "oneshot":
-            ctx.fit(ce_model, ce_objective(), desc=f"tllm-ce:{ctx.student}", cfg=prelim_cfg, subdir="prelim-ce")
+            if reused is not None and prelim_cfg == ctx.train and len(reused) == len(d.y_val):
+                ce_acc = per_class_accuracy(torch.as_tensor(reused, dtype=torch.long), d.y_val, C)
+                info["label_only_run"] = "the audit's label-only baseline (the same run, not trained again)"
+            else:
+                ctx.fit(ce_model, ce_objective(), desc=f"tllm-ce:{ctx.student}", cfg=prelim_cfg, subdir="prelim-ce")
+                ce_acc = val_acc(ce_model)
+            # the KD run starts from the freshly seeded generator, so it is the same whether or not the label-only
+            # run was trained here (fit seeds the generator at its start; no model here draws random numbers while
+            # training, so this is also the state that run leaves: standalone results are unchanged)
+            seed_everything(ctx.train.seed, ctx.train.deterministic)
             kd_model = self.build_student(ctx)
             ctx.fit(kd_model, self._objective(teacher, ctx.mixer(), torch.zeros(C, dtype=torch.bool)),
                     desc=f"tllm-kd:{ctx.student}", cfg=prelim_cfg, subdir="prelim-kd")
-            ce_acc, kd_acc = val_acc(ce_model), val_acc(kd_model)
+            kd_acc = val_acc(kd_model)
             delta = deltas(kd_acc, ce_acc)
             U = [c for c, v in enumerate(delta) if v is not None and v < -delta_min]
             info.update({"ce_val_per_class": ce_acc, "kd_val_per_class": kd_acc})

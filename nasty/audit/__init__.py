@@ -1,5 +1,6 @@
-"""``nasty audit``: which classes of a teacher can a thief copy? Per-class decisions with paired
-bootstrap intervals (:mod:`.stats`), runs shared and resumable (:mod:`.run`), a versioned
+"""``nasty audit``: which classes of a teacher can a thief copy? Per-class decisions with
+t-intervals over seeds, one-sided tests, multiple-comparison control and detectable gains (:mod:`.stats`,
+calibrated with :mod:`.simulate`), runs shared and resumable (:mod:`.run`), a versioned
 ``audit.json`` (:mod:`.schema`) rendered as Markdown and HTML (:mod:`.render`)."""
 
 from .run import AuditSettings, run_audit

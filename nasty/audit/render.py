@@ -37,7 +37,7 @@ def _stats_cfg(audit: dict) -> dict | None:
 
 
 def _unit(att: dict) -> str:
-    return "" if att["rule"] == "fidelity" else " pts"
+    return " (fidelity ratio)" if att["rule"] == "fidelity" else " pts"
 
 
 def _power_cell(att: dict) -> str:

@@ -68,6 +68,7 @@ class AuditSettings:
     fuse: bool = True  # train single-pass attacks of one seed together, in one pass over the data
     first_seed: int = 0  # training seeds first_seed .. first_seed + seeds - 1
     baselines_from: list[str] = field(default_factory=list)  # other audit folders of the same task whose baseline runs are reused
+    reuse_label_only: bool = True  # TLLM's preliminary label-only student is the audit's label-only baseline (same run)
 
     @property
     def seed_list(self) -> list[int]:
@@ -181,6 +182,11 @@ def load_run(run_dir: Path, key: str) -> dict | None:
     if not isinstance(res, dict) or res.get("audit_run_key") != key:
         return None
     res["_pred"] = pred
+    if (run_dir / "val_pred.npy").is_file():
+        try:
+            res["_val_pred"] = np.load(run_dir / "val_pred.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            pass
     return res
 
 
@@ -381,7 +387,7 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
     runs: dict[tuple[str, str, str, int], dict] = {}
     quiet = (lambda m: None) if not verbose else log
     t_start = time.perf_counter()
-    counts = {"trained": 0, "reused": 0}
+    counts = {"trained": 0, "reused": 0, "label_only_reused": 0}
 
     def run_key(job: Job) -> str:
         lab = labels_of.get(job.method, True)
@@ -437,9 +443,15 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         res.pop("confusion_matrix", None)
         res["audit_run_key"] = key
         res["group"] = job.group
+        val_pred = None
+        if job.group == "baselines" and job.method == "scratch":  # TLLM's preliminary label-only run reads these
+            val_pred = predict_logits(model, data.x_val).argmax(1).numpy().astype(np.int16)
+            _save_npy(d / "val_pred.npy", val_pred)
         _save_npy(d / "test_pred.npy", pred)
         atomic_write_json(d / "result.json", res)
         res["_pred"] = pred
+        if val_pred is not None:
+            res["_val_pred"] = val_pred
         runs[(job.group, job.method, job.student, job.seed)] = res
         counts["trained"] += 1
         together = f" (trained in one pass with {res['trained_with'] - 1} others)" if res.get("trained_with", 1) > 1 else ""
@@ -449,6 +461,9 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         prep = prepare(job)
         if prep is None:
             return
+        base = runs.get(("baselines", "scratch", job.student, job.seed))
+        if job.method == "tllm" and s.reuse_label_only and base is not None and "_val_pred" in base:
+            prep.ctx.info["label_only_val_pred"] = base["_val_pred"]  # the same run: not trained twice
         seed_everything(job.seed, tcfg.deterministic)  # the student's initialisation depends on the seed only
         try:
             t0 = time.perf_counter()
@@ -457,6 +472,8 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         except Exception as e:  # noqa: BLE001  (sorted out by failure)
             failure(job, e)
             return
+        if (res.get("identification") or {}).get("label_only_run"):
+            counts["label_only_reused"] += 1
         persist(job, key, model, res)
 
     pending: list[tuple[Job, str]] = []
@@ -527,7 +544,8 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         audit["targets"][g]["defense"] = d
     audit["runtime"] = {"seconds": seconds, "runs_trained": trained, "runs_reused": reused,
                         "teacher_samples_run": sum(forwarded.values()), "teacher_samples_cached": cache.samples_run,
-                        "teacher_cache_hits": cache.hits}
+                        "teacher_cache_hits": cache.hits,
+                        "label_only_runs_reused": counts["label_only_reused"]}
     audit["versions"] = versions()
     atomic_write_json(out / "audit.json", audit)
     write_reports(audit, out)

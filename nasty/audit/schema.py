@@ -41,7 +41,8 @@ and rendered). Top-level fields:
   not from the teacher), ``still_transferred``, ``newly_transferred``;
 - ``gate``: ``fail_on``, ``failed``, ``failing_attacks``;
 - ``runtime``: ``seconds``, ``runs_trained``, ``runs_reused``, ``teacher_samples_run`` (every sample the
-  teachers processed), ``teacher_samples_cached`` (of which through the shared cache), ``teacher_cache_hits``.
+  teachers processed), ``teacher_samples_cached`` (of which through the shared cache), ``teacher_cache_hits``,
+  ``label_only_runs_reused`` (TLLM preliminary label-only runs taken from the label-only baseline, v2).
 
 Readers must check ``schema_version``; fields are only ever added within a version. Version 2 changed the
 meaning of ``gain_ci`` (t-interval, see :mod:`nasty.audit.stats`) and of ``transferred`` (after the correction).
