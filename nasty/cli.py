@@ -529,7 +529,7 @@ def defenses_cmd(as_json: bool) -> None:
 @click.option("--baselines-from", multiple=True, type=click.Path(file_okay=False),
               help="Reuse the baseline runs of another audit of the same task (checked run by run; repeatable).")
 @click.option("--fuse/--no-fuse", default=True, show_default=True, help="Train the single-pass attacks of one seed together, in one pass over the data.")
-@click.option("--margin", type=float, default=0.0, show_default=True, help="Gain rule: transferred when the CI's lower bound exceeds this (points).")
+@click.option("--margin", type=float, default=0.0, show_default=True, help="Gain rule: tested gain > MARGIN points over both baselines, in [-100, 100).")
 @click.option("--fidelity", type=float, default=0.9, show_default=True, help="Fidelity rule (label-free attacks): fraction of the teacher's class accuracy.")
 @click.option("--fail-on", type=int, help="Exit 1 when an attack transfers more than N classes.")
 @click.option("--correction", type=click.Choice(["holm", "bh", "none"]), default="holm", show_default=True,
