@@ -536,7 +536,8 @@ def defenses_cmd(as_json: bool) -> None:
               help="Multiple-comparison control over the classes and students of each attack (Holm: family-wise; bh: false discovery rate).")
 @click.option("--power", type=float, default=0.8, show_default=True, help="Power at which the detectable gain of an untransferred class is reported.")
 @click.option("--safe-below", type=float, help="A class not transferred is 'safe at this power' only when its detectable gain is below this (points).")
-@click.option("--bootstrap", type=int, default=None, hidden=True, help="Ignored (schema-1 bootstrap replicates; intervals are analytic now).")
+@click.option("--bootstrap", type=click.IntRange(min=100), default=None, hidden=True,
+              help="Ignored since audit.json schema 2 (the intervals are analytic); still checked (>= 100) for old scripts.")
 @click.option("--param", "params", multiple=True, help="Attack parameter ATTACK.KEY=VALUE (repeatable), e.g. kd.temperature=8.")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)

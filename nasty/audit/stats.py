@@ -59,8 +59,11 @@ Detectable gain (power)
     ``se`` and ``df`` (the noncentral t: ``P(T_{df, delta/se} > t_{1-alpha*, df}) = power``, solved
     for ``delta``; ``detectable = margin + delta``). ``alpha* = alpha / m`` for ``holm`` and ``bh``
     (the strictest step: the class is the only transferable one) and ``alpha`` for ``none``. With
-    two baselines the weaker one's head start is credited: ``max_k (margin + delta_k - (d_k - g))``.
-    The class is **safe at this power** when the detectable gain is below ``--safe-below`` points.
+    two baselines the class must clear both: the power is the product of the two comparisons'
+    powers (a lower bound, as both share the attack's students), the weaker baseline starting
+    ``h = d_k - g`` points behind, credited only beyond two standard errors of the baselines'
+    difference (a tied baseline's lead is noise). The class is **safe at this power** when the
+    detectable gain is below ``--safe-below`` points. Calibration: docs/statistics.md.
 
 Everything here is analytic (no resampling), so the numbers are exactly reproducible.
 """
