@@ -131,6 +131,7 @@ def test_parameters_at_their_bounds_are_accepted(spec):
     ("round:2:3", "output defense round takes at most 1 values (decimals), got 'round:2:3'"),
     ("rsig:beta=2:beta=3", "output defense reverse-sigmoid: beta given twice in 'rsig:beta=2:beta=3'"),
     ("  ", "empty --output-defense spec (e.g. topk:2,round:3)"),
+    ("rsig:1:2:3", "output defense reverse-sigmoid takes at most 2 values (beta, gamma), got 'rsig:1:2:3'"),
 ])
 def test_out_of_range_parameters_are_refused_with_their_message(spec, msg):
     with pytest.raises(NastyError) as e:
@@ -154,5 +155,9 @@ def test_chains_and_wrappers_of_plain_callables():
     assert wrapped.describe() == "topk:k=2" and (torch.isfinite(wrapped(torch.randn(5, 3))).sum(1) == 2).all()
     assert DefendedModel(model, halve).describe() == repr(halve)
     assert make_output_defense("stingy", k=1).describe() == "topk:k=1"  # aliases resolve
-    with pytest.raises(NastyError, match="did you mean"):
+    with pytest.raises(NastyError, match="did you mean 'topk'"):
         make_output_defense("topc")
+    with pytest.raises(NastyError, match="did you mean 'stingy'"):  # aliases are suggested too
+        make_output_defense("stingi")
+    with pytest.raises(NastyError, match="output defense topk has no parameter 'kk'"):
+        make_output_defense("topk", kk=1)
