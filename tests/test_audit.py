@@ -240,7 +240,11 @@ def test_reference_shares_baselines(run_cli, teacher_ckpt, tmp_path):
                          "--margin", "-100")
     assert rc == 0, err
     a = _audit(out)
-    assert set(a["targets"]) == {"teacher", "reference"} and a["runtime"]["runs_trained"] == 4  # 2 baselines + 2 targets
+    # 2 baselines + the teacher's KD run; the reference is the same checkpoint: its run is that one, not trained twice
+    assert set(a["targets"]) == {"teacher", "reference"} and a["runtime"]["runs_trained"] == 3
+    assert a["runtime"]["runs_reused"] == 1
+    t, r = (a["targets"][g]["attacks"]["kd"]["students"]["mlp"] for g in ("teacher", "reference"))
+    assert t["classes"] == r["classes"] and t["accuracy_per_seed"] == r["accuracy_per_seed"]
     eff = a["defense_effect"]["kd"]
     assert eff["protected_classes"] == [] and eff["still_transferred"] == list(range(10))
     assert "What the defense bought" in (out / "audit.md").read_text()

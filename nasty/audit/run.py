@@ -477,6 +477,9 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         persist(job, key, model, res)
 
     pending: list[tuple[Job, str]] = []
+    # a reference with the teacher's very weights (and no output defense in front of the teacher) gets the same runs
+    twin_reference = bool(s.reference) and ref_sha == teacher_sha and post is None
+    twins: list[tuple[Job, str]] = []
     for job in jobs:
         if (job.group, job.method) in skipped:
             continue
@@ -491,6 +494,8 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
         if res is not None:
             runs[(job.group, job.method, job.student, job.seed)] = res
             counts["reused"] += 1
+        elif job.group == "reference" and twin_reference:
+            twins.append((job, key))  # the same checkpoint as the teacher, attacked the same way: copied afterwards
         else:
             pending.append((job, key))
     # single-pass attacks of one seed share a pass over the data (nasty.train.fit_group); the rest run alone
@@ -524,6 +529,19 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
             if job.seed == seed and not (s.fuse and can_share_pass(job.method)):
                 if job.student not in skipped_students.get((job.group, job.method), {}):
                     run_alone(job, key)
+    for job, key in twins:
+        src = runs.get(("teacher", job.method, job.student, job.seed))
+        for kind in (skipped_students, failed):
+            if ("teacher", job.method) in kind:
+                kind[("reference", job.method)] = kind[("teacher", job.method)]
+        if src is None:
+            continue
+        shutil.copytree(Job("teacher", job.method, job.student, job.seed).dir(out), job.dir(out), dirs_exist_ok=True)
+        res = {k: v for k, v in src.items() if not k.startswith("_")}
+        res.update(audit_run_key=key, group="reference", copied_from="teacher (the same checkpoint)")
+        atomic_write_json(job.dir(out) / "result.json", res)
+        runs[(job.group, job.method, job.student, job.seed)] = {**src, **res}
+        counts["reused"] += 1
     trained, reused = counts["trained"], counts["reused"]
     seconds = time.perf_counter() - t_start
 
