@@ -48,8 +48,8 @@ class Mutant:
     issue15: bool = False  # one of the breakages issue 15 found surviving
 
 
-LOSS_TESTS = ("tests/test_mutants_core.py", "tests/test_losses.py", "tests/test_attacks.py")
-OUT_TESTS = ("tests/test_mutants_attacks.py", "tests/test_defenses_output.py")
+LOSS_TESTS = ("tests/test_mutants_losses.py", "tests/test_mutants_core.py", "tests/test_losses.py", "tests/test_attacks.py")
+OUT_TESTS = ("tests/test_mutants_output.py", "tests/test_mutants_attacks.py", "tests/test_defenses_output.py")
 CKPT_TESTS = ("tests/test_mutants_core.py", "tests/test_checkpoint.py", "tests/test_security.py")
 ATTACK_TESTS = ("tests/test_mutants_attacks.py", "tests/test_attacks.py")
 TLLM_TESTS = ("tests/test_mutants_attacks.py", "tests/test_attacks.py", "tests/test_attacks_e2e.py")
@@ -66,6 +66,16 @@ MUTANTS: list[Mutant] = [
     Mutant("tllm-threshold-halved", "nasty/attacks/tllm.py",
            'delta_min = float(self.p["delta"])', 'delta_min = float(self.p["delta"]) / 2',
            TLLM_TESTS, "TLLM's threshold delta halved", True),
+    Mutant("tllm-online-threshold-halved", "nasty/attacks/tllm.py",
+           "streak[c] = streak[c] + 1 if v is not None and v < -delta_min else 0",
+           "streak[c] = streak[c] + 1 if v is not None and v < -delta_min / 2 else 0",
+           TLLM_TESTS, "TLLM online: threshold delta halved", True),
+    Mutant("cli-ignores-temperature", "nasty/cli.py", "            params[k] = a[k]\n", "            pass\n",
+           ("tests/test_mutants_attacks.py", "tests/test_attacks_cli.py"), "nasty attack drops --temperature/--alpha", True),
+    Mutant("cli-drops-output-defense", "nasty/cli.py",
+           'output_defense = parse_output_defense(kw["output_defense"]) if kw["output_defense"] else None',
+           'output_defense = None if kw["output_defense"] else None',
+           ("tests/test_mutants_attacks.py", "tests/test_defenses_output.py"), "nasty attack drops --output-defense", True),
     Mutant("oracle-ignores-output-defense", "nasty/attacks/base.py",
            "            p = self.post(p)\n", "            pass\n",
            ATTACK_TESTS + ("tests/test_defenses_output.py",), "the oracle skips the output defense", True),
