@@ -17,8 +17,9 @@ the class (``cmi``, after CMIM): the outputs should *destroy* what the normal mo
 the decision, not disguise it, since a disguise that is a smooth function of the normal logits is
 undone by a correction fitted on the thief's labels.
 
-Two-head form: the nasty head trains on the frozen backbone's cached features with the defense's
-own objective (the adversaries' logits are computed once on the images), which takes seconds.
+Two-head form: the nasty head trains on the frozen backbone's cached features, through the lock
+(:class:`ServedHead`), with the defense's own objective (the adversaries' logits are computed once
+on the images), which takes seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import NastyError
+from ..metrics import predict_logits
 from ..models import create_model, model_spec
 from ..models.locked import LockedTeacher
 
@@ -55,13 +57,6 @@ def assemble(decision: nn.Module, nasty: nn.Module, data, form: str, dcfg: dict)
     return locked.eval()
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from ..metrics import predict_logits
-
-    return predict_logits(model, x)
-
-
 def conditional_mi(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
     """Batch estimate of the conditional mutual information of the tempered outputs given the class
     (Ye, Hamidi, Yang 2025): ``mean_i KL(P_i || Q_{y_i})`` with ``P = softmax(z / tau)`` and ``Q_c``
@@ -81,7 +76,7 @@ def with_cmi(objective, weight: float, tau: float):
 
     def wrapped(model, batch, epoch):
         loss, terms = objective(model, batch, epoch)
-        cmi = conditional_mi(model(batch.x), batch.y, tau)
+        cmi = conditional_mi(model(batch.x), batch.y, tau)  # a second pass of a head on features: negligible
         return loss + weight * cmi, {**terms, "cmi": cmi.item()}
 
     return wrapped
@@ -121,7 +116,7 @@ def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data,
     from ..train import Frozen, TrainConfig, fit, seed_everything
 
     f_train, f_val = (_with_decision(decision, x) for x in (data.x_train, data.x_val))
-    adv = [Frozen.from_outputs(_logits(a, data.x_train)) for a in adversaries]
+    adv = [Frozen.from_outputs(predict_logits(a, data.x_train)) for a in adversaries]
     fdata = dataclasses.replace(data, x_train=f_train[:, :, None, None], x_val=f_val[:, :, None, None],
                                 x_test=f_val[:, :, None, None], y_test=data.y_val, augment="none")
     batch = 256
