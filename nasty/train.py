@@ -651,7 +651,7 @@ def fit_group(
     dev = ddp_.device()
     x = data.x_train if x_train is None else x_train
     steps = math.ceil(len(x) / cfg.batch_size)
-    cl = use_channels_last(x)
+    cl = use_channels_last(x, [m.model for m in members])
     slots: list[_Slot] = []
     for m in members:
         y = data.y_train if m.y_train is None else m.y_train
@@ -811,11 +811,33 @@ def fit_group(
     return results
 
 
-def use_channels_last(x: torch.Tensor) -> bool:
-    """Train convolutional models on image batches in channels-last layout (on by default; the
-    environment variable ``NASTY_CHANNELS_LAST=0`` turns it off). Only the memory layout changes:
-    the results agree with the default layout up to float rounding."""
-    return x.dim() == 4 and os.environ.get("NASTY_CHANNELS_LAST", "1") != "0"
+def use_channels_last(x: torch.Tensor, models: Sequence[nn.Module] = ()) -> bool:
+    """Train convolutional models on image batches in channels-last layout where that is known to be
+    safe (the environment variable ``NASTY_CHANNELS_LAST=0`` turns it off everywhere). Only the
+    memory layout changes: the results agree with the default layout up to float rounding.
+
+    Not safe: a model with a strided 1x1 convolution of fewer than 16 input channels per group
+    (:func:`channels_last_hazard`). oneDNN computes its weight gradient in channels-last with the
+    ``jit_1x1`` backward-weights kernel, whose reduce-to-unit-stride workspace is sized for the
+    input channels but written in blocks of 8 (AVX2) or 16 (AVX-512) channels: a heap overrun
+    ("corrupted size vs. prev_size", e.g. resnet20:width=0.25 on digits, one thread), or silently
+    corrupted memory. Such models train in the default layout (NCHW), which uses another kernel."""
+    if x.dim() != 4 or os.environ.get("NASTY_CHANNELS_LAST", "1") == "0":
+        return False
+    return not any(channels_last_hazard(m) for m in models)
+
+
+CHANNELS_LAST_MIN_1X1_STRIDED_IC = 16  # the channel block of the AVX-512 kernel (AVX2: 8)
+
+
+def channels_last_hazard(model: nn.Module) -> str | None:
+    """The first convolution of ``model`` that channels-last training may corrupt memory in (see
+    :func:`use_channels_last`), described, or ``None``."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) == (1, 1) and max(mod.stride) > 1 \
+                and mod.in_channels // mod.groups < CHANNELS_LAST_MIN_1X1_STRIDED_IC:
+            return f"{name}: 1x1 convolution, stride {tuple(mod.stride)}, {mod.in_channels // mod.groups} input channels per group"
+    return None
 
 
 def _val_accuracy(eval_model: nn.Module, data: DataBundle, ddp: bool, dev: torch.device) -> float:
