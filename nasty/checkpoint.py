@@ -165,15 +165,34 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
         for cand in (p / WEIGHTS, p / "defended" / WEIGHTS, p / "student" / WEIGHTS):
             if cand.is_file():
                 return cand, cand.with_name(SIDECAR)
-        raise NastyError(f"no {WEIGHTS} in {p}")
+        states = sorted(p.glob("train_state-*.safetensors"))
+        hint = f" (it holds only the training state {states[0].name}: finish the run with --resume)" if states else ""
+        raise NastyError(f"no {WEIGHTS} in {p}{hint}")
     if p.suffix in LEGACY_SUFFIXES:
         raise NastyError(f"{p} is a pickle-based file; nasty loads safetensors only (convert it with `nasty convert`)")
     if p.suffix == ".json":
         p = p.with_name(WEIGHTS) if p.name == SIDECAR else p.with_suffix(".safetensors")
     if not p.is_file():
         raise NastyError(f"checkpoint not found: {p}")
+    if p.name.startswith("train_state-") or _is_train_state(p):
+        raise NastyError(f"{p} is a training state (the resumable progress of a run, for --resume), not a model checkpoint; "
+                         f"pass the run folder {p.parent} or the {WEIGHTS} in it")
     side = p.with_name(SIDECAR) if p.name == WEIGHTS else p.with_suffix(".json")
     return p, side
+
+
+def _is_train_state(p: Path) -> bool:
+    """Whether ``p`` is a file written by :func:`save_state_file` (read from its header only)."""
+    import struct
+
+    if p.suffix != ".safetensors" or (p.with_name(SIDECAR) if p.name == WEIGHTS else p.with_suffix(".json")).is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return n <= MAX_HEADER_BYTES and f'"{STATE_FORMAT}' in f.read(min(n, 1 << 16)).decode("utf-8", "replace").replace('\\"', '"')
+    except (OSError, struct.error):
+        return False
 
 
 LEGACY_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")

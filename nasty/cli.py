@@ -42,6 +42,8 @@ def _common(f):
         click.option("--data-root", help="Folder holding the dataset files (default $NASTY_DATA_ROOT or ./data)."),
         click.option("--download", is_flag=True, default=None, help="Allow torchvision to download missing data (needs internet)."),
         click.option("--train-subset", type=int, help="Keep a stratified subset of N labelled training images."),
+        click.option("--data-augment", help="Training-data augmentation: auto (the dataset's default), none, crop or crop-flip "
+                     "(the config's [data] augment)."),
         click.option("--model", help="Architecture, with options: e.g. cnn, resnet20, 'cnn:width=0.25'."),
         click.option("--epochs", type=int),
         click.option("--batch-size", type=int),
@@ -63,7 +65,7 @@ def _common(f):
 def _base_overrides(kw: dict) -> dict:
     return {
         "data": {"dataset": kw.get("dataset"), "data_root": kw.get("data_root"), "download": kw.get("download"),
-                 "train_subset": kw.get("train_subset")},
+                 "train_subset": kw.get("train_subset"), "augment": kw.get("data_augment")},
         "model": {"name": kw.get("model")},
         "train": {k: kw.get(k) for k in ("epochs", "batch_size", "lr", "optimizer", "schedule", "seed", "deterministic")},
     }

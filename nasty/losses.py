@@ -1,4 +1,4 @@
-"""Loss functions shared by defenses and attacks. Formulas: ``../shared/reference/methods.md``.
+"""Loss functions shared by defenses and attacks; each docstring gives its formula.
 
 ``KL(p || q)`` is written out explicitly, ``sum p (log p - log q)``, so the gradient flows through
 the first argument too (the nasty teacher trains the distribution in the first slot).

@@ -209,7 +209,8 @@ def check_requirements(cls: type, *, query: str, labels: bool = True, n_teachers
         if cls.max_teachers is not None and n_teachers > cls.max_teachers:
             raise NastyError(f"attack {method} uses {cls.max_teachers} teacher; got {n_teachers} (use --method ensemble for several)")
         if access == "label" and method == "kd":
-            notes.append("label-only access: KD reduces to cross-entropy on the teacher's argmax labels")
+            notes.append("label-only access: the KD term is alpha * T^2 * cross-entropy of the student's tempered softmax "
+                         "(at temperature T) on the teacher's argmax labels, plus (1 - alpha) * cross-entropy on the labels")
     if cls.needs_labels and unlabelled_queries:
         raise NastyError(f"attack {method} needs labelled data of the teacher's task; surrogate queries carry no labels")
     if cls.needs_labels and not labels:

@@ -2,7 +2,11 @@
 ``alpha * T^2 * KL(sigma_T(z_T) || sigma_T(z_S)) + (1 - alpha) * CE(z_S, y)``, teacher frozen.
 
 With ``--augment mixup|cutmix`` the teacher is queried on the mixed batch and the CE term is the
-mixed one; without labels the loss is the KD term alone."""
+mixed one; without labels the loss is the KD term alone.
+
+With ``--query label`` the teacher's answer is one-hot (no temperature changes it), so the KD term is
+``alpha * T^2 * CE(sigma_T(z_S), argmax teacher)``: cross-entropy on the teacher's labels, but of
+the *tempered* student softmax and scaled by ``alpha * T^2``, not the plain CE of label training."""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, m: 
 class KD(Attack):
     name = "kd"
     summary = "Hinton KD on the teacher's soft outputs and the labels"
-    accepts = ("weights", "logits", "probs", "topk", "label")  # label: degrades to CE on the teacher's labels
+    accepts = ("weights", "logits", "probs", "topk", "label")  # label: alpha*T^2*CE at temperature T on the teacher's labels
     needs_labels = False  # with alpha = 1 it distils from the teacher alone
     supports_augment = True
     params = {"temperature": 4.0, "alpha": 0.9}

@@ -2,8 +2,8 @@
 those on which a KD student is less accurate than the same student trained on labels alone -- and
 stop distilling them.
 
-Identification (no code was released; this is the configurable version of
-``../shared/reference/methods.md``): on the attacker's validation split (carved from the
+Identification (no code was released; this is a configurable version of the paper's
+procedure): on the attacker's validation split (carved from the
 attacker's own labelled data, never the test split), per class c
 ``delta_c = acc_val(KD student, c) - acc_val(label-only student, c)`` in percentage points and
 ``U = {c : delta_c < -delta}``.
