@@ -677,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("error: interrupted", err=True)
         return 130
     except MemoryError:
-        click.echo("error: out of memory; lower --batch-size or use a smaller --model", err=True)
+        click.echo("error: out of memory (the data, the model or one batch did not fit); use fewer or smaller images "
+                   "(--train-subset), a smaller --model or a lower --batch-size", err=True)
         return 3
     except Exception as e:  # a bug: still one line, the traceback only on request
         if os.environ.get("NASTY_DEBUG"):
