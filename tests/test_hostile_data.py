@@ -58,13 +58,13 @@ NPZ_CASES = {
     "channel-mismatch": (lambda a: {**a, "x_test": np.zeros((12, 3, 4, 4), np.float32)}, "test images"),
     "single-class": (lambda a: {**a, "y_train": np.zeros(40, np.int64), "y_test": np.zeros(12, np.int64)}, "at least 2"),
     "test-only-class": (lambda a: {**a, "y_test": np.full(12, 4)}, "no training images"),
-    "huge-label": (lambda a: {**a, "y_train": np.where(np.arange(40) == 0, 10**9, a["y_train"])}, "more than the 10000"),
+    "huge-label": (lambda a: {**a, "y_train": np.where(np.arange(40) == 0, 10**9, a["y_train"])}, "more than the 1000 "),
     "negative-label": (lambda a: {**a, "y_train": a["y_train"] - 1}, "labels outside"),
     "object-images": (lambda a: {**a, "x_train": a["x_train"].astype(np.complex64)}, "not numbers"),
     "length-mismatch": (lambda a: {**a, "y_train": a["y_train"][:30]}, "differ in length"),
     "missing-array": (lambda a: {k: v for k, v in a.items() if k != "y_test"}, "lacks arrays y_test"),
     "too-few-for-validation": (lambda a: {**a, "x_train": a["x_train"][:4], "y_train": np.array([0, 1, 2, 3])}, "validation"),
-    "too-many-class-names": (lambda a: {**a, "classes": np.array([str(i) for i in range(20000)])}, "more than the 10000"),
+    "too-many-class-names": (lambda a: {**a, "classes": np.array([str(i) for i in range(2000)])}, "more than the 1000 "),
 }
 
 
