@@ -181,8 +181,8 @@ def load_config(path: str | Path | None, cli: dict | None = None) -> dict:
     cfg = defaults()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise NastyError(f"config file not found: {p}")
+        if not p.is_file():  # a FIFO or device named x.toml is refused unread (reading one could block forever)
+            raise NastyError(f"config file {p} is not a regular file" if p.exists() else f"config file not found: {p}")
         try:
             data = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -345,3 +345,10 @@ def test_gzip_idx_bomb_stops_at_the_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("NASTY_MAX_DATA_BYTES", str(1 << 20))
     with pytest.raises(NastyError, match="compression bomb"):
         load_dataset("mnist", str(root))
+
+
+def test_config_fifo_does_not_hang(tmp_path):
+    os.mkfifo(tmp_path / "c.toml")
+    r = subprocess.run([sys.executable, "-m", "nasty", "train-teacher", "--config", str(tmp_path / "c.toml")],
+                       capture_output=True, text=True, timeout=60)
+    one_line(r.returncode, r.stderr, "not a regular file")
