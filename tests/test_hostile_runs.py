@@ -183,7 +183,7 @@ def test_two_runs_started_together_do_not_both_succeed(tmp_path):
     """A sanity check of the lock under a real race (the timing-independent check is test_locked_out_is_refused)."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "nasty", "train-teacher", "--out", str(out), "--model", "mlp:hidden=4", "--epochs", "3"]
+    cmd = [sys.executable, "-m", "nasty", "train-teacher", "--out", str(out), "--model", "mlp:hidden=4", "--epochs", "1", "--batch-size", "256"]
     procs = [subprocess.Popen(cmd + ["--seed", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for s in (0, 1)]
     res = [(p.wait(timeout=240), p.stderr.read()) for p in procs]
     codes = sorted(rc for rc, _ in res)
