@@ -259,8 +259,8 @@ def test_requirements_refused(method, kwargs, msg):
 
 
 def test_requirements_accepted_and_degraded():
-    assert check_requirements(get_attack("kd"), query="label") == [
-        "label-only access: KD reduces to cross-entropy on the teacher's argmax labels"]
+    (note,) = check_requirements(get_attack("kd"), query="label")
+    assert note.startswith("label-only access: the KD term is alpha * T^2 * cross-entropy")  # what the loss is (issue 11)
     assert check_requirements(get_attack("copycat"), query="label", labels=False) == []
     assert check_requirements(get_attack("knockoff"), query="topk:2", labels=False, unlabelled_queries=True, augment="mixup") == []
     assert check_requirements(get_attack("hint"), query="weights") == []
