@@ -114,6 +114,23 @@ def _revealed(logit_like: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(logit_like).sum(1)
 
 
+def test_oracle_reveals_only_what_its_access_level_allows(digits, small_teacher):
+    x = digits.x_test[:50]
+    with torch.no_grad():
+        z = small_teacher(x)
+    log_p = torch.log_softmax(z, 1)
+    assert torch.equal(Oracle(small_teacher, "logits")(x), z)
+    assert torch.allclose(Oracle(small_teacher, "probs")(x), log_p, atol=1e-5)
+    top3 = Oracle(small_teacher, "topk:3")(x)
+    assert (_revealed(top3) == 3).all()
+    kept = torch.isfinite(top3)
+    assert torch.equal(kept, torch.zeros_like(kept).scatter_(1, z.topk(3, 1).indices, True))  # the 3 largest
+    assert torch.allclose(top3[kept], log_p[kept], atol=1e-5)
+    label = Oracle(small_teacher, "label")(x)
+    assert (_revealed(label) == 1).all() and torch.equal(label.argmax(1), z.argmax(1))
+    assert (label[torch.isfinite(label)] == 0).all()  # log 1: nothing but the decision
+
+
 @pytest.mark.parametrize("query", ["logits", "probs", "weights"])
 def test_oracle_applies_the_output_defense(digits, small_teacher, query):
     x = digits.x_test[:50]
