@@ -476,10 +476,11 @@ def load_imagefolder(path: str | Path) -> RawData:
     return RawData(xtr, ytr, xte, yte, classes)
 
 
-def _check_raw(raw: RawData, name: str) -> None:
+def _check_raw(raw: RawData, name: str, labelled: bool = True) -> None:
     """What every dataset must satisfy before it is split, normalised or trained on: numeric images
     of one shape in both splits, finite pixels, at least one image per split, labels that name
-    classes, at least two classes, and no test class without training images."""
+    classes, and (``labelled``: its labels are trained on) at least two classes and no test class
+    without training images."""
     for split in ("train", "test"):
         x, y = getattr(raw, f"x_{split}"), getattr(raw, f"y_{split}")
         if not isinstance(x, np.ndarray) or x.dtype.kind not in ("u", "i", "f", "b"):
@@ -502,6 +503,8 @@ def _check_raw(raw: RawData, name: str) -> None:
     for y in (raw.y_train, raw.y_test):
         if len(y) and (y.min() < 0 or y.max() >= n):
             raise NastyError(f"labels outside 0..{n - 1} in dataset {name}")
+    if not labelled:  # e.g. surrogate images queried without their labels
+        return
     present = np.unique(raw.y_train)
     if len(present) < 2:
         raise NastyError(f"dataset {name}: its training images show {len(present)} class; a classifier needs at least 2")
@@ -540,6 +543,7 @@ def load_dataset(
     download: bool = False,
     augment: str = "auto",
     normalization: tuple[list[float], list[float]] | None = None,
+    labelled: bool = True,
 ) -> DataBundle:
     """Load a dataset, carve a validation split from its training set, normalise.
 
@@ -547,6 +551,8 @@ def load_dataset(
     holds); the validation split is then carved from the subset. Splits depend on ``split_seed``
     only, never on the training seed. ``normalization`` = (mean, std) overrides the statistics of
     the training split (an attacker feeds a teacher with the teacher's own normalisation).
+    ``labelled=False``: images whose labels are never used (surrogate queries); their classes are
+    not checked.
     """
     if name.startswith("npz:"):
         raw, augment_default = load_npz(name[4:]), "none"
@@ -572,7 +578,7 @@ def load_dataset(
     if augment not in AUGMENTATIONS:
         raise NastyError(f"unknown augmentation {augment!r} (choose {', '.join(AUGMENTATIONS)} or auto)")
 
-    _check_raw(raw, name)
+    _check_raw(raw, name, labelled)
     x_pool, y_pool = raw.x_train, raw.y_train
     info: dict = {}
     if train_subset is not None:

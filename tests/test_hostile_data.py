@@ -201,7 +201,9 @@ def _run_limited(args: list[str], timeout: float = 60) -> tuple[subprocess.Compl
         f"resource.setrlimit(resource.RLIMIT_DATA, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))\n"
         "from nasty.cli import main\n"
         "rc = main(sys.argv[1:])\n"
-        "sys.stderr.write('maxrss %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        # VmHWM, not ru_maxrss: the latter survives exec and would count the parent pytest's memory
+        "hwm = next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM'))\n"
+        "sys.stderr.write('maxrss %d\\n' % hwm)\n"
         "sys.exit(rc)\n"
     )
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,

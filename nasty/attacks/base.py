@@ -331,7 +331,7 @@ def load_surrogate(spec: str, data_root: str | None, like: DataBundle, *, val_fr
     from ..data import load_dataset
 
     s = load_dataset(spec, data_root, val_fraction=val_fraction, split_seed=split_seed, download=download,
-                     normalization=(like.mean, like.std))
+                     normalization=(like.mean, like.std), labelled=False)
     if s.in_channels != like.in_channels or s.image_size != like.image_size:
         raise NastyError(f"surrogate {spec} gives {s.in_channels}x{s.image_size[0]}x{s.image_size[1]} images but the teacher takes "
                          f"{like.in_channels}x{like.image_size[0]}x{like.image_size[1]}")
