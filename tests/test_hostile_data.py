@@ -287,7 +287,7 @@ def _classes_npz(path: Path, classes: list[str], order: list[int]) -> str:
                      classes=np.array([classes[i] for i in order]))
 
 
-def test_class_order_mismatch_refused_by_eval_and_attack(run_cli, tmp_path):
+def test_class_order_mismatch_refused_by_eval_attack_and_audit(run_cli, tmp_path):
     names = ["cat", "dog", "eel", "fox"]
     ck = _checkpoint(tmp_path / "ck", names, dataset="x")
     same = _classes_npz(tmp_path / "same.npz", names, [0, 1, 2, 3])
@@ -298,6 +298,8 @@ def test_class_order_mismatch_refused_by_eval_and_attack(run_cli, tmp_path):
     one_line(rc, err, "orders its classes differently", "'cat'", "'fox'")
     rc, out, err = run_cli("attack", "--teacher", ck, "--dataset", rev, "--student", "mlp:hidden=4", "--epochs", "1",
                            "--out", tmp_path / "att")
+    one_line(rc, err, "orders its classes differently")
+    rc, out, err = run_cli("audit", ck, "--dataset", rev, "--attacks", "kd", "--seeds", "1", "--epochs", "1", "--out", tmp_path / "aud")
     one_line(rc, err, "orders its classes differently")
     other = _classes_npz(tmp_path / "other.npz", ["ant", "bee", "cow", "doe"], [0, 1, 2, 3])
     rc, out, err = run_cli("eval", ck, "--dataset", other)
