@@ -651,6 +651,9 @@ def _finite_floats(group: click.Group) -> None:
                 p.type = _Finite(p.type)
 
 
+_finite_floats(cli)  # here for every command defined above; main() repeats it for any added later
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors, documented exit codes (0 ok, 1 gate failed, 2 bad input, 3 could not complete)."""
     _finite_floats(cli)
