@@ -288,7 +288,11 @@ def _data_budget(on_disk: int) -> int:
             return int(env)
         except ValueError:
             raise NastyError(f"NASTY_MAX_DATA_BYTES must be an integer, got {env!r}") from None
-    return max(MIN_DATA_BUDGET, MAX_EXPANSION * on_disk)
+    try:  # never more than half the machine's memory, whatever the files' (possibly sparse) size
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        ram = 1 << 62
+    return min(max(MIN_DATA_BUDGET, MAX_EXPANSION * on_disk), max(MIN_DATA_BUDGET, ram // 2))
 
 
 def _regular_file(path: Path, what: str) -> Path:

@@ -356,3 +356,11 @@ def test_config_fifo_does_not_hang(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nasty", "train-teacher", "--config", str(tmp_path / "c.toml")],
                        capture_output=True, text=True, timeout=60)
     one_line(r.returncode, r.stderr, "not a regular file")
+
+
+def test_data_budget_never_exceeds_half_the_memory():
+    from nasty.data import _data_budget
+
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert _data_budget(1 << 50) <= max(ram // 2, 64 << 20)  # a sparse 1 PiB file is not a licence to allocate
+    assert _data_budget(1000) == 64 << 20
