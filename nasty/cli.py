@@ -592,6 +592,9 @@ def audit_cmd(**kw) -> int:
         from .runs import check_replaceable
 
         check_replaceable(out, cfg)  # --force deletes only an old run, never an input or the current folder
+    from .runs import lock_out_dir
+
+    lock_out_dir(out, beside=True)  # one audit at a time in a folder
     audit = run_audit(settings, out, force=kw["force"], log=_log, verbose=kw["verbose"])
     headline = {"out_dir": str(out), "status": audit["status"], "gate": audit["gate"],
                 "targets": {g: {a: {k: v[k] for k in ("method", "rule", "status", "reason", "transferred_classes", "transferred_count")}

@@ -55,16 +55,20 @@ def clean_leftovers(path: Path) -> None:
                 pass
 
 
-def lock_out_dir(path: Path) -> None:
+def lock_out_dir(path: Path, beside: bool = False) -> None:
     """Take an exclusive lock on run folder ``path`` for the rest of this command (or process): a
-    second nasty run on the same folder at the same time is refused instead of both 'succeeding'."""
+    second nasty run on the same folder at the same time is refused instead of both 'succeeding'.
+    ``beside``: the lock file is ``.<name>.nasty.lock`` next to the folder (for a folder whose
+    contents another module checks, e.g. an audit's), created with its parents."""
     import fcntl
 
     key = path.resolve()
     if key in _LOCKS:
         return
+    lock = path.parent / f".{path.name}{LOCK_FILE}" if beside else path / LOCK_FILE
     try:
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise NastyError(f"cannot lock output directory {path}: {e.strerror or e}") from None
     try:

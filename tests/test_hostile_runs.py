@@ -192,3 +192,15 @@ def test_two_runs_started_together_do_not_both_succeed(tmp_path):
     assert "another nasty run" in loser or "not empty" in loser
     winner_seed = next(s for s, (rc, _) in zip((0, 1), res) if rc == 0)
     assert json.loads((out / "run.json").read_text())["config"]["train"]["seed"] == winner_seed
+
+
+def test_audit_folder_in_use_is_refused(run_cli, tmp_path):
+    t = teacher(tmp_path / "t")
+    out = tmp_path / "aud"
+    fd = os.open(tmp_path / ".aud.nasty.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        rc, o, err = run_cli("audit", t, "--out", out, "--attacks", "kd", "--seeds", "1", "--epochs", "1")
+        refused(rc, err, "in use by another nasty run")
+    finally:
+        os.close(fd)
