@@ -412,8 +412,9 @@ def load_imagefolder(path: str | Path) -> RawData:
     if not (path / "train").is_dir() or not (path / "test").is_dir():
         raise NastyError(f"imagefolder dataset needs {path}/train/<class>/ and {path}/test/<class>/")
     try:
-        classes = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
-        extra = sorted(p.name for p in (path / "test").iterdir() if p.is_dir() and p.name not in classes)
+        classes = sorted(p.name for p in (path / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+        extra = sorted(p.name for p in (path / "test").iterdir() if p.is_dir() and not p.name.startswith(".")
+                       and p.name not in classes and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()))
     except OSError as e:
         raise NastyError(f"cannot list {path}: {e.strerror or e}") from None
     if not classes:

@@ -364,3 +364,13 @@ def test_data_budget_never_exceeds_half_the_memory():
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert _data_budget(1 << 50) <= max(ram // 2, 64 << 20)  # a sparse 1 PiB file is not a licence to allocate
     assert _data_budget(1000) == 64 << 20
+
+
+def test_hidden_and_empty_folders_are_not_classes(tmp_path):
+    from nasty.data import load_dataset
+
+    root = make_folder(tmp_path / "ds")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "test" / ".ipynb_checkpoints").mkdir()
+    (root / "test" / "unused").mkdir()
+    assert load_dataset(f"imagefolder:{root}").classes == ["a", "b"]
