@@ -204,3 +204,26 @@ def test_audit_folder_in_use_is_refused(run_cli, tmp_path):
         refused(rc, err, "in use by another nasty run")
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("option", ["--adversary", "--init-from"])
+def test_train_defended_out_is_its_adversary(run_cli, tmp_path, option):
+    t = teacher(tmp_path / "t")
+    extra = ["--adversary", t] if option == "--init-from" else []
+    rc, out, err = run_cli("train-defended", option, t, *extra, "--out", t, "--force", "--no-probe", *FAST)
+    refused(rc, err, "input of this command")
+    assert (t / "model.safetensors").is_file()
+
+
+def test_convert_out_holds_its_source(run_cli, tmp_path):
+    import torch
+
+    from nasty.models import create_model
+
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    torch.save(create_model("mlp:hidden=4", 10, 1, (8, 8)).state_dict(), folder / "w.pt")
+    (folder / "result.json").write_text("{}")
+    rc, out, err = run_cli("convert", folder / "w.pt", "--model", "mlp:hidden=4", "--out", folder, "--force")
+    refused(rc, err, "input of this command")
+    assert (folder / "w.pt").is_file()
