@@ -405,7 +405,7 @@ def test_dataset_checkpoint_mismatch(env, data):
     args = {
         "attack": ["attack", "--dataset", dataset, "--teacher", t, "--epochs", "1"],
         "adversary": ["train-defended", "--dataset", dataset, "--adversary", t, "--epochs", "1", "--no-probe"],
-        "init-from": ["train-defended", "--dataset", dataset, "--adversary", t, "--init-from", t, "--epochs", "1", "--no-probe"],
+        "init-from": ["train-defended", "--dataset", dataset, "--adversary", t, "--init-from", t, "--lock", "two-net", "--epochs", "1", "--no-probe"],
         "eval": ["eval", t, "--dataset", dataset],
     }[how]
     line = check(env, "dataset-checkpoint-mismatch", args)

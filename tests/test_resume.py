@@ -253,7 +253,7 @@ def test_cli_resume_checks(run_cli, tmp_path):
 def test_cli_resume_defended_and_attack(run_cli, tmp_path):
     """--resume on train-defended (adversary + defended phase) and attack, after an interrupted defended phase."""
     out = tmp_path / "d"
-    base = ["train-defended", "--dataset", "digits", "--model", "mlp:hidden=8", "--epochs", "2", "--no-probe", "--deterministic",
+    base = ["train-defended", "--dataset", "digits", "--model", "mlp:hidden=8", "--epochs", "2", "--no-probe", "--deterministic", "--lock", "none",
             "--out", out]
     rc, _, err = run_cli(*base)
     assert rc == 0, err
