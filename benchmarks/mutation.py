@@ -50,7 +50,7 @@ class Mutant:
 
 LOSS_TESTS = ("tests/test_mutants_losses.py", "tests/test_mutants_core.py", "tests/test_losses.py", "tests/test_attacks.py")
 OUT_TESTS = ("tests/test_mutants_output.py", "tests/test_mutants_attacks.py", "tests/test_defenses_output.py")
-CKPT_TESTS = ("tests/test_mutants_core.py", "tests/test_checkpoint.py", "tests/test_security.py")
+CKPT_TESTS = ("tests/test_mutants_core.py", "tests/test_mutants_checkpoint.py", "tests/test_checkpoint.py", "tests/test_security.py")
 ATTACK_TESTS = ("tests/test_mutants_attacks.py", "tests/test_attacks.py")
 TLLM_TESTS = ("tests/test_mutants_attacks.py", "tests/test_attacks.py", "tests/test_attacks_e2e.py")
 
@@ -189,6 +189,12 @@ MUTANTS: list[Mutant] = [
            CKPT_TESTS, "a zero normalisation std is accepted"),
     Mutant("sidecar-size-unchecked", "nasty/checkpoint.py", "if size > MAX_SIDECAR_BYTES:", "if False:",
            CKPT_TESTS, "a huge sidecar is parsed"),
+    Mutant("num-classes-lower-bound", "nasty/checkpoint.py", "if not 2 <= n <= MAX_CLASSES:", "if not 3 <= n <= MAX_CLASSES:",
+           CKPT_TESTS, "a two-class checkpoint is refused"),
+    Mutant("input-dim-upper-bound", "nasty/checkpoint.py", "0 < s <= MAX_INPUT_DIM for s in shape", "0 < s < MAX_INPUT_DIM for s in shape",
+           CKPT_TESTS, "the largest allowed input size is refused"),
+    Mutant("sidecar-size-bound", "nasty/checkpoint.py", "if size > MAX_SIDECAR_BYTES:", "if size >= MAX_SIDECAR_BYTES:",
+           CKPT_TESTS, "a sidecar of exactly the limit is refused"),
     Mutant("digest-format-unchecked", "nasty/checkpoint.py",
            'if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):', "if False:",
            CKPT_TESTS, "any string passes as a SHA-256"),
