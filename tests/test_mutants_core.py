@@ -112,6 +112,8 @@ def test_training_on_the_nasty_objective_moves_away_from_the_adversary(digits, s
 
     cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01, seed=0, select="last")
     nasty_t, plain_t = copy.deepcopy(small_teacher).train(), copy.deepcopy(small_teacher).train()
+    for m in (nasty_t, plain_t):  # the shared fixture may have been frozen by an attack that queried it
+        m.requires_grad_(True)
     fit(nasty_t, _nasty(omega=0.5, tau=4.0).objective([lambda b: small_teacher(b.x)]), digits, cfg, log=None)
     fit(plain_t, ce_objective(), digits, cfg, log=None)
     nasty_t.eval(), plain_t.eval(), small_teacher.eval()
