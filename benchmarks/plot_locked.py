@@ -24,15 +24,16 @@ def leakage(rows: list[dict]) -> dict[str, float]:
     def floor(r: dict, student: str) -> float:  # the better label-only baseline, relative to scratch
         return max(0.0, r["gains"][student].get("label-smoothing", 0.0))
 
-    def best(r: dict, names: list[str]) -> float:
-        return max(r["gains"][s][n] - floor(r, s) for s in r["gains"] for n in names)
+    def best(r: dict, names: list[str]) -> float | None:  # None: none of these attacks was run
+        got = [r["gains"][s][n] - floor(r, s) for s in r["gains"] for n in names if n in r["gains"][s]]
+        return max(got) if got else None
 
-    out = {
-        "normal": statistics.mean(best(r, ["normal-kd", "normal-rehead-affine"]) for r in rows),
-        "locked": statistics.mean(best(r, LOCKED) for r in rows),
-        "template": statistics.mean(best(r, ["template-kd", "template-rehead-affine"]) for r in rows),
-        "label": 0.0,
-    }
+    out = {"label": 0.0}
+    for k, names in (("normal", ["normal-kd", "normal-rehead-affine"]), ("locked", LOCKED),
+                     ("template", ["template-kd", "template-rehead-affine"])):
+        vals = [best(r, names) for r in rows]
+        if None not in vals:
+            out[k] = statistics.mean(vals)
     if all(r.get("single_probe") for r in rows):
         out["single"] = statistics.mean(max(s["kd_gain_defended"] - floor(r, s["student"]) for s in r["single_probe"]["students"]) for r in rows)
     return out
