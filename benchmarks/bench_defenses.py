@@ -6,7 +6,7 @@ and audit runs are reused, so the script can be stopped and restarted.
 
 As in docs/results.md (Fashion-MNIST, 3 seeds; about 2 hours on 2 CPU cores):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_defenses.py --out bench_runs/fm --seeds 0 1 2 --plot docs/pareto.png
+    OMP_NUM_THREADS=1 python benchmarks/bench_defenses.py --out bench_runs/fm --seeds 0 1 2 --plot docs/pareto-training-defenses.png
 
 Quick check that everything runs (digits, one seed, tiny schedules, a few minutes):
 
