@@ -616,10 +616,18 @@ def report_cmd(audit_json: str, out: str | None, formats: str) -> None:
     bad = [f for f in fmts if f not in ("md", "html")]
     if bad or not fmts:
         raise NastyError(f"unknown --format {bad[0] if bad else formats!r} (choose md, html)")
+    from .audit.render import render_html, render_markdown
+
     audit = load_audit(audit_json)
     folder = Path(out) if out else (Path(audit_json) if Path(audit_json).is_dir() else Path(audit_json).parent)
+    try:  # an audit.json is a file like any other: render everything in memory before writing anything
+        table = terminal_table(audit)
+        for fmt in fmts:
+            (render_markdown if fmt == "md" else render_html)(audit)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise NastyError(f"{audit_json}: malformed audit ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     written = write_reports(audit, folder, fmts)
-    click.echo(terminal_table(audit))
+    click.echo(table)
     click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
