@@ -165,17 +165,15 @@ def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log) -> d
     _check_adversary_specs(cfg)
     defense_cls = get_defense(dcfg["name"])
     omegas = [dcfg["omega"]] if dcfg["omega"] is not None else (list(dcfg["omega_grid"]) if lock != "none" else [PAPER_OMEGA])
-    # checkpoints fix the normalisation: the adversary's (or the init checkpoint's) wins
-    first_ckpt = dcfg["adversary"][0] if dcfg["adversary"] else (dcfg["init_from"] if dcfg["init_from"] not in (None, "adversary") else None)
+    # checkpoints fix the normalisation: the first adversary's (or the init checkpoint's) wins
     norm = None
-    for path in [*dcfg["adversary"], *([dcfg["init_from"]] if dcfg["init_from"] not in (None, "adversary") else [])]:
+    for i, path in enumerate([*dcfg["adversary"], *([dcfg["init_from"]] if dcfg["init_from"] not in (None, "adversary") else [])]):
         _, side = read_sidecar(path)
         what = describe_lock(side)
         if what:
             raise NastyError(f"{path} is {what}, not a normal model; pass the normal model it was built from")
-    if first_ckpt:
-        _, side = read_sidecar(first_ckpt)
-        norm = (side["normalization"]["mean"], side["normalization"]["std"])
+        if i == 0:
+            norm = (side["normalization"]["mean"], side["normalization"]["std"])
     data = data_from_config(cfg, normalization=norm)
     defense_cls({**dcfg, "omega": omegas[0]}, data)  # validate before anything trains
     atomic_write_json(out / "config.json", cfg)
