@@ -51,3 +51,21 @@ def run_cli(capsys):
         return rc, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def rsig_reference():
+    """Reverse sigmoid (Lee et al. 2018) as in ART, one scalar at a time with the math module: ``p`` clipped
+    to [1e-9, 1 - 1e-9] inside the logit only; the golden reference of the output-defense tests."""
+    import math
+
+    def ref(row, beta, gamma):
+        pert = []
+        for p in row:
+            pc = min(max(p, 1e-9), 1 - 1e-9)
+            r = beta * (1 / (1 + math.exp(-gamma * math.log(pc / (1 - pc)))) - 0.5)
+            pert.append(min(max(p - r, 0.0), 1.0))
+        s = sum(pert)
+        return [v / s for v in pert]
+
+    return ref

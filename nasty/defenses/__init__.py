@@ -262,5 +262,5 @@ def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log) -> d
     return result
 
 
-from . import budget, lock, multi, nasty, selective  # noqa: E402,F401  (registration)
+from . import budget, multi, nasty, selective  # noqa: E402,F401  (registration)
 from .output import DefendedModel, list_output_defenses, parse_output_defense  # noqa: E402,F401
