@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import create_model, register_model
+from ._registry import create_model, parse_model_spec, register_model
 
 FORMS = ("two-head", "two-net")
 LOCKS = ("swap", "margin")
@@ -33,7 +33,6 @@ LOCKS = ("swap", "margin")
 
 def head_module(spec: str, num_features: int, num_classes: int) -> nn.Module:
     """A nasty head on ``num_features`` features: ``linear`` or ``mlp[:hidden=H]``."""
-    from . import parse_model_spec
 
     name, kw = parse_model_spec(spec)
     if name == "linear" and not kw:

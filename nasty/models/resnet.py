@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_model
+from ._registry import register_model
 
 
 def _w(c: int, width: float) -> int:
