@@ -5,9 +5,9 @@ channels) plus its own width options, and exposes ``stage_names``: the submodule
 are its intermediate stages (used by feature distillation and auxiliary heads).
 """
 
-from ._registry import create_model, list_models, model_doc, model_spec, parse_model_spec, register_model
+from ._registry import create_model, list_models, model_doc, model_prefixes, model_spec, parse_model_spec, register_model
 
 # Importing a model file registers its models.
-from . import cnn, locked, mlp, mobilenetv2, resnet, shufflenetv2  # noqa: E402,F401
+from . import cnn, external, locked, mlp, mobilenetv2, resnet, shufflenetv2  # noqa: E402,F401
 
-__all__ = ["create_model", "list_models", "model_doc", "model_spec", "parse_model_spec", "register_model"]
+__all__ = ["create_model", "list_models", "model_doc", "model_prefixes", "model_spec", "parse_model_spec", "register_model"]
