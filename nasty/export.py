@@ -1,0 +1,340 @@
+"""``nasty export``: one file that serves a checkpoint *with its whole defense*, for ONNX Runtime
+(or any ONNX server) or TorchScript, without nasty.
+
+The exported graph is what nasty serves: input ``images``, float32 ``(N, C, H, W)`` pixels in
+``[0, 1]`` (the dataset's images before normalisation: uint8 / 255, digits / 16), normalised inside
+the graph with the checkpoint's mean/std; the model (a decision-locked teacher keeps its lock: the
+nasty logits with the normal model's decision on top); softmax; then the ``--output-defense`` chain.
+Output ``probabilities``, float32 ``(N, classes)``: the defended probabilities a client receives,
+the same numbers as ``DefendedModel(model, spec).probabilities(x)`` (softmax of the model when no
+output defense is given). The batch size is dynamic.
+
+The lock and the output defenses are re-expressed here with graph-exportable operations (no data-
+dependent Python branches, no ``nextafter``), each the same function as its eager counterpart in
+nasty/models/locked.py and nasty/defenses/output.py (tests/test_export.py compares them through
+ONNX Runtime on every test image). A random output defense (``noise``) cannot be one fixed graph
+and is refused, as is any output defense without an exportable form: one line naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import NastyError
+
+FORMATS = ("onnx", "torchscript")
+ONNX_INSTALL = "pip install 'nasty[onnx]'"
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+_TINY = torch.finfo(torch.float32).tiny
+
+
+# ------------------------------------------------------------------------------------------------
+# graph-exportable forms of the lock and of the output defenses
+
+
+def _onehot_argmax(p: torch.Tensor) -> torch.Tensor:
+    """One-hot of each row's argmax (the first maximum, as torch.argmax and ONNX ArgMax)."""
+    return torch.zeros_like(p).scatter(1, p.argmax(1, keepdim=True), 1.0)
+
+
+def _renormalise(q: torch.Tensor, fallback_from: torch.Tensor) -> torch.Tensor:
+    """Rows of ``q`` scaled to sum 1; a row with no mass becomes the one-hot of ``fallback_from``'s argmax."""
+    s = q.sum(1, keepdim=True)
+    return torch.where(s > 0, q / torch.where(s > 0, s, torch.ones_like(s)), _onehot_argmax(fallback_from))
+
+
+def lock_decision_exportable(z: torch.Tensor, decision: torch.Tensor, lock: str, margin: float) -> torch.Tensor:
+    """:func:`nasty.models.locked.lock_decision` without ``nextafter`` (no ONNX operator): on an exact
+    tie the decided logit is raised to ``best + |best|·2^-23 + tiny``, at least the next float above
+    ``best`` (at most one float further than nextafter), so the decided class still wins argmax."""
+    d = decision[:, None]
+    zd = z.gather(1, d)
+    if lock == "swap":
+        top = z.argmax(1, keepdim=True)
+        zt = z.gather(1, top)
+        out = z.scatter(1, top, zd).scatter(1, d, zt)
+    else:
+        others = z.scatter(1, d, float("-inf")).amax(1, keepdim=True)
+        out = z.scatter(1, d, torch.maximum(zd, others + margin))
+    best = out.scatter(1, d, float("-inf")).amax(1, keepdim=True)
+    bump = best + best.abs() * 2.0**-23 + _TINY
+    return out.scatter(1, d, torch.maximum(out.gather(1, d), bump))
+
+
+def _topk(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def f(p):
+        top = p.topk(min(k, p.shape[1]), dim=1)
+        return _renormalise(torch.zeros_like(p).scatter(1, top.indices, top.values), p)
+    return f
+
+
+def _round(decimals: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    scale = 10.0**decimals
+
+    def f(p):
+        q = torch.round(p * scale) / scale
+        top = p.argmax(1, keepdim=True)
+        return q.scatter(1, top, q.gather(1, top).clamp_min(1.0 / scale))
+    return f
+
+
+def _label() -> Callable[[torch.Tensor], torch.Tensor]:
+    return _onehot_argmax
+
+
+def _reverse_sigmoid(beta: float, gamma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def f(p):
+        eps = 1e-9
+        pc = p.clamp(eps, 1 - eps)
+        r = beta * (torch.sigmoid(gamma * torch.log(pc / (1 - pc))) - 0.5)
+        return _renormalise((p - r).clamp(0.0, 1.0), p)
+    return f
+
+
+def _cutoff(threshold: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def f(p):
+        keep = (p >= threshold) | (_onehot_argmax(p) > 0)
+        return torch.where(keep, p, torch.zeros_like(p))
+    return f
+
+
+def _template(top: float, decoy: float, shift: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def f(p):
+        c = p.shape[1]
+        d = p.argmax(1, keepdim=True)
+        decoy_class = (d + (shift % (c - 1) or 1)) % c
+        rest = (1.0 - top - decoy) / (c - 2) if c > 2 else 0.0
+        out = torch.full_like(p, rest)
+        return out.scatter(1, decoy_class, decoy if c > 2 else 1.0 - top).scatter(1, d, top)
+    return f
+
+
+# output defense name -> its exportable form, built from the defense's validated parameters
+_EXPORTABLE: dict[str, Callable[..., Callable[[torch.Tensor], torch.Tensor]]] = {
+    "topk": _topk, "round": _round, "label": _label, "reverse-sigmoid": _reverse_sigmoid, "cutoff": _cutoff, "template": _template,
+}
+_WHY_NOT = {"noise": "it is random (a fresh draw per query), which one fixed graph cannot reproduce"}
+
+
+def exportable_output_defense(spec: str | None) -> tuple[list[Callable[[torch.Tensor], torch.Tensor]], str | None]:
+    """The exportable forms of an ``--output-defense`` chain, left to right, and its canonical spec.
+    Raises a one-line :class:`NastyError` naming the first part that cannot be exported."""
+    if spec is None:
+        return [], None
+    from .defenses.output import parse_output_defense
+
+    chain = parse_output_defense(spec)
+    parts = []
+    for part in chain.parts:
+        name = getattr(part, "name", type(part).__name__)
+        if name not in _EXPORTABLE:
+            why = _WHY_NOT.get(name, "it has no exportable form")
+            raise NastyError(f"output defense {part.describe() if hasattr(part, 'describe') else name} cannot be exported: {why}")
+        parts.append(_EXPORTABLE[name](**part.p))
+    return parts, chain.describe()
+
+
+class ServedModel(nn.Module):
+    """What nasty serves, as one graph: normalise, the model (its decision lock included), softmax,
+    the output defenses. ``forward(images in [0, 1]) -> probabilities``."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float],
+                 defenses: list[Callable[[torch.Tensor], torch.Tensor]] | None = None):
+        super().__init__()
+        from .models.locked import LockedTeacher
+
+        self.model = model.eval()
+        self.locked = isinstance(model, LockedTeacher)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.defenses = list(defenses or [])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.locked:
+            normal, z = self.model.decide_and_serve(x)
+            return lock_decision_exportable(z, normal.argmax(1), self.model.lock, self.model.margin)
+        return self.model(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        p = F.softmax(self.logits((images - self.mean) / self.std), dim=1)
+        for part in self.defenses:
+            p = part(p)
+        return p
+
+
+# ------------------------------------------------------------------------------------------------
+# writing the file
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    # the exporters' messages: keep the line that names the operator or module that failed
+    named = next((ln for ln in lines if "aten::" in ln or "aten." in ln or "not supported" in ln.lower() or "unsupported" in ln.lower()), None)
+    return f"{type(e).__name__}: {(named or (lines[0] if lines else ''))[:300]}"
+
+
+def _export_onnx(served: nn.Module, example: torch.Tensor, path: str) -> None:
+    try:
+        import onnx  # noqa: F401  (the exporter writes through it)
+    except ImportError:
+        raise NastyError(f"ONNX export needs onnx: {ONNX_INSTALL}") from None
+    # The TorchScript-based exporter (dynamo=False): it works offline with torch and onnx alone,
+    # takes dynamic_axes for the batch, handles every op the served graph uses (gather/scatter,
+    # topk, argmax, round), and writes the weights inside the one .onnx file. The dynamo exporter
+    # (torch's default) also needs onnxscript and prints its progress on stdout.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(served, (example,), path, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=17)
+
+
+def _export_torchscript(served: nn.Module, example: torch.Tensor, path: str) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(served, (example,), check_trace=False)
+        traced.save(path)
+
+
+def export_model(model: nn.Module, side: dict, out: str | Path, fmt: str = "onnx", output_defense: str | None = None) -> dict:
+    """Write ``model`` (a loaded checkpoint and its sidecar) with its served defense to ``out``
+    atomically (a failed export leaves no file). Returns facts about the file for the CLI."""
+    if fmt not in FORMATS:
+        raise NastyError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
+    defenses, described = exportable_output_defense(output_defense)
+    norm = side["normalization"]
+    served = ServedModel(model, norm["mean"], norm["std"], defenses).eval()
+    c, h, w = side["input_shape"]
+    example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise NastyError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        try:
+            (_export_onnx if fmt == "onnx" else _export_torchscript)(served, example, tmp)
+        except NastyError:
+            raise
+        except Exception as e:
+            raise NastyError(f"cannot export {side['model']['name']} to {fmt}: {_first_line(e)}") from None
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"file": str(out), "format": fmt, "bytes": out.stat().st_size, "model": side["model"]["name"],
+            "output_defense": described, "input": {"name": INPUT_NAME, "shape": ["batch", c, h, w], "range": [0.0, 1.0]},
+            "output": {"name": OUTPUT_NAME, "shape": ["batch", side["num_classes"]], "what": "defended probabilities"},
+            "classes": list(side["classes"]), "normalization": norm}
+
+
+def reference_probabilities(model: nn.Module, side: dict, x: torch.Tensor, output_defense: str | None = None) -> torch.Tensor:
+    """What nasty itself serves for images ``x`` in [0, 1], in eager PyTorch: the model's own forward
+    (its lock with ``nextafter``), softmax and the output defenses of nasty/defenses/output.py."""
+    from .defenses.output import DefendedModel
+
+    norm = side["normalization"]
+    mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(norm["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    xn = (x - mean) / std
+    with torch.no_grad():
+        if output_defense:
+            return DefendedModel(model.eval(), output_defense).probabilities(xn)
+        return F.softmax(model.eval()(xn), dim=1)
+
+
+def run_exported(path: str | Path, x: torch.Tensor, fmt: str = "onnx") -> torch.Tensor | None:
+    """The exported file's output for ``x`` (ONNX Runtime or torch.jit); ``None`` without onnxruntime."""
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in torch 2.14
+        return torch.jit.load(str(path))(x)
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    return {"images": int(ref.shape[0]), "max_abs_diff": float((got - ref).abs().max()),
+            "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean())}
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--format", "fmt", default="onnx", show_default=True,
+              help="onnx (ONNX Runtime or any ONNX server; needs the onnx extra) or torchscript (torch.jit.load).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The file to write (e.g. model.onnx).")
+@click.option("--output-defense", help="Output defense chain served after softmax and built into the file, e.g. topk:2,round:3 "
+                                       "(random ones such as noise cannot be exported).")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
+def export_cmd(checkpoint: str, fmt: str, out: str, output_defense: str | None, force: bool, as_json: bool) -> None:
+    """Export a checkpoint with its whole served defense (decision lock, output defenses) to one file.
+
+    The file maps images (float32, N x C x H x W, pixels in [0, 1] before normalisation) to the
+    probabilities nasty serves: normalisation, the model with its lock, softmax, the output defenses.
+    """
+    try:
+        _export(checkpoint, fmt, out, output_defense, force, as_json)
+    except NastyError as e:  # the CLI's convention, also when this command runs on its own: one line, its exit code
+        click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        raise click.exceptions.Exit(e.exit_code) from None
+
+
+def _export(checkpoint: str, fmt: str, out: str, output_defense: str | None, force: bool, as_json: bool) -> None:
+    from .checkpoint import SIDECAR, WEIGHTS, load_checkpoint, read_sidecar
+
+    # every check before any work: format, tools, output file, output defense, checkpoint sidecar
+    if fmt not in FORMATS:
+        raise NastyError(f"unknown --format {fmt!r} (choose {', '.join(FORMATS)})")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise NastyError(f"--format onnx needs onnx: {ONNX_INSTALL}") from None
+    target = Path(out)
+    if target.is_dir():
+        raise NastyError(f"--out {target} is a directory; name the file to write (e.g. {target / 'model.onnx'})")
+    if target.exists() and not force:
+        raise NastyError(f"--out {target} exists; pass --force to overwrite it")
+    exportable_output_defense(output_defense)
+    weights, _ = read_sidecar(checkpoint)
+    sidecar = weights.with_name(SIDECAR) if weights.name == WEIGHTS else weights.with_suffix(".json")
+    if target.resolve() in (weights.resolve(), sidecar.resolve()):
+        raise NastyError(f"--out {target} is the checkpoint itself")
+    model, side = load_checkpoint(checkpoint)
+    res = export_model(model, side, target, fmt, output_defense)
+    c, h, w = side["input_shape"]
+    x = torch.rand(64, c, h, w, generator=torch.Generator().manual_seed(1))
+    got = run_exported(target, x, fmt)
+    res["check"] = compare(got, reference_probabilities(model, side, x, output_defense)) if got is not None else None
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    chk = res["check"]
+    checked = (f"; checked against PyTorch on {chk['images']} random images: max |diff| {chk['max_abs_diff']:.1e}, "
+               f"argmax agrees on {100 * chk['argmax_agreement']:.0f}%" if chk else "; not checked (onnxruntime is not installed)")
+    click.echo(f"exported {checkpoint} -> {target} ({fmt}, {res['bytes']} bytes; input {INPUT_NAME} "
+               f"(N,{c},{h},{w}) in [0,1], output {OUTPUT_NAME} (N,{side['num_classes']})"
+               f"{', output defense ' + res['output_defense'] if res['output_defense'] else ''}{checked})")
