@@ -209,3 +209,59 @@ def test_readme_serving_example_runs(locked_run, tmp_path, monkeypatch):
     with contextlib.redirect_stdout(buf):
         exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (our own README's example)
     assert re.search(r"\d", buf.getvalue())
+
+
+def test_plain_teacher_and_two_net_lock(locked_run, test_images, tmp_path):
+    """A checkpoint without a lock (the run's normal model), and the two-network lock."""
+    pytest.importorskip("onnx")
+    from nasty.checkpoint import load_checkpoint, save_checkpoint
+    from nasty.models import create_model
+
+    normal, side = load_checkpoint(locked_run / "normal")
+    rc, _, err = invoke(locked_run / "normal", "--out", tmp_path / "n.onnx", "--output-defense", "reverse-sigmoid")
+    assert rc == 0, err
+    got = onnx_probabilities(tmp_path / "n.onnx", test_images)
+    ref = reference_probabilities(normal, side, test_images, "reverse-sigmoid")
+    assert float((got - ref).abs().max()) <= 1e-4 and torch.equal(got.argmax(1), ref.argmax(1))
+    torch.manual_seed(1)
+    two = create_model("locked:decision='cnn:width=0.25',nasty='mlp:hidden=16',form='two-net'", 10, 1, (8, 8)).eval()
+    two.decision.load_state_dict(normal.state_dict())
+    save_checkpoint(tmp_path / "two", two, classes=side["classes"], input_shape=(1, 8, 8), mean=side["normalization"]["mean"],
+                    std=side["normalization"]["std"], dataset="digits")
+    rc, _, err = invoke(tmp_path / "two", "--out", tmp_path / "t.onnx")
+    assert rc == 0, err
+    got = onnx_probabilities(tmp_path / "t.onnx", test_images)
+    ref = reference_probabilities(two, side, test_images)
+    assert float((got - ref).abs().max()) <= 1e-4 and torch.equal(got.argmax(1), ref.argmax(1))
+    assert torch.equal(got.argmax(1), ref.argmax(1)) and torch.equal(ref.argmax(1), reference_probabilities(normal, side, test_images).argmax(1))
+
+
+def test_an_unexportable_layer_is_named(tmp_path, capfd):
+    """An operator ONNX lacks: one line naming it and the module it sits in; nothing written, nothing printed."""
+    pytest.importorskip("onnx")
+    from nasty.errors import NastyError
+    from nasty.export import export_model
+
+    class Odd(torch.nn.Module):
+        def forward(self, x):
+            return torch.nextafter(x, x + 1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+            self.odd = Odd()
+
+        def forward(self, x):
+            return self.odd(self.body(x))
+
+    side = {"model": {"name": "net"}, "normalization": {"mean": [0.0], "std": [1.0]}, "input_shape": [1, 8, 8],
+            "num_classes": 10, "classes": [str(i) for i in range(10)]}
+    capfd.readouterr()
+    with pytest.raises(NastyError) as e:
+        export_model(Net(), side, tmp_path / "m.onnx")
+    msg = str(e.value)
+    assert "\n" not in msg and "aten::nextafter" in msg and "in module odd (Odd)" in msg, msg
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # the exporter's graph dump is not let through
+    assert list(tmp_path.iterdir()) == []
