@@ -349,14 +349,9 @@ def export_cmd(checkpoint: str, fmt: str, out: str, output_defense: str | None, 
 def _export(checkpoint: str, fmt: str, out: str, output_defense: str | None, force: bool, as_json: bool) -> None:
     from .checkpoint import SIDECAR, WEIGHTS, load_checkpoint, read_sidecar
 
-    # every check before any work: format, tools, output file, output defense, checkpoint sidecar
+    # every check before any work: format, output file, output defense, checkpoint sidecar, tools
     if fmt not in FORMATS:
         raise NastyError(f"unknown --format {fmt!r} (choose {', '.join(FORMATS)})")
-    if fmt == "onnx":
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise NastyError(f"--format onnx needs onnx: {ONNX_INSTALL}") from None
     target = Path(out)
     if target.is_dir():
         raise NastyError(f"--out {target} is a directory; name the file to write (e.g. {target / 'model.onnx'})")
@@ -367,6 +362,11 @@ def _export(checkpoint: str, fmt: str, out: str, output_defense: str | None, for
     sidecar = weights.with_name(SIDECAR) if weights.name == WEIGHTS else weights.with_suffix(".json")
     if target.resolve() in (weights.resolve(), sidecar.resolve()):
         raise NastyError(f"--out {target} is the checkpoint itself")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise NastyError(f"--format onnx needs onnx: {ONNX_INSTALL}") from None
     model, side = load_checkpoint(checkpoint)
     res = export_model(model, side, target, fmt, output_defense)
     c, h, w = side["input_shape"]

@@ -166,6 +166,7 @@ def test_bad_input_before_any_work(locked_run, tmp_path, monkeypatch, args, need
 
 
 def test_bad_paths(locked_run, tmp_path):
+    """Checked before the tools: these refusals need no onnx either."""
     rc, _, err = invoke(tmp_path / "nope", "--out", tmp_path / "m.onnx")
     assert rc == 2 and "checkpoint not found" in err and err.count("\n") == 1
     (tmp_path / "m.onnx").write_bytes(b"old")
@@ -177,6 +178,7 @@ def test_bad_paths(locked_run, tmp_path):
 
 def test_through_the_nasty_cli(locked_run, tmp_path, run_cli):
     """Registered in the CLI (one add_command), the same one-line contract, also for click's own errors."""
+    pytest.importorskip("onnx")
     from nasty import cli
 
     had = cli.cli.commands.get("export")
@@ -198,6 +200,7 @@ def test_through_the_nasty_cli(locked_run, tmp_path, run_cli):
 
 def test_readme_serving_example_runs(locked_run, tmp_path, monkeypatch):
     """The README's ONNX Runtime example, as written, on a file exported from a real run."""
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     text = (Path(__file__).parent.parent / "README.md").read_text()
     section = text.split("## Serving a defended model", 1)[1].split("\n## ", 1)[0]
@@ -265,3 +268,11 @@ def test_an_unexportable_layer_is_named(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert out == "" and err == ""  # the exporter's graph dump is not let through
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_missing_says_how_to_install(locked_run, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    rc, out, err = invoke(locked_run, "--out", tmp_path / "m.onnx")
+    assert rc == 2 and err.count("\n") == 1 and "pip install 'nasty[onnx]'" in err and not (tmp_path / "m.onnx").exists()
