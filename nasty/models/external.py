@@ -111,8 +111,10 @@ def _dry_run(model: nn.Module, head: nn.Module, spec: str, in_channels: int, ima
     """One image through the library's forward: (input, the classifier's input, the model's output).
     Refuses a model that cannot take the input or whose classifier is not its last step."""
     p = next(model.parameters(), None)
-    x = torch.randn(1, in_channels, *image_size, device=p.device if p is not None else None,
-                    generator=None if p is not None and p.is_meta else torch.Generator().manual_seed(0))
+    device = p.device if p is not None else torch.device("cpu")
+    # a fixed input from its own generator: building a model consumes no global random numbers beyond the library's
+    x = torch.randn(1, in_channels, *image_size, device="meta") if device.type == "meta" else \
+        torch.randn(1, in_channels, *image_size, generator=torch.Generator().manual_seed(0)).to(device)
     seen: dict[str, Any] = {}
     hook = head.register_forward_hook(lambda m, i, o: seen.update(inp=i[0], out=o))
     try:
