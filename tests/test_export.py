@@ -85,10 +85,10 @@ def test_margin_lock_and_a_timm_decision_model(locked_run, test_images, tmp_path
     """The other lock rule, on a library model (random init): the same agreement."""
     pytest.importorskip("onnx")
     pytest.importorskip("timm")
-    from nasty.checkpoint import save_checkpoint
+    from nasty.checkpoint import read_sidecar, save_checkpoint
     from nasty.models import create_model
 
-    _, side = __import__("nasty.checkpoint", fromlist=["read_sidecar"]).read_sidecar(locked_run)
+    _, side = read_sidecar(locked_run)
     torch.manual_seed(0)
     m = create_model("locked:decision='timm:test_resnet',lock='margin',margin=0.5", 10, 1, (8, 8)).eval()
     save_checkpoint(tmp_path / "ck", m, classes=side["classes"], input_shape=(1, 8, 8), mean=side["normalization"]["mean"],
