@@ -143,7 +143,7 @@ def _finish(model: nn.Module, lib: str, head_name: str, head: nn.Linear, stages:
     with torch.no_grad():
         f = model.forward_features(x)
         z = model.forward_head(f)
-    if f.shape != (1, head.in_features) or z.shape != out.shape:
+    if f.shape != (1, head.in_features) or z.shape != out.shape or feats_in.numel() != f.numel():
         raise NastyError(f"model {spec}: its features have shape {tuple(f.shape)}, not (N, {head.in_features}); "
                          "nasty cannot split it into features and a head")
     if not x.is_meta and not (torch.allclose(f, feats_in.reshape(f.shape), atol=1e-5) and torch.allclose(z, out, atol=1e-5)):
