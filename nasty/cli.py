@@ -6,27 +6,45 @@ Bad input never gives a traceback: it gives one line on stderr and exit code 2.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
+from . import config, distributed
+from .attacks import ATTACKS
+from .audit.render import render_html, render_markdown, terminal_table, write_reports
+from .audit.run import AuditSettings, run_audit
+from .audit.schema import load_audit
+from .checkpoint import (atomic_write_json, check_compatible, load_checkpoint, load_legacy_state, read_legacy_state_dict, read_sidecar,
+                         save_checkpoint, split_settings)
+from .data import list_datasets, load_dataset
+from .defenses import list_defenses
+from .defenses.lock import LOCK_PARAMS
 from .errors import NastyError
+from .metrics import evaluate
+from .models import list_models, model_doc
+from .params import Param, click_option, option_value
+from .pipelines.attack import plan_attack, run_attack_plan
+from .pipelines.common import normalization
+from .pipelines.defended import lock_job, train_defended
+from .registry import parse_assignment, slug
+from .resume import Checkpointing, first_difference
+from .runs import (check_replaceable, clean_leftovers, data_from_config, has_content, lock_out_dir, new_model, prepare_out_dir,
+                   save_model, test_metrics, train_normal)
 
 
 def _log(msg: str) -> None:
-    from .distributed import is_main
-
-    if is_main():  # under torchrun only rank 0 talks
+    if distributed.is_main():  # under torchrun only rank 0 talks
         click.echo(msg, err=True)
 
 
 def _emit(obj: Any, as_json: bool, human: Callable[[], None]) -> None:
-    from .distributed import is_main
-
-    if not is_main():
+    if not distributed.is_main():
         return
     if as_json:
         click.echo(json.dumps(obj, indent=None, default=str))
@@ -34,24 +52,63 @@ def _emit(obj: Any, as_json: bool, human: Callable[[], None]) -> None:
         human()
 
 
+# ----------------------------------------------------------------------------------------------
+# options generated from the parameter declarations (nasty.params.Param; the schema is nasty.config)
+
+DATA_KEYS = ("dataset", "data_root", "download", "train_subset", "augment")
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "seed", "deterministic")
+
+
+def _declared(section: str, keys: tuple[str, ...] | None = None) -> list[tuple[str, str, Param]]:
+    params = config.TRAIN_SCHEMA if section == "train" else config.SCHEMA[section]
+    return [(section, k, p) for k, p in params.items() if (keys is None or k in keys) and p.flag != ""]
+
+
+def _attack_flags() -> list[tuple[str, str, Param]]:
+    """The attack parameters declared with a flag (a :class:`Param`), across all attacks; one option per name."""
+    seen: dict[str, Param] = {}
+    for cls in ATTACKS.values():
+        for k, p in cls.params.items():
+            if isinstance(p, Param) and p.flag != "":
+                if seen.setdefault(k, p).kind != p.kind:
+                    raise ValueError(f"attack parameter {k} is declared with two kinds")
+    return [("attack.options", k, p) for k, p in seen.items()]
+
+
+def _generated(decl: list[tuple[str, str, Param]]):
+    """Decorator adding one click option per declared parameter (destination ``section__key``)."""
+
+    def deco(f):
+        for sec, key, p in reversed(decl):
+            f = click_option(key, p, dest=f"{sec.replace('.', '_')}__{key}")(f)
+        f.__nasty_declared__ = getattr(f, "__nasty_declared__", []) + decl
+        return f
+
+    return deco
+
+
+def _overrides(kw: dict, decl: list[tuple[str, str, Param]]) -> dict:
+    """The config overrides of the given options, each checked against its declaration and named by its flag."""
+    over: dict[str, dict] = {}
+    for sec, key, p in decl:
+        value = option_value(key, p, kw.get(f"{sec.replace('.', '_')}__{key}"))
+        if value is None:
+            continue
+        value = p.validate(p.flag_name(key), value) if p.kind != "train" else value
+        section, _, sub = sec.partition(".")
+        target = over.setdefault(section, {})
+        if sub:
+            target = target.setdefault(sub, {})
+        target[key] = value
+    return over
+
+
 def _common(f):
-    """Options shared by the training commands."""
+    """Options shared by the training commands: the config file, data, model, training, run folder."""
+    decl = _declared("data", DATA_KEYS) + _declared("model") + _declared("train", TRAIN_KEYS)
     opts = [
         click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML config (one experiment); flags override it."),
-        click.option("--dataset", help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, npz:PATH, imagefolder:PATH."),
-        click.option("--data-root", help="Folder holding the dataset files (default $NASTY_DATA_ROOT or ./data)."),
-        click.option("--download", is_flag=True, default=None, help="Allow torchvision to download missing data (needs internet)."),
-        click.option("--train-subset", type=int, help="Keep a stratified subset of N labelled training images."),
-        click.option("--data-augment", help="Training-data augmentation: auto (the dataset's default), none, crop or crop-flip "
-                     "(the config's [data] augment)."),
-        click.option("--model", help="Architecture, with options: e.g. cnn, resnet20, 'cnn:width=0.25'."),
-        click.option("--epochs", type=int),
-        click.option("--batch-size", type=int),
-        click.option("--lr", type=float),
-        click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"])),
-        click.option("--schedule", type=click.Choice(["constant", "cosine", "multistep", "onecycle"])),
-        click.option("--seed", type=int),
-        click.option("--deterministic", is_flag=True, default=None, help="Deterministic algorithms (reproducible on CPU)."),
+        _generated(decl),
         click.option("--out", type=click.Path(file_okay=False), help="Output directory (one run = one directory)."),
         click.option("--force", is_flag=True, help="Overwrite a non-empty --out."),
         click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same options) from its last completed epoch."),
@@ -62,84 +119,61 @@ def _common(f):
     return f
 
 
-def _base_overrides(kw: dict) -> dict:
-    return {
-        "data": {"dataset": kw.get("dataset"), "data_root": kw.get("data_root"), "download": kw.get("download"),
-                 "train_subset": kw.get("train_subset"), "augment": kw.get("data_augment")},
-        "model": {"name": kw.get("model")},
-        "train": {k: kw.get(k) for k in ("epochs", "batch_size", "lr", "optimizer", "schedule", "seed", "deterministic")},
-    }
+def _load(kw: dict, extra: dict | None = None) -> dict:
+    """The resolved config of a command: defaults, then ``--config``, then the generated options and ``extra``."""
+    over = _overrides(kw, _declared("data", DATA_KEYS) + _declared("model") + _declared("train", TRAIN_KEYS))
+    for sec, table in (extra or {}).items():
+        over.setdefault(sec, {}).update({k: v for k, v in table.items() if v is not None})
+    return config.load_config(kw.get("config"), over)
 
 
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise NastyError(f"{name} must be positive, got {value}")
-
-
-def _param_value(item: str, text: str) -> Any:
-    """The value of ``--param KEY=VALUE``: a Python literal (number, string, list ...) or else the text
-    itself; NaN/inf anywhere in it is refused (the method's class checks the rest)."""
-    import ast
-
-    from .registry import check_param
-
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
-    check_param("--param", item.partition("=")[0], value, None)
-    return value
-
-
-def _run_dir(kw: dict, cfg: dict, default_name: str) -> Path:
-    """The run's output folder: a fresh one (``--force`` to overwrite), or with ``--resume`` the
-    folder of an interrupted run whose ``run.json`` must hold the same config. Every training in
-    the command then saves its state after each epoch and resumes from it (see ``nasty.train.fit``)."""
-    from .checkpoint import atomic_write_json
-    from .runs import clean_leftovers, has_content, lock_out_dir, prepare_out_dir
-    from .train import _first_difference, checkpointing
-
-    from . import distributed
-
+def _run_dir(kw: dict, cfg: dict, default_name: str) -> tuple[Path, Checkpointing]:
+    """The run's output folder and what its trainings do with it: a fresh folder (``--force`` to
+    overwrite) whose trainings save their state after every epoch, or with ``--resume`` the folder of
+    an interrupted run whose ``run.json`` must hold the same config, continued from those states."""
     command = click.get_current_context().info_name
+    ck = Checkpointing(save=True, resume=bool(kw.get("resume")))
     if distributed.enabled() and not kw["out"]:
         raise NastyError("under torchrun pass --out: every rank must use the same run folder")
     if not distributed.is_main():  # under torchrun rank 0 prepares the folder; the others wait for it
         distributed.barrier()
-        click.get_current_context().with_resource(checkpointing(save=True, resume=bool(kw.get("resume"))))
-        return Path(kw["out"])
+        return Path(kw["out"]), ck
     if kw.get("resume"):
-        if kw["force"]:
-            raise NastyError("--resume continues the run in --out and --force deletes it: pass one of them")
-        if not kw["out"]:
-            raise NastyError("--resume needs --out, the folder of the interrupted run")
-        out = Path(kw["out"])
-        if out.exists() and not out.is_dir():
-            raise NastyError(f"--out {out} exists and is not a directory")
-        saved = out / "run.json"
-        if saved.is_file():
-            try:
-                prev = json.loads(saved.read_text())
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                raise NastyError(f"cannot resume: {saved} is damaged; pass --force to start over") from None
-            if not isinstance(prev, dict) or prev.get("command") != command:
-                raise NastyError(f"cannot resume: {out} holds a run of `{prev.get('command') if isinstance(prev, dict) else '?'}`, not `{command}`")
-            diff = _first_difference(prev.get("config"), json.loads(json.dumps(cfg)))
-            if diff:
-                raise NastyError(f"cannot resume {out}: option {diff}; pass the options of the interrupted run, or --force to start over")
-        elif out.is_dir() and has_content(out):
-            raise NastyError(f"cannot resume: {out} holds no run.json (not a run of this version of nasty); pass --force to start over")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise NastyError(f"cannot create output directory {out}: {e.strerror}") from None
-        lock_out_dir(out)  # one run at a time in a folder
-        clean_leftovers(out)  # temporary files of the killed run; its complete files are kept
+        out = _resume_dir(kw, cfg, command)
     else:
         out = prepare_out_dir(kw["out"], kw["force"], default_name, inputs=cfg)
     atomic_write_json(out / "run.json", {"command": command, "config": cfg})
     distributed.barrier()
-    click.get_current_context().with_resource(checkpointing(save=True, resume=bool(kw.get("resume"))))
+    return out, ck
+
+
+def _resume_dir(kw: dict, cfg: dict, command: str) -> Path:
+    if kw["force"]:
+        raise NastyError("--resume continues the run in --out and --force deletes it: pass one of them")
+    if not kw["out"]:
+        raise NastyError("--resume needs --out, the folder of the interrupted run")
+    out = Path(kw["out"])
+    if out.exists() and not out.is_dir():
+        raise NastyError(f"--out {out} exists and is not a directory")
+    saved = out / "run.json"
+    if saved.is_file():
+        try:
+            prev = json.loads(saved.read_text())
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise NastyError(f"cannot resume: {saved} is damaged; pass --force to start over") from None
+        if not isinstance(prev, dict) or prev.get("command") != command:
+            raise NastyError(f"cannot resume: {out} holds a run of `{prev.get('command') if isinstance(prev, dict) else '?'}`, not `{command}`")
+        diff = first_difference(prev.get("config"), json.loads(json.dumps(cfg)))
+        if diff:
+            raise NastyError(f"cannot resume {out}: option {diff}; pass the options of the interrupted run, or --force to start over")
+    elif out.is_dir() and has_content(out):
+        raise NastyError(f"cannot resume: {out} holds no run.json (not a run of this version of nasty); pass --force to start over")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NastyError(f"cannot create output directory {out}: {e.strerror}") from None
+    lock_out_dir(out)  # one run at a time in a folder
+    clean_leftovers(out)  # temporary files of the killed run; its complete files are kept
     return out
 
 
@@ -151,195 +185,69 @@ def cli() -> None:
 
 @cli.command("train-teacher")
 @_common
-@click.option("--label-smoothing", type=float, help="Label smoothing of the cross-entropy.")
+@_generated(_declared("train", ("label_smoothing",)))
 def train_teacher(**kw) -> None:
     """Train a normal teacher (cross-entropy)."""
-    from .config import load_config
-    from .runs import data_from_config, train_normal
-
-    over = _base_overrides(kw)
-    over["train"]["label_smoothing"] = kw["label_smoothing"]
-    cfg = load_config(kw["config"], over)
+    cfg = _load(kw, _overrides(kw, _declared("train", ("label_smoothing",))))
     data = data_from_config(cfg)
-    out = _run_dir(kw, cfg, f"teacher-{cfg['data']['dataset'].replace(':', '-').replace('/', '-')}")
-    _, metrics = train_normal(cfg, data, out, log=_log)
+    out, ck = _run_dir(kw, cfg, f"teacher-{slug(cfg['data']['dataset'])}")
+    _, metrics = train_normal(cfg, data, out, log=_log, ck=ck)
     result = {"accuracy": metrics["test"]["accuracy"], "per_class_accuracy": metrics["test"]["per_class_accuracy"],
               "val_accuracy": metrics["val_accuracy"], "best_epoch": metrics["best_epoch"], "checkpoint": str(out)}
-    from .checkpoint import atomic_write_json
-
     atomic_write_json(out / "result.json", result)
     _emit(result, kw["as_json"], lambda: click.echo(f"teacher test accuracy {result['accuracy']:.2f}% -> {out}"))
 
 
-def _float_list(flag: str, text: str | None) -> list[float] | None:
-    """``"0.1,0.3"`` -> ``[0.1, 0.3]``; finite numbers only (one-line error otherwise)."""
-    if text is None:
-        return None
-    import math
-
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            v = float(part)
-        except ValueError:
-            raise NastyError(f"{flag}: {part!r} is not a number") from None
-        if not math.isfinite(v):
-            raise NastyError(f"{flag}: {part!r} is not a finite number")
-        out.append(v)
-    return out
+DEFENSE_OPTIONS = _declared("defense") + _declared("probe", ("students", "train_subset"))
 
 
 @cli.command("train-defended")
 @_common
-@click.option("--defense", "defense_name", help="Training-time defense (see `nasty defenses`); default nasty.")
-@click.option("--tau", type=float, help="Temperature of the KL to the adversary.")
-@click.option("--omega", type=float, help="Weight of the KL term (strength of the defense).")
-@click.option("--omega-warmup", type=int, help="Ramp omega linearly over this many epochs.")
-@click.option("--kl-cap", type=float, help="Cap each sample's KL to the adversary.")
-@click.option("--adversary", multiple=True, type=click.Path(), help="Normal teacher checkpoint (repeatable). Without it one is trained first.")
-@click.option("--adversary-model", help="Architecture(s) of the adversaries trained when --adversary is absent, comma-separated "
-              "(e.g. cnn,mlp; the first is the normal reference; default: --model).")
-@click.option("--protect-classes", help="class-selective/budget: classes to protect, indices or names (e.g. 3,5,7 or Shirt,Coat).")
-@click.option("--protect-by", type=click.Choice(["label", "mass", "both"]), help="Where the KL acts: images labelled with a protected "
-              "class (default), the adversary's probability mass on them, or both.")
-@click.option("--anchor", type=float, help="class-selective/budget: weight of KL(adversary || teacher) on unprotected images "
-              "(keeps their soft labels normal; default 0).")
-@click.option("--combine", type=click.Choice(["mean", "sum", "min"]), help="multi-adversary/budget: how several adversaries' KL terms combine.")
-@click.option("--max-accuracy-drop", type=float, help="budget: validation accuracy (points) the teacher may lose to the adversary; omega adapts.")
-@click.option("--dual-lr", type=float, help="budget: step of the per-epoch omega update (default 0.5).")
-@click.option("--omega-max", type=float, help="budget: upper bound of omega (default 1.0).")
-@click.option("--init-from", help="--lock none/two-net: fine-tune the nasty network from a checkpoint, or 'adversary' for the (trained) "
-              "adversary of the same architecture, instead of training from scratch (a two-head lock's head always starts fresh).")
+@_generated(DEFENSE_OPTIONS)
 @click.option("--defense-epochs", type=int, help="Epochs of the defended phase (default: [defense.train] or --epochs).")
 @click.option("--defense-lr", type=float, help="Learning rate of the defended phase.")
-@click.option("--lock", type=click.Choice(["two-head", "two-net", "none"]), help="Serve the nasty part's soft outputs with the normal "
-              "model's decisions (two-head: a nasty head on the normal backbone, the default; two-net: a nasty network beside the normal one; "
-              "none: the paper's single nasty network, which pays accuracy).")
-@click.option("--nasty-head", help="two-head: the nasty head, linear (default) or mlp:hidden=H.")
-@click.option("--lock-rule", type=click.Choice(["swap", "margin"]), help="How the decision is imposed on the nasty logits (default swap).")
-@click.option("--lock-margin", type=float, help="margin lock: how far the decided class is put above the others (default 0).")
-@click.option("--omega-grid", help="Candidates for omega, chosen by a KD probe on the validation split when --omega is not given "
-              "(comma-separated; default 0.1,0.3,1).")
-@click.option("--cmi", type=float, help="two-head: weight of the head's conditional mutual information given the class "
-              "(outputs that say nothing beyond the decision; default 10, 0 turns it off).")
-@click.option("--head-epochs", type=int, help="two-head: epochs of the nasty head on cached features (default: about 3000 steps).")
-@click.option("--probe-students", help="Comma-separated student architectures for the KD probe.")
-@click.option("--probe-subset", type=int, help="Labelled images the probe's students train on.")
 @click.option("--no-probe", is_flag=True, help="Skip the KD probe.")
 def train_defended_cmd(**kw) -> None:
     """Train a defended ("nasty") teacher, then probe it with KD students and print a verdict."""
-    from .config import load_config
-    from .defenses import train_defended
-
-    _positive("--tau", kw["tau"])
-    _positive("--max-accuracy-drop", kw["max_accuracy_drop"])
-    over = _base_overrides(kw)
-    over["defense"] = {"name": kw["defense_name"], "tau": kw["tau"], "omega": kw["omega"], "omega_warmup": kw["omega_warmup"],
-                       "kl_cap": kw["kl_cap"], "adversary": list(kw["adversary"]) or None, "adversary_model": kw["adversary_model"],
-                       "init_from": kw["init_from"], "protect_by": kw["protect_by"], "anchor": kw["anchor"], "combine": kw["combine"],
-                       "protect_classes": [c.strip() for c in kw["protect_classes"].split(",") if c.strip()] if kw["protect_classes"] else None,
-                       "max_accuracy_drop": kw["max_accuracy_drop"], "dual_lr": kw["dual_lr"], "omega_max": kw["omega_max"],
-                       "lock": kw["lock"], "nasty_head": kw["nasty_head"], "lock_rule": kw["lock_rule"], "lock_margin": kw["lock_margin"],
-                       "omega_grid": _float_list("--omega-grid", kw["omega_grid"]), "head_epochs": kw["head_epochs"], "cmi": kw["cmi"],
-                       "train": {k: v for k, v in (("epochs", kw["defense_epochs"]), ("lr", kw["defense_lr"])) if v is not None}}
-    over["probe"] = {"enabled": False if kw["no_probe"] else None, "train_subset": kw["probe_subset"],
-                     "students": [s.strip() for s in kw["probe_students"].split(",") if s.strip()] if kw["probe_students"] else None}
-    cfg = load_config(kw["config"], over)
-    from .checkpoint import load_checkpoint
-
+    over = _overrides(kw, DEFENSE_OPTIONS)
+    train = {k: v for k, v in (("epochs", kw["defense_epochs"]), ("lr", kw["defense_lr"])) if v is not None}
+    if train:
+        over.setdefault("defense", {})["train"] = train
+    if kw["no_probe"]:
+        over.setdefault("probe", {})["enabled"] = False
+    cfg = _load(kw, over)
     # refuse unreadable or hostile checkpoints before --force clears the output folder
     for path in [*cfg["defense"]["adversary"], *([cfg["defense"]["init_from"]] if cfg["defense"]["init_from"] not in (None, "adversary") else [])]:
         load_checkpoint(path)
-    out = _run_dir(kw, cfg, f"defended-{cfg['data']['dataset'].replace(':', '-').replace('/', '-')}")
-    result = train_defended(cfg, out, log=_log)
+    out, ck = _run_dir(kw, cfg, f"defended-{slug(cfg['data']['dataset'])}")
+    result = train_defended(cfg, out, log=_log, ck=ck)
     result["out_dir"] = str(out)
     _emit(result, kw["as_json"], lambda: click.echo(result["verdict"] + f"\nrun saved in {out}"))
 
 
+ATTACK_OPTIONS = _declared("attack") + _attack_flags()
+
+
 @cli.command("attack")
 @_common
-@click.option("--method", help="Attack (see `nasty attacks`); default kd.")
-@click.option("--teacher", multiple=True, type=click.Path(), help="Teacher checkpoint (repeatable for ensembles).")
-@click.option("--student", help="Student architecture, e.g. mlp or 'cnn:width=0.25'.")
-@click.option("--temperature", type=float, help="Distillation temperature T.")
-@click.option("--alpha", type=float, help="Weight of the distillation term.")
-@click.option("--query", help="What the teacher exposes: logits, probs, topk:K, label, weights.")
+@_generated(ATTACK_OPTIONS)
 @click.option("--param", "params", multiple=True, help="Method parameter KEY=VALUE (repeatable).")
 @click.option("--output-defense", help="Post-process the teacher's probabilities when queried, e.g. topk:2,round:3 (see nasty.defenses.output).")
 @click.option("--labels/--no-labels", "labels", default=None, help="Whether the attacker holds the labels of its images (default: yes; no with --surrogate).")
-@click.option("--surrogate", help="Query the teacher on another dataset's images instead (unlabelled), e.g. mnist or npz:PATH.")
-@click.option("--queries", type=int, help="Query budget: train on this many images (a fixed seeded subset).")
-@click.option("--augment", help="Distillation-time augmentation for soft-label attacks: none, mixup or cutmix (optionally :ALPHA).")
-@click.option("--mode", help="tllm: oneshot or online identification.")
-@click.option("--delta", type=float, help="tllm: a class is undistillable when KD loses more than DELTA points on it.")
-@click.option("--discard", help="tllm: what to discard for undistillable classes: kd-term, ce-full or drop.")
-@click.option("--head-stage", type=int, help="skeptical: student stage (1-based) whose auxiliary head learns from the teacher.")
-@click.option("--kd-delay", type=int, help="skeptical: labels-only warm-up epochs before distillation.")
 def attack_cmd(**kw) -> None:
     """Train a student against a teacher with one attack and score it on the test split."""
-
-    from .attacks import check_requirements, get_attack, run_attack
-    from .attacks.base import load_surrogate
-    from .checkpoint import atomic_write_json, check_compatible, load_checkpoint, read_sidecar
-    from .config import load_config, train_config
-    from .defenses.output import parse_output_defense
-    from .runs import data_from_config, save_model
-
-    _positive("--temperature", kw["temperature"])
-    output_defense = parse_output_defense(kw["output_defense"]) if kw["output_defense"] else None
-    over = _base_overrides(kw)
-    over["attack"] = {"method": kw["method"], "teacher": list(kw["teacher"]) or None, "student": kw["student"],
-                      "temperature": kw["temperature"], "alpha": kw["alpha"], "query": kw["query"],
-                      "surrogate": kw["surrogate"], "queries": kw["queries"], "augment": kw["augment"]}
-    options: dict[str, Any] = {k: kw[k] for k in ("mode", "delta", "discard", "head_stage", "kd_delay") if kw[k] is not None}
+    over = _overrides(kw, ATTACK_OPTIONS)
+    options = over.get("attack", {}).pop("options", {})
     for item in kw["params"]:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise NastyError(f"--param {item!r} is not KEY=VALUE")
-        options[key] = _param_value(item, value)
-    over["attack"]["options"] = options or None
-    cfg = load_config(kw["config"], over)
+        key, value = parse_assignment(item, "--param")
+        options[key] = value
+    if options:
+        over.setdefault("attack", {})["options"] = options
+    cfg = _load(kw, over)
+    plan = plan_attack(cfg, output_defense=kw["output_defense"], labels=kw["labels"], query_given=_explicit_query(kw), log=_log)
     a = cfg["attack"]
-    cls = get_attack(a["method"])
-    params = dict(a["options"])
-    for k in ("temperature", "alpha"):
-        if k in cls.params and k not in params:
-            params[k] = a[k]
-    cls(**params)  # validate the method's parameters before loading anything
-    _positive("--queries", a["queries"])
-    if cls.accepts == ("weights",) and a["query"] == "logits" and not _explicit_query(kw):
-        a["query"] = "weights"  # a checkpoint on disk is white-box access; say so in the result
-        _log(f"{a['method']} is a white-box attack: using --query weights")
-    if a["surrogate"] and kw["labels"]:
-        raise NastyError("--surrogate images carry no labels of the teacher's task; drop --labels")
-    labels = not a["surrogate"] if kw["labels"] is None else kw["labels"]
-    check_requirements(cls, query=a["query"], labels=labels, n_teachers=len(a["teacher"]), augment=a["augment"],
-                       unlabelled_queries=bool(a["surrogate"]))
-    norm = None
-    if a["teacher"]:
-        _, side = read_sidecar(a["teacher"][0])
-        norm = (side["normalization"]["mean"], side["normalization"]["std"])
-    data = data_from_config(cfg, normalization=norm)
-    teachers = []
-    for path in a["teacher"]:
-        model, side = load_checkpoint(path)
-        check_compatible(side, data, f"teacher {path}")
-        teachers.append(model)
-    x_queries = x_val_queries = None
-    source = None
-    if a["surrogate"]:
-        sur = load_surrogate(a["surrogate"], cfg["data"]["data_root"], data, val_fraction=cfg["data"]["val_fraction"],
-                             split_seed=cfg["data"]["split_seed"], download=cfg["data"]["download"])
-        x_queries, x_val_queries, source = sur.x_train, sur.x_val, f"{a['surrogate']} (surrogate, unlabelled)"
-    out = _run_dir(kw, cfg, f"attack-{a['method']}")
-    atomic_write_json(out / "config.json", cfg)
-    student, result = run_attack(a["method"], data=data, teachers=teachers, student=a["student"], train=train_config(cfg),
-                                 params=params, query=a["query"], out_dir=out, log=_log,
-                                 output_defense=output_defense, labels=labels, x_queries=x_queries, x_val_queries=x_val_queries,
-                                 data_source=source, augment=a["augment"], query_budget=a["queries"])
-    result["teacher"] = list(a["teacher"])
-    save_model(out, student, data, cfg, {"test": {k: result[k] for k in ("accuracy", "per_class_accuracy")}})
-    atomic_write_json(out / "result.json", result)
+    out, ck = _run_dir(kw, cfg, f"attack-{a['method']}")
+    result = run_attack_plan(plan, out, _log, ck)
     _emit(result, kw["as_json"], lambda: click.echo(f"{a['method']} student {a['student']}: test accuracy {result['accuracy']:.2f}%"
                                                      + (f", agreement with teacher {result['teacher_agreement']:.2f}%" if "teacher_agreement" in result else "")
                                                      + (f", undistillable classes {result['undistillable_classes']}" if "undistillable_classes" in result else "")
@@ -348,12 +256,10 @@ def attack_cmd(**kw) -> None:
 
 def _explicit_query(kw: dict) -> bool:
     """Whether --query or the config file's [attack] query was given (not the schema default)."""
-    if kw["query"] is not None:
+    if kw.get("attack__query") is not None:
         return True
     if not kw["config"]:
         return False
-    import tomllib
-
     return "query" in tomllib.loads(Path(kw["config"]).read_text()).get("attack", {})
 
 
@@ -367,15 +273,8 @@ def _explicit_query(kw: dict) -> bool:
 @click.option("--json", "as_json", is_flag=True)
 def lock_cmd(decision: str, nasty_part: str, lock_rule: str, lock_margin: float, out: str, force: bool, as_json: bool) -> None:
     """Lock an existing nasty network to a normal model's decisions (one two-net artifact)."""
-    import math
-
-    from .checkpoint import save_checkpoint
-    from .defenses.lock import lock_checkpoints
-    from .runs import prepare_out_dir
-
-    if not (math.isfinite(lock_margin) and 0 <= lock_margin <= 100):
-        raise NastyError(f"--lock-margin must be in [0, 100], got {lock_margin}")
-    model, side, nside = lock_checkpoints(decision, nasty_part, lock_rule, lock_margin)
+    LOCK_PARAMS["lock_margin"].validate("--lock-margin", lock_margin)
+    model, side, nside = lock_job(decision, nasty_part, lock_rule, lock_margin)
     folder = prepare_out_dir(out, force, "locked")
     norm = side["normalization"]
     save_checkpoint(folder, model, classes=side["classes"], input_shape=tuple(side["input_shape"]), mean=norm["mean"], std=norm["std"],
@@ -394,18 +293,12 @@ def lock_cmd(decision: str, nasty_part: str, lock_rule: str, lock_margin: float,
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(checkpoint: str, dataset: str | None, data_root: str | None, split: str, as_json: bool) -> None:
     """Overall and per-class accuracy and the confusion matrix of a checkpoint."""
-    from .checkpoint import check_compatible, load_checkpoint
-    from .data import load_dataset
-    from .metrics import evaluate
-
-    from .checkpoint import split_settings
-
     model, side = load_checkpoint(checkpoint)
     name = dataset or side["dataset"]
     split_cfg = split_settings(side)  # type-checked: the sidecar may be hostile
     data = load_dataset(name, data_root or split_cfg["data_root"], val_fraction=split_cfg["val_fraction"],
                         split_seed=split_cfg["split_seed"],
-                        normalization=(side["normalization"]["mean"], side["normalization"]["std"]))
+                        normalization=normalization(side))
     check_compatible(side, data)
     x, y = data.split(split)
     res = {"checkpoint": checkpoint, "dataset": name, "split": split, "classes": data.classes, **evaluate(model, x, y, data.num_classes)}
@@ -440,10 +333,6 @@ def convert_cmd(source: str, model_spec: str, dataset: str, data_root: str | Non
     The file is read with torch.load(weights_only=True) only, which refuses any pickle that would
     call code; this is the one place nasty reads a pickle-based file.
     """
-    from .checkpoint import load_legacy_state, read_legacy_state_dict
-    from .config import load_config
-    from .runs import data_from_config, new_model, prepare_out_dir, save_model, test_metrics
-
     def floats(name: str, text: str) -> list[float]:
         try:
             vals = [float(v) for v in text.split(",")]
@@ -459,7 +348,7 @@ def convert_cmd(source: str, model_spec: str, dataset: str, data_root: str | Non
     if norm and not all(v > 0 for v in norm[1]):
         raise NastyError("--std must be positive")
     state = read_legacy_state_dict(source, key)  # refuses hostile pickles before anything else happens
-    cfg = load_config(None, {"data": {"dataset": dataset, "data_root": data_root}, "model": {"name": model_spec}})
+    cfg = config.load_config(None, {"data": {"dataset": dataset, "data_root": data_root}, "model": {"name": model_spec}})
     data = data_from_config(cfg, normalization=norm)
     model = new_model(model_spec, data)
     info = load_legacy_state(model, state, source)
@@ -474,8 +363,6 @@ def convert_cmd(source: str, model_spec: str, dataset: str, data_root: str | Non
 @click.option("--json", "as_json", is_flag=True)
 def models_cmd(as_json: bool) -> None:
     """List the registered architectures."""
-    from .models import list_models, model_doc
-
     rows = {m: model_doc(m) for m in list_models()}
     _emit(rows, as_json, lambda: [click.echo(f"{k:14s} {v}") for k, v in rows.items()])
 
@@ -484,8 +371,6 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def datasets_cmd(as_json: bool) -> None:
     """List the known datasets and where their files must be."""
-    from .data import list_datasets
-
     rows = list_datasets()
     _emit(rows, as_json, lambda: [click.echo(f"{k:16s} {v}") for k, v in rows.items()])
 
@@ -494,10 +379,8 @@ def datasets_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def attacks_cmd(as_json: bool) -> None:
     """List the registered attacks and what each needs."""
-    from .attacks import ATTACKS
-
     rows = {k: {"summary": c.summary, "access": list(c.accepts) if c.needs_teacher else [], "needs_labels": c.needs_labels,
-                "params": c.params} for k, c in sorted(ATTACKS.items())}
+                "params": c.defaults()} for k, c in sorted(ATTACKS.items())}
     _emit(rows, as_json, lambda: [click.echo(f"{k:16s} {v['summary']}  [access: {', '.join(v['access']) or 'none'}]") for k, v in rows.items()])
 
 
@@ -505,19 +388,17 @@ def attacks_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def defenses_cmd(as_json: bool) -> None:
     """List the registered training-time defenses."""
-    from .defenses import list_defenses
-
     rows = list_defenses()
     _emit(rows, as_json, lambda: [click.echo(f"{k:16s} {v}") for k, v in rows.items()])
+
+
+AUDIT_DATA_TRAIN = _declared("data", ("dataset", "data_root", "download", "train_subset")) + _declared("train", TRAIN_KEYS[:-2] + ("deterministic",))
 
 
 @cli.command("audit")
 @click.argument("teacher", type=click.Path())
 @click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML config: its [data] and [train] set the thief's data and training.")
-@click.option("--dataset", help="Dataset (default: the teacher's).")
-@click.option("--data-root", help="Folder holding the dataset files.")
-@click.option("--download", is_flag=True, default=None, help="Allow torchvision to download missing data.")
-@click.option("--train-subset", type=int, help="The thief holds a stratified subset of N labelled training images.")
+@_generated(AUDIT_DATA_TRAIN)
 @click.option("--attacks", default="all", show_default=True, help="Comma-separated attacks (see `nasty attacks`) or 'all'.")
 @click.option("--students", default="mlp", show_default=True, help="Comma-separated student architectures.")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
@@ -541,12 +422,6 @@ def defenses_cmd(as_json: bool) -> None:
 @click.option("--bootstrap", type=click.IntRange(min=100), default=None, hidden=True,
               help="Ignored since audit.json schema 2 (the intervals are analytic); still checked (>= 100) for old scripts.")
 @click.option("--param", "params", multiple=True, help="Attack parameter ATTACK.KEY=VALUE (repeatable), e.g. kd.temperature=8.")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--lr", type=float)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]))
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "multistep", "onecycle"]))
-@click.option("--deterministic", is_flag=True, default=None)
 @click.option("--out", type=click.Path(file_okay=False), help="Audit folder (default runs/audit-<teacher>); re-run to resume.")
 @click.option("--force", is_flag=True, help="Discard what --out holds and start afresh.")
 @click.option("--verbose", is_flag=True, help="Log every epoch of every run.")
@@ -554,31 +429,27 @@ def defenses_cmd(as_json: bool) -> None:
 def audit_cmd(**kw) -> int:
     """Audit a teacher: which classes can each attack copy? Writes audit.json/.md/.html.
 
+    The thief's data is the teacher's dataset and split unless --dataset or --config says otherwise.
+
     Exit codes: 0 ok, 1 an attack transfers more than --fail-on classes, 2 bad input, 3 incomplete.
     """
 
-    from .audit.render import terminal_table
-    from .audit.run import AuditSettings, run_audit, slug
-    from .checkpoint import read_sidecar
-    from .config import load_config
-
     params: dict[str, dict] = {}
     for item in kw["params"]:
-        key, eq, value = item.partition("=")
+        key, value = parse_assignment(item, "--param", "ATTACK.KEY=VALUE (e.g. kd.temperature=8)")
         attack, dot, name = key.partition(".")
-        if not eq or not dot or not attack or not name:
+        if not dot or not attack or not name:
             raise NastyError(f"--param {item!r} is not ATTACK.KEY=VALUE (e.g. kd.temperature=8)")
-        params.setdefault(attack, {})[name] = _param_value(item, value)
+        params.setdefault(attack, {})[name] = value
     _, side = read_sidecar(kw["teacher"])
-    over = _base_overrides(kw)
-    if kw["dataset"] is None and kw["config"] is None:
-        over["data"]["dataset"] = side["dataset"]
-        from .checkpoint import split_settings
-
+    over = _overrides(kw, AUDIT_DATA_TRAIN)
+    if kw["data__dataset"] is None and kw["config"] is None:
+        data_over = over.setdefault("data", {})
+        data_over["dataset"] = side["dataset"]
         for k, v in split_settings(side).items():  # type-checked: the sidecar may be hostile
-            if over["data"].get(k) is None and v is not None:
-                over["data"][k] = v
-    cfg = load_config(kw["config"], over)
+            if data_over.get(k) is None and v is not None:
+                data_over[k] = v
+    cfg = config.load_config(kw["config"], over)
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
     settings = AuditSettings(teacher=kw["teacher"], cfg=cfg, attacks=split(kw["attacks"]), students=split(kw["students"]),
                              seeds=kw["seeds"], reference=kw["reference"], query=kw["query"], margin=kw["margin"],
@@ -589,11 +460,7 @@ def audit_cmd(**kw) -> int:
     teacher_dir = Path(kw["teacher"]).parent if Path(kw["teacher"]).suffix else Path(kw["teacher"])
     out = Path(kw["out"]) if kw["out"] else Path("runs") / f"audit-{slug(teacher_dir.resolve().name)}"
     if kw["force"] and out.is_dir() and any(out.iterdir()):
-        from .runs import check_replaceable
-
         check_replaceable(out, cfg)  # --force deletes only an old run, never an input or the current folder
-    from .runs import lock_out_dir
-
     lock_out_dir(out, beside=True)  # one audit at a time in a folder
     audit = run_audit(settings, out, force=kw["force"], log=_log, verbose=kw["verbose"])
     headline = {"out_dir": str(out), "status": audit["status"], "gate": audit["gate"],
@@ -609,15 +476,10 @@ def audit_cmd(**kw) -> int:
 @click.option("--format", "formats", default="md,html", show_default=True, help="Comma-separated: md, html.")
 def report_cmd(audit_json: str, out: str | None, formats: str) -> None:
     """Re-render audit.md and audit.html from an audit.json."""
-    from .audit.render import terminal_table, write_reports
-    from .audit.schema import load_audit
-
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
     bad = [f for f in fmts if f not in ("md", "html")]
     if bad or not fmts:
         raise NastyError(f"unknown --format {bad[0] if bad else formats!r} (choose md, html)")
-    from .audit.render import render_html, render_markdown
-
     audit = load_audit(audit_json)
     folder = Path(out) if out else (Path(audit_json) if Path(audit_json).is_dir() else Path(audit_json).parent)
     try:  # an audit.json is a file like any other: render everything in memory before writing anything
@@ -643,8 +505,6 @@ class _Finite(click.ParamType):
         return self.inner.get_metavar(*a, **k)
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        import math
-
         v = self.inner.convert(value, param, ctx)
         if isinstance(v, float) and not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number", param, ctx)

@@ -4,99 +4,106 @@ One config file = one experiment. Sections: ``[data]``, ``[model]``, ``[train]``
 ``[attack]``, ``[probe]``; ``[defense.train]`` and ``[probe.train]`` override ``[train]`` for the
 defended teacher and the probe students. Unknown keys are errors with a "did you mean" hint.
 The fully resolved config is saved as ``config.json`` beside every run.
+
+Every key is declared once, as a :class:`nasty.params.Param` (type, default, range, help): here for
+the command-level keys, and on the defense classes and the lock for the ``[defense]`` keys they read
+(the schema asks the defenses). Validation, error messages and CLI options come from the declarations.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import math
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from .errors import NastyError
+import torch
 
-# type tags: int, float, str, bool, "?" suffix = may be null/absent, list[int], list[str], train (table)
-TRAIN_SCHEMA: dict[str, tuple[str, Any]] = {
-    "epochs": ("int", 10),
-    "batch_size": ("int", 128),
-    "optimizer": ("str", "sgd"),
-    "lr": ("float", 0.05),
-    "momentum": ("float", 0.9),
-    "weight_decay": ("float", 5e-4),
-    "schedule": ("str", "cosine"),
-    "milestones": ("list[int]", []),
-    "gamma": ("float", 0.1),
-    "seed": ("int", 0),
-    "deterministic": ("bool", False),
-    "select": ("str", "best-val"),
-    "grad_clip": ("float?", None),
-    "label_smoothing": ("float", 0.0),
+from .attacks import get_attack
+from .attacks.base import parse_access
+from .data import AUGMENTATIONS
+from .defenses import check_defense_keys, defense_params, get_defense, split_model_specs
+from .defenses.lock import LOCK_PARAMS
+from .errors import NastyError
+from .models import create_model
+from .models.locked import head_module
+from .params import Param
+from .train import OPTIMIZERS, SCHEDULES, TrainConfig
+
+pos = lambda v: v > 0  # noqa: E731
+nonneg = lambda v: v >= 0  # noqa: E731
+unit = lambda v: 0 <= v <= 1  # noqa: E731
+at_least_1 = lambda v: v >= 1  # noqa: E731
+
+TRAIN_SCHEMA: dict[str, Param] = {
+    "epochs": Param("int", 10, "Training epochs."),
+    "batch_size": Param("int", 128, "Batch size."),
+    "optimizer": Param("str", "sgd", choices=OPTIMIZERS, help="Optimizer."),
+    "lr": Param("float", 0.05, "Learning rate."),
+    "momentum": Param("float", 0.9, flag=""),
+    "weight_decay": Param("float", 5e-4, flag=""),
+    "schedule": Param("str", "cosine", choices=SCHEDULES, help="Learning-rate schedule."),
+    "milestones": Param("list[int]", [], flag=""),
+    "gamma": Param("float", 0.1, flag=""),
+    "seed": Param("int", 0, "Training seed."),
+    "deterministic": Param("bool", False, "Deterministic algorithms (reproducible on CPU)."),
+    "select": Param("str", "best-val", flag=""),
+    "grad_clip": Param("float?", None, flag=""),
+    "label_smoothing": Param("float", 0.0, "Label smoothing of the cross-entropy.", lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
-SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
+SCHEMA: dict[str, dict[str, Param]] = {
     "data": {
-        "dataset": ("str", "digits"),
-        "data_root": ("str?", None),
-        "val_fraction": ("float", 0.1),
-        "split_seed": ("int", 0),
-        "train_subset": ("int?", None),
-        "download": ("bool", False),
-        "augment": ("str", "auto"),
+        "dataset": Param("str", "digits", "digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, npz:PATH, imagefolder:PATH."),
+        "data_root": Param("str?", None, "Folder holding the dataset files (default $NASTY_DATA_ROOT or ./data)."),
+        "val_fraction": Param("float", 0.1, check=lambda v: 0 < v < 1, expect="in (0, 1)", flag=""),
+        "split_seed": Param("int", 0, check=nonneg, expect=">= 0", flag=""),
+        "train_subset": Param("int?", None, "Keep a stratified subset of N labelled training images.", at_least_1, ">= 1"),
+        "download": Param("bool", False, "Allow torchvision to download missing data (needs internet)."),
+        "augment": Param("str", "auto", "Training-data augmentation: auto (the dataset's default), none, crop or crop-flip "
+                         "(the config's [data] augment).", choices=("auto", *AUGMENTATIONS), flag="--data-augment"),
     },
-    "model": {"name": ("str", "cnn")},
+    "model": {"name": Param("str", "cnn", "Architecture, with options: e.g. cnn, resnet20, 'cnn:width=0.25'.", flag="--model")},
     "train": TRAIN_SCHEMA,
     "defense": {
-        "name": ("str", "nasty"),
-        "tau": ("float", 4.0),
-        "omega": ("float?", None),  # None: chosen from omega_grid on validation (locked), 0.04 with lock = "none"
-        "omega_grid": ("list[float]", [0.1, 0.3, 1.0]),
-        "lock": ("str", "two-head"),  # none (the paper's single network), two-head or two-net
-        "nasty_head": ("str", "linear"),  # two-head: linear or mlp:hidden=H
-        "lock_rule": ("str", "swap"),  # how the decision is imposed: swap or margin
-        "lock_margin": ("float", 0.0),
-        "cmi": ("float", 10.0),  # two-head: weight of the conditional mutual information of the head's outputs given the class
-        "head_epochs": ("int?", None),  # two-head: epochs of the head on cached features (default: about 3000 steps)
-        "omega_warmup": ("int", 0),
-        "kl_cap": ("float?", None),
-        "adversary": ("list[str]", []),
-        "adversary_model": ("str?", None),
-        "init_from": ("str?", None),
-        "protect_classes": ("list[str]", []),
-        "max_accuracy_drop": ("float?", None),
-        "protect_by": ("str", "label"),  # class-selective: label, mass or both
-        "anchor": ("float", 0.0),  # class-selective: weight of KL(adversary || teacher) on unprotected images
-        "combine": ("str", "mean"),  # several adversaries: mean, sum or min
-        "dual_lr": ("float", 0.5),  # budget: step of the multiplicative omega update
-        "omega_max": ("float?", None),  # budget: upper bound of omega (default 1.0)
-        "train": ("train", {}),
+        "name": Param("str", "nasty", "Training-time defense (see `nasty defenses`); default nasty.", flag="--defense"),
+        "adversary": Param("list[str]", [], "Normal teacher checkpoint (repeatable). Without it one is trained first.", repeat=True),
+        "adversary_model": Param("str?", None, "Architecture(s) of the adversaries trained when --adversary is absent, comma-separated "
+                                 "(e.g. cnn,mlp; the first is the normal reference; default: --model)."),
+        "init_from": Param("str?", None, "--lock none/two-net: fine-tune the nasty network from a checkpoint, or 'adversary' for the "
+                           "(trained) adversary of the same architecture, instead of training from scratch (a two-head lock's head "
+                           "always starts fresh)."),
+        **LOCK_PARAMS,
+        **defense_params(),
+        "train": Param("train", {}, flag=""),
     },
     "attack": {
-        "method": ("str", "kd"),
-        "teacher": ("list[str]", []),
-        "student": ("str", "mlp"),
-        "temperature": ("float", 4.0),
-        "alpha": ("float", 0.9),
-        "query": ("str", "logits"),
-        "queries": ("int?", None),
-        "surrogate": ("str?", None),
-        "augment": ("str", "none"),
-        "options": ("table", {}),
+        "method": Param("str", "kd", "Attack (see `nasty attacks`); default kd."),
+        "teacher": Param("list[str]", [], "Teacher checkpoint (repeatable for ensembles).", repeat=True),
+        "student": Param("str", "mlp", "Student architecture, e.g. mlp or 'cnn:width=0.25'."),
+        "temperature": Param("float", 4.0, "Distillation temperature T.", pos, "positive"),
+        "alpha": Param("float", 0.9, "Weight of the distillation term.", unit, "in [0, 1]"),
+        "query": Param("str", "logits", "What the teacher exposes: logits, probs, topk:K, label, weights."),
+        "queries": Param("int?", None, "Query budget: train on this many images (a fixed seeded subset).", at_least_1, ">= 1"),
+        "surrogate": Param("str?", None, "Query the teacher on another dataset's images instead (unlabelled), e.g. mnist or npz:PATH."),
+        "augment": Param("str", "none", "Distillation-time augmentation for soft-label attacks: none, mixup or cutmix (optionally :ALPHA)."),
+        "options": Param("table", {}, flag=""),
     },
     "probe": {
-        "enabled": ("bool", True),
-        "students": ("list[str]", ["mlp", "cnn:width=0.25"]),
-        "train_subset": ("int?", None),
-        "temperature": ("float", 4.0),
-        "alpha": ("float", 0.9),
-        "train": ("train", {}),
+        "enabled": Param("bool", True, flag=""),
+        "students": Param("list[str]", ["mlp", "cnn:width=0.25"], "Comma-separated student architectures for the KD probe.",
+                          flag="--probe-students"),
+        "train_subset": Param("int?", None, "Labelled images the probe's students train on.", at_least_1, ">= 1", flag="--probe-subset"),
+        "temperature": Param("float", 4.0, check=pos, expect="positive", flag=""),
+        "alpha": Param("float", 0.9, check=unit, expect="in [0, 1]", flag=""),
+        "train": Param("train", {}, flag=""),
     },
 }
 
 
 def defaults() -> dict[str, dict[str, Any]]:
-    return {sec: {k: copy.deepcopy(v[1]) for k, v in keys.items()} for sec, keys in SCHEMA.items()}
+    return {sec: {k: copy.deepcopy(p.default) for k, p in keys.items()} for sec, keys in SCHEMA.items()}
 
 
 def _suggest(key: str, options) -> str:
@@ -104,54 +111,20 @@ def _suggest(key: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _check_value(where: str, tag: str, value: Any) -> Any:
-    nullable = tag.endswith("?")
-    base = tag.rstrip("?")
-    if value is None:
-        if nullable:
-            return None
-        raise NastyError(f"{where} must not be empty")
-    if base == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise NastyError(f"{where} must be an integer, got {value!r}")
-        return value
-    if base == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise NastyError(f"{where} must be a number, got {value!r}")
-        if not math.isfinite(value):  # TOML allows nan and inf
-            raise NastyError(f"{where} must be a finite number, got {value!r}")
-        return float(value)
-    if base == "str":
-        if not isinstance(value, str):
-            raise NastyError(f"{where} must be a string, got {value!r}")
-        return value
-    if base == "bool":
-        if not isinstance(value, bool):
-            raise NastyError(f"{where} must be true or false, got {value!r}")
-        return value
-    if base.startswith("list["):
-        inner = base[5:-1]
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list):
-            raise NastyError(f"{where} must be a list, got {value!r}")
-        return [_check_value(f"{where}[{i}]", inner, v) for i, v in enumerate(value)]
-    if base == "train":
+def _check_value(where: str, param: Param, value: Any) -> Any:
+    """Type and range of one value (see :class:`nasty.params.Param`); a ``train`` table key by key."""
+    if param.kind == "train":
         if not isinstance(value, dict):
             raise NastyError(f"{where} must be a table")
-        return {k: _check_value(f"{where}.{k}", _train_tag(where, k), v) for k, v in value.items()}
-    if base == "table":
-        if not isinstance(value, dict):
-            raise NastyError(f"{where} must be a table")
-        return value
-    raise AssertionError(tag)
+        return {k: _check_value(f"{where}.{k}", _train_param(where, k), v) for k, v in value.items()}
+    return param.validate(where, value)
 
 
-def _train_tag(where: str, key: str) -> str:
+def _train_param(where: str, key: str) -> Param:
     if key not in TRAIN_SCHEMA:
         source, sep, path = where.rpartition(": ")
         raise NastyError(f"{source}{sep}unknown key {path}.{key}{_suggest(key, TRAIN_SCHEMA)}")
-    return TRAIN_SCHEMA[key][0]
+    return TRAIN_SCHEMA[key]
 
 
 def merge(base: dict, overrides: dict, source: str) -> dict:
@@ -167,9 +140,9 @@ def merge(base: dict, overrides: dict, source: str) -> dict:
         for key, value in table.items():
             if key not in SCHEMA[sec]:
                 raise NastyError(f"{source}: unknown key {sec}.{key}{_suggest(key, SCHEMA[sec])}")
-            tag = SCHEMA[sec][key][0]
-            checked = _check_value(f"{source}: {sec}.{key}", tag, value)
-            if tag in ("train", "table"):
+            param = SCHEMA[sec][key]
+            checked = _check_value(f"{source}: {sec}.{key}", param, value)
+            if param.kind in ("train", "table"):
                 out[sec][key] = {**out[sec][key], **checked}
             else:
                 out[sec][key] = checked
@@ -199,45 +172,11 @@ def load_config(path: str | Path | None, cli: dict | None = None) -> dict:
     return cfg
 
 
-# Ranges checked when a config is loaded, so that a bad value fails before any training starts,
-# also one that only a later phase reads (the probe after the defended teacher, [defense.train]).
-RANGES: dict[tuple[str, str], tuple[Any, str]] = {
-    ("data", "val_fraction"): (lambda v: 0 < v < 1, "in (0, 1)"),
-    ("data", "split_seed"): (lambda v: v >= 0, ">= 0"),
-    ("data", "train_subset"): (lambda v: v >= 1, ">= 1"),
-    ("train", "label_smoothing"): (lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("defense", "tau"): (lambda v: v > 0, "> 0"),
-    ("defense", "omega"): (lambda v: v >= 0, ">= 0"),
-    ("defense", "omega_warmup"): (lambda v: v >= 0, ">= 0"),
-    ("defense", "omega_grid"): (lambda v: all(o >= 0 for o in v), "a list of numbers >= 0"),
-    ("defense", "lock"): (lambda v: v in ("none", "two-head", "two-net"), "none, two-head or two-net"),
-    ("defense", "lock_rule"): (lambda v: v in ("swap", "margin"), "swap or margin"),
-    ("defense", "lock_margin"): (lambda v: 0 <= v <= 100, "in [0, 100]"),
-    ("defense", "cmi"): (lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
-    ("defense", "head_epochs"): (lambda v: 1 <= v <= 100000, "in 1..100000"),
-    ("defense", "kl_cap"): (lambda v: v > 0, "> 0"),
-    ("defense", "max_accuracy_drop"): (lambda v: v > 0, "> 0"),
-    ("defense", "dual_lr"): (lambda v: v > 0, "> 0"),
-    ("defense", "omega_max"): (lambda v: v > 0, "> 0"),
-    ("defense", "protect_by"): (lambda v: v in ("label", "mass", "both"), "label, mass or both"),
-    ("defense", "anchor"): (lambda v: v >= 0, "a number >= 0"),
-    ("defense", "combine"): (lambda v: v in ("mean", "sum", "min"), "mean, sum or min"),
-    ("attack", "temperature"): (lambda v: v > 0, "> 0"),
-    ("attack", "alpha"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("attack", "queries"): (lambda v: v >= 1, ">= 1"),
-    ("probe", "temperature"): (lambda v: v > 0, "> 0"),
-    ("probe", "alpha"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("probe", "train_subset"): (lambda v: v >= 1, ">= 1"),
-}
-
-
 def validate(cfg: dict) -> None:
-    """Cross-key checks of a merged config (types are checked by :func:`merge`): value ranges, the
-    training settings of every phase, augmentation, model specs, attack method and query."""
-    for (sec, key), (ok, text) in RANGES.items():
-        v = cfg.get(sec, {}).get(key)
-        if v is not None and not ok(v):
-            raise NastyError(f"{sec}.{key} must be {text}, got {v!r}")
+    """Cross-key checks of a merged config (each value's type and range were checked by :func:`merge`
+    against its declaration): the training settings of every phase, model specs, the defense and its
+    keys, the attack method and query. A bad value fails here, before any training starts, also one
+    that only a later phase reads (the probe after the defended teacher, ``[defense.train]``)."""
     for sec in ("train", "defense", "probe"):
         table = cfg["train"] if sec == "train" else {**cfg["train"], **cfg[sec]["train"]}
         where = "[train]" if sec == "train" else f"[{sec}.train]"
@@ -247,42 +186,25 @@ def validate(cfg: dict) -> None:
             train_config(cfg, None if sec == "train" else cfg[sec]["train"])
         except NastyError as e:
             raise NastyError(f"{where} {e}") from None
-    from .data import AUGMENTATIONS
-
-    if cfg["data"]["augment"] not in ("auto", *AUGMENTATIONS):
-        raise NastyError(f"data.augment must be auto, {', '.join(AUGMENTATIONS)}; got {cfg['data']['augment']!r}")
     specs = [("model.name", cfg["model"]["name"]), ("attack.student", cfg["attack"]["student"])]
     specs += [(f"probe.students[{i}]", s) for i, s in enumerate(cfg["probe"]["students"])]
-    if cfg["defense"]["adversary_model"]:
-        from .defenses import split_model_specs
-
-        specs += [("defense.adversary_model", s) for s in split_model_specs(cfg["defense"]["adversary_model"])]
+    specs += [("defense.adversary_model", s) for s in split_model_specs(cfg["defense"]["adversary_model"])]
     for where, spec in specs:
         check_model_spec(spec, where)
-    from .models.locked import head_module
-
     try:
         head_module(cfg["defense"]["nasty_head"], 8, 2)
     except ValueError as e:
         raise NastyError(f"defense.nasty_head: {e}") from None
     if cfg["probe"]["enabled"] and not cfg["probe"]["students"]:
         raise NastyError("probe.students is empty; name at least one student or disable the probe")
-    from .attacks import get_attack
-    from .attacks.base import parse_access
-    from .defenses import get_defense
-
     get_attack(cfg["attack"]["method"])
     parse_access(cfg["attack"]["query"])
-    get_defense(cfg["defense"]["name"])
+    check_defense_keys(get_defense(cfg["defense"]["name"]), cfg["defense"])
 
 
 def check_model_spec(spec: str, where: str) -> None:
     """Build ``spec`` on the meta device (no memory, no weights) for a 10-class 3x32x32 input, so a
     typo or a bad option fails at config time rather than when that model's phase starts."""
-    import torch
-
-    from .models import create_model
-
     try:
         with torch.device("meta"):
             create_model(spec, 10, 3, (32, 32))
@@ -294,8 +216,6 @@ def check_model_spec(spec: str, where: str) -> None:
 
 def train_config(cfg: dict, override: dict | None = None, **extra: Any):
     """The :class:`TrainConfig` of ``cfg['train']`` with ``override`` (a ``[x.train]`` table) applied."""
-    from .train import TrainConfig
-
     t = {**cfg["train"], **(override or {}), **extra}
     t.pop("label_smoothing", None)
     return TrainConfig(**t)

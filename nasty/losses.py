@@ -6,6 +6,8 @@ the first argument too (the nasty teacher trains the distribution in the first s
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -58,12 +60,18 @@ def adversary_kl(teacher_logits: torch.Tensor, adversary_logits: torch.Tensor, t
     return (per * weight).mean() if weight is not None else per.mean()
 
 
-def nasty_loss(teacher_logits: torch.Tensor, adversary_logits: torch.Tensor, y: torch.Tensor, tau: float, omega: float,
-               weight: torch.Tensor | None = None, kl_cap: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def nasty_loss(teacher_logits: torch.Tensor, adversary_logits: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor, tau: float,
+               omega: float, weight: torch.Tensor | None = None, kl_cap: float | None = None,
+               combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Ma et al. 2021: ``CE(z_T, y) - omega * tau^2 * KL(sigma_tau(z_T) || sigma_tau(z_A))``.
 
-    The adversary's logits must come from a frozen network under no-grad.
+    The adversary's logits must come from a frozen network under no-grad. With several adversaries
+    (a list), ``combine`` merges their KL terms (default: the mean).
     """
-    kl = adversary_kl(teacher_logits, adversary_logits, tau, weight, kl_cap)
+    if isinstance(adversary_logits, torch.Tensor):
+        kl = adversary_kl(teacher_logits, adversary_logits, tau, weight, kl_cap)
+    else:
+        kls = [adversary_kl(teacher_logits, a, tau, weight, kl_cap) for a in adversary_logits]
+        kl = combine(kls) if combine is not None else torch.stack(kls).mean()
     ce = F.cross_entropy(teacher_logits, y)
     return ce - omega * tau**2 * kl, {"ce": ce.item(), "kl_adv": kl.item()}

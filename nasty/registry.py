@@ -6,11 +6,14 @@ A :class:`Registry` is a ``dict`` from name to object whose failed lookups raise
 
 from __future__ import annotations
 
+import ast
 import difflib
 import math
+import re
 from typing import Any, Iterable
 
 from .errors import NastyError
+from .params import Param
 
 
 class Registry(dict):
@@ -38,8 +41,11 @@ class Registry(dict):
         return {k: v.summary for k, v in sorted(self.items())}
 
 
-def with_defaults(owner: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated with ``given``; an unknown key is a one-line error naming ``owner``."""
+def with_defaults(owner: str, declared: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The declared defaults updated with ``given``; an unknown key is a one-line error naming ``owner``.
+    ``declared`` maps a name to its default, or to a :class:`nasty.params.Param` that also checks its value."""
+    defaults = {k: d.default if isinstance(d, Param) else d for k, d in declared.items()}
+    given = {k: declared[k].validate(f"{owner} {k}", v) if isinstance(declared.get(k), Param) else v for k, v in given.items()}
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(defaults), n=1)
@@ -76,3 +82,27 @@ def check_param(owner: str, key: str, value: Any, default: Any) -> None:
         return
     if not ok:
         raise NastyError(f"{owner} parameter {key} must be {kind}, got {value!r}")
+
+
+def slug(text: str, empty: str = "x") -> str:
+    """A name safe in a file path: ``"cnn:width=0.25"`` -> ``"cnn-width-0.25"`` (``empty`` when nothing is left)."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or empty
+
+
+def parse_value(owner: str, key: str, text: str) -> Any:
+    """The value of a ``KEY=VALUE`` option: a Python literal (number, string, list ...) or else the text
+    itself; NaN/inf anywhere in it is refused (the owner's declaration checks the rest)."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    check_param(owner, key, value, None)
+    return value
+
+
+def parse_assignment(item: str, flag: str, example: str = "KEY=VALUE") -> tuple[str, Any]:
+    """``"temperature=8"`` -> ``("temperature", 8)``; a one-line error naming ``flag`` otherwise."""
+    key, eq, text = item.partition("=")
+    if not eq or not key.strip():
+        raise NastyError(f"{flag} {item!r} is not {example}")
+    return key.strip(), parse_value(flag, key.strip(), text)

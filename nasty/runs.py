@@ -21,6 +21,7 @@ from .data import DataBundle, load_dataset
 from .errors import NastyError
 from .metrics import evaluate
 from .models import create_model
+from .resume import Checkpointing
 from .train import ce_objective, fit, seed_everything
 
 
@@ -205,13 +206,14 @@ def test_metrics(model: nn.Module, data: DataBundle, reference_pred=None) -> dic
 
 
 def train_normal(cfg: dict, data: DataBundle, out_dir: Path, *, model_spec: str | None = None,
-                 train_override: dict | None = None, log: Callable[[str], None] | None = None, desc: str = "teacher") -> tuple[nn.Module, dict]:
+                 train_override: dict | None = None, log: Callable[[str], None] | None = None, desc: str = "teacher",
+                 ck: Checkpointing = Checkpointing()) -> tuple[nn.Module, dict]:
     """Supervised training (CE, optional label smoothing); saves the checkpoint into ``out_dir``."""
     tcfg = train_config(cfg, train_override)
     smoothing = {**cfg["train"], **(train_override or {})}["label_smoothing"]
     seed_everything(tcfg.seed, tcfg.deterministic)  # the initial weights depend on the seed too
     model = new_model(model_spec or cfg["model"]["name"], data)
-    res = fit(model, ce_objective(smoothing), data, tcfg, run_dir=out_dir, desc=desc, **({"log": log} if log else {}))
+    res = fit(model, ce_objective(smoothing), data, tcfg, run_dir=out_dir, desc=desc, **({"log": log} if log else {}), **ck.fit_args())
     metrics = {"test": test_metrics(model, data), "best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy,
                "train_seconds": res.seconds}
     save_model(out_dir, model, data, cfg, metrics)

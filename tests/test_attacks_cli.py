@@ -41,8 +41,8 @@ def one_line_error(rc: int, out: str, err: str, needle: str) -> None:
     (["--method", "tllm", "--no-labels"], "needs the ground-truth labels"),
     (["--method", "kd", "--surrogate", "mnist", "--labels"], "drop --labels"),
     (["--method", "kd", "--queries", "0"], "queries"),  # refused by the config schema or the CLI
-    (["--method", "tllm", "--mode", "sometimes"], "mode must be oneshot or online"),
-    (["--method", "tllm", "--discard", "all"], "discard must be one of"),
+    (["--method", "tllm", "--mode", "sometimes"], "--mode must be oneshot or online"),
+    (["--method", "tllm", "--discard", "all"], "--discard must be kd-term, ce-full or drop"),
     (["--method", "kd", "--kd-delay", "3"], "attack kd has no parameter 'kd_delay'"),
     (["--method", "skeptikal"], "did you mean 'skeptical'"),
 ])

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nasty.attacks import _attacker_view, run_attack
+from nasty.attacks import run_attack
+from nasty.attacks.run import _attacker_view
 from nasty.attacks.base import Oracle
 from nasty.errors import NastyError
 from nasty.models import create_model
@@ -172,7 +173,7 @@ def test_skeptical_official_warmup_by_default(digits, teacher, tmp_path):
     a run too short for it is shortened to half its epochs and says so."""
     from nasty.attacks.skeptical import Skeptical
 
-    assert Skeptical.params["kd_delay"] == 20 and Skeptical.params["warmup"] == "final"
+    assert Skeptical.defaults()["kd_delay"] == 20 and Skeptical.defaults()["warmup"] == "final"
     cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=0)
     _, res = run_attack("skeptical", data=digits, teachers=[teacher], student="mlp", train=cfg, log=quiet, out_dir=tmp_path / "a")
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

@@ -253,7 +253,7 @@ def test_reference_shares_baselines(run_cli, teacher_ckpt, tmp_path):
 def test_shared_cache_gives_the_same_student(digits, teacher):
     """run_attack with the audit's shared cache trains exactly the student it trains without it."""
     from nasty.attacks import run_attack
-    from nasty.audit.cache import TeacherOutputCache
+    from nasty.frozen import TeacherOutputCache
     from nasty.train import TrainConfig, seed_everything
 
     cfg = TrainConfig(epochs=1, batch_size=128, seed=0)
@@ -338,7 +338,7 @@ def test_output_defense_is_audited_and_named(run_cli, teacher_ckpt, tmp_path):
 
 
 def test_defense_description_golden():
-    from nasty.audit.run import defense_text, describe_defense
+    from nasty.audit.analyse import defense_text, describe_defense
 
     side = {"defense": {"name": "class-selective", "tau": 4.0, "omega": 0.1, "kl_cap": None, "protect_classes": ["Coat", "Shirt"],
                         "protect_by": "label", "combine": "mean", "max_accuracy_drop": None, "adversary": ["a"]},

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from nasty.config import defaults, load_config
 from nasty.data import Batch
-from nasty.defenses import get_defense, split_model_specs, train_defended
+from nasty.defenses import get_defense, split_model_specs
+from nasty.pipelines.defended import train_defended
 from nasty.defenses.budget import OMEGA_MIN, BudgetNasty, OmegaController
 from nasty.defenses.multi import combine_kls
 from nasty.defenses.selective import protection_weight, resolve_classes, split_accuracy
@@ -220,24 +221,23 @@ def test_budget_selection_prefers_nastiest_epoch_within_target(digits, small_tea
     d = _budget(digits)
     d.controller.reference = accuracy(predict_logits(small_teacher, digits.x_val).argmax(1), digits.y_val)
     bad = _Constant(torch.zeros(1, 10))
-    d.end_epoch(small_teacher, 0)
-    d.end_epoch(bad, 1)  # inaccurate (below the floor) but far from the adversary: never kept
-    d._epoch = 2
+    hook = d._objective_for_test.end_of_epoch  # what fit calls after each epoch
+    hook(small_teacher, 1)
+    hook(bad, 2)  # inaccurate (below the floor) but far from the adversary: never kept
+    hook(small_teacher, 3)
     info = d.finish(small_teacher)
     assert info["selected_epoch"] == 1 and info["budget_met"] and info["selected_by"] == "target"
     assert len(info["history"]) == 3 and info["history"][1]["val_accuracy"] < info["floor_val_accuracy"]
 
 
 def test_budget_state_survives_resume(digits, small_teacher):
-    from nasty.train import find_stateful
-
     d = _budget(digits)
     d.end_epoch(small_teacher, 0)
     d.end_epoch(_Constant(torch.zeros(1, 10)), 1)
     d._epoch = 2
     tensors, meta = d.resume_state()
     e = _budget(digits)
-    assert find_stateful(e._objective_for_test) == [e]  # fit finds the controller and saves it with its state
+    assert e._objective_for_test.state is e  # fit saves the controller with its own state
     e.load_resume_state(tensors, json.loads(json.dumps(meta)))  # the state goes through JSON on disk
     assert e.controller.omega == d.controller.omega and e.rows == d.rows and e._epoch == 2
     assert set(e._states) == set(d._states)

@@ -36,16 +36,15 @@ class TrainingStarted(BaseException):
     """Raised by the tripwire ``fit``: a bad input reached training instead of failing early."""
 
 
-def tripwire(*a, **kw):
-    raise TrainingStarted(f"training started (desc={kw.get('desc')!r}): this bad input was not refused before training")
+def tripwire(members, *a, **kw):
+    raise TrainingStarted(f"training started (desc={members[0].desc!r}): this bad input was not refused before training")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, digits):
     """Tripwire on fit, a valid digits teacher checkpoint, and npz datasets that do not match it."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(nasty.train, "fit", tripwire)
-    mp.setattr(nasty.runs, "fit", tripwire)
+    mp.setattr(nasty.train, "fit_group", tripwire)  # every training goes through the one loop
     root = tmp_path_factory.mktemp("fuzz")
     torch.manual_seed(0)
     teacher = root / "teacher"
@@ -171,8 +170,8 @@ def write_key(env, sec: str, key: str, value) -> Path:
     return write_toml(env, tables)
 
 
-KEYS = [(sec, key, tag) for sec, keys in SCHEMA.items() for key, (tag, _) in keys.items()]
-KEYS += [(f"{sec}.train", key, tag) for sec in ("defense", "probe") for key, (tag, _) in TRAIN_SCHEMA.items()]
+KEYS = [(sec, key, p.kind) for sec, keys in SCHEMA.items() for key, p in keys.items()]
+KEYS += [(f"{sec}.train", key, p.kind) for sec in ("defense", "probe") for key, p in TRAIN_SCHEMA.items()]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz_"
 
 

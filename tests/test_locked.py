@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from nasty.config import load_config
-from nasty.defenses import train_defended
+from nasty.pipelines.defended import train_defended
 from nasty.models import create_model
 from nasty.models.locked import lock_decision
 
@@ -58,7 +58,7 @@ def _cfg(**defense):
 
 
 def test_two_head_default_keeps_accuracy_exactly_and_picks_omega_on_validation(tmp_path, digits, monkeypatch):
-    import nasty.defenses.lock as lock
+    import nasty.pipelines.defended as lock
 
     seen = []
     real = lock.tuning_data
@@ -139,7 +139,7 @@ def test_bad_input_around_locks(tmp_path, run_cli):
     _one_line(*run_cli("train-defended", *tiny, "--init-from", tmp_path / "P", "--out", tmp_path / "o4"), "two-head")
     _one_line(*run_cli("train-defended", *tiny, "--omega-grid", "0.1,nan", "--out", tmp_path / "o5"), "finite")
     _one_line(*run_cli("train-defended", *tiny, "--nasty-head", "transformer", "--out", tmp_path / "o6"), "nasty_head")
-    _one_line(*run_cli("train-defended", *tiny, "--lock-margin", "-1", "--out", tmp_path / "o7"), "lock_margin")
+    _one_line(*run_cli("train-defended", *tiny, "--lock-margin", "-1", "--out", tmp_path / "o7"), "--lock-margin")
     _one_line(*run_cli("lock", "--decision", tmp_path / "P", "--nasty", tmp_path / "Q", "--out", tmp_path / "o8"), "classes")
     _one_line(*run_cli("lock", "--decision", tmp_path / "P", "--nasty", tmp_path / "N", "--out", tmp_path / "o9"), "normalisation")
     _one_line(*run_cli("lock", "--decision", tmp_path / "L", "--nasty", tmp_path / "P", "--out", tmp_path / "o10"), "decision-locked")

@@ -208,7 +208,7 @@ def test_tllm_identifies_on_validation_with_the_exact_threshold(digits, small_te
 
 def test_probe_kd_from_defended_uses_the_defended_teacher(digits, tiny_teacher, tmp_path):
     from nasty.config import load_config
-    from nasty.probe import run_probe
+    from nasty.pipelines.probe import run_probe
 
     cfg = load_config(None, {"probe": {"students": ["mlp:hidden=32"]},
                              "train": {"epochs": 3, "batch_size": 64, "lr": 0.05, "seed": 0}})

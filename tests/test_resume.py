@@ -20,7 +20,9 @@ from nasty.config import defaults
 from nasty.defenses import get_defense
 from nasty.errors import NastyError
 from nasty.models import create_model
-from nasty.train import Frozen, TrainConfig, ce_objective, fit, state_path
+from nasty.frozen import Frozen
+from nasty.resume import state_path
+from nasty.train import Objective, TrainConfig, ce_objective, fit
 
 TEACHER = ["train-teacher", "--dataset", "digits", "--model", "cnn:width=0.25", "--epochs", "6", "--batch-size", "48",
            "--deterministic"]
@@ -103,7 +105,8 @@ def defended_run(digits, adversary, run_dir, *, stop_at=None, resume=False, opti
     torch.manual_seed(0)
     model = create_model("mlp:hidden=32", 10, 1, (8, 8))
     cfg = TrainConfig(epochs=4, batch_size=128, seed=5, deterministic=True, optimizer=optimizer, schedule=schedule)
-    res = fit(model, obj, digits, cfg, run_dir=run_dir, desc="defended", save_state=True, resume=resume, log=None)
+    res = fit(model, Objective(obj, frozen=objective.frozen), digits, cfg, run_dir=run_dir, desc="defended", save_state=True,
+              resume=resume, log=None)
     return model, res, frozen
 
 
@@ -121,7 +124,7 @@ def test_fit_resume_with_frozen_adversary_is_bit_identical(digits, adversary, tm
 
 
 class AdaptiveWeight:
-    """A toy stateful objective part (like a defense adapting omega each epoch), opting in to resume."""
+    """A toy stateful objective part (like a defense adapting omega each epoch): the objective's ``state``."""
 
     def __init__(self):
         self.w, self.seen_epoch = 1.0, -1
@@ -151,7 +154,8 @@ def test_fit_resume_restores_objective_state(digits, tmp_path):
 
         torch.manual_seed(0)
         model = create_model("mlp:hidden=8", 10, 1, (8, 8))
-        fit(model, obj, digits, TrainConfig(epochs=3, seed=2), run_dir=folder, save_state=True, resume=resume, log=None)
+        fit(model, Objective(obj, state=weight), digits, TrainConfig(epochs=3, seed=2), run_dir=folder, save_state=True,
+            resume=resume, log=None)
         return model, weight
 
     ref, w_ref = run(tmp_path / "ref")

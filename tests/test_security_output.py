@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import nasty.checkpoint as ck
+import nasty.resume
 from nasty.checkpoint import SIDECAR, WEIGHTS, WriteFailed, load_checkpoint, save_checkpoint
 from nasty.models import create_model
-from nasty.train import TrainConfig, ce_objective, fit, state_path
+from nasty.resume import state_path
+from nasty.train import TrainConfig, ce_objective, fit
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -100,7 +102,7 @@ def test_failed_state_write_keeps_previous_state(digits, tmp_path, monkeypatch):
         finally:
             monkeypatch.setattr(ck.os, "replace", os.replace)
 
-    monkeypatch.setattr(ck, "save_state_file", second_fails)
+    monkeypatch.setattr(nasty.resume, "save_state_file", second_fails)  # where fit's state writer looks it up
     model = create_model("mlp:hidden=8", 10, 1, (8, 8))
     with pytest.raises(WriteFailed, match="No space left on device"):
         fit(model, ce_objective(), digits, TrainConfig(epochs=3), run_dir=tmp_path, save_state=True, log=None)

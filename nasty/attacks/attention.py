@@ -17,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NastyError
-from ..train import Frozen
-from . import register_attack
+from ..frozen import Frozen
+from ..train import Objective
 from .base import (Attack, TappedStudent, TeacherFeatures, check_temperature_alpha, kd_per_sample, match_spatial,
-                   probe_shapes, resolve_stage, stage_names)
+                   probe_shapes, register_attack, resolve_stage, stage_names)
 
 
 def attention_map(feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -80,7 +80,7 @@ class Attention(Attack):
         teacher = Frozen(feats, len(ctx.train_split()[0]), cache=ctx.cache_teacher)
         T, a, beta, p = self.p["temperature"], self.p["alpha"], self.p["beta"], self.p["p"]
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             z = model(batch.x)
             zt, fts = feats.unpack(teacher(batch))
             ft = dict(zip(t_names, fts))
@@ -89,7 +89,7 @@ class Attention(Attack):
             kd = kd_per_sample(z, zt, T).mean() if a > 0 else z.new_zeros(())
             return (1 - a) * ce + a * kd + beta / 2 * at, {"at": at.item(), "ce": ce.item()}
 
-        res = ctx.fit(wrapped, objective, eval_model=student, desc=f"attention:{ctx.student}")
+        res = ctx.fit(wrapped, Objective(loss, frozen=[teacher]), eval_model=student, desc=f"attention:{ctx.student}")
         wrapped.release()
         return student, {"best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy,
                          "pairs": [{"student": s, "teacher": t} for s, t in names]}

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from ..data import Batch
 from ..errors import NastyError
 from ..losses import kd_loss
-from ..train import Frozen
-from . import register_attack
-from .base import Attack, check_temperature_alpha
+from ..frozen import Frozen
+from ..train import Objective
+from .base import Attack, check_temperature_alpha, register_attack
 
 
 def perturb(x: torch.Tensor, noise: float, shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -55,7 +55,7 @@ class AugmentAverage(Attack):
         target = Frozen.from_outputs(torch.log((mean / self.p["queries"]).clamp_min(1e-12)))
         T, a = self.p["temperature"], self.p["alpha"]
 
-        def objective(model, batch: Batch, epoch):
+        def loss(model, batch: Batch, epoch):
             return kd_loss(model(batch.x), target(batch), batch.y, T, a)
 
-        return objective
+        return Objective(loss, frozen=[target])

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from ..errors import NastyError
 from ..losses import kd_loss
-from . import register_attack
-from .base import Attack, check_temperature_alpha
+from ..train import Objective
+from .base import Attack, check_temperature_alpha, register_attack
 
 
 def class_mean_targets(teacher_logits: torch.Tensor, y: torch.Tensor, temperature: float, average: str = "probs") -> torch.Tensor:
@@ -53,8 +53,8 @@ class Averager(Attack):
         teacher = ctx.frozen_teacher()
         T, a, avg = self.p["temperature"], self.p["alpha"], self.p["average"]
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             target = class_mean_targets(teacher(batch), batch.y, T, avg)
             return kd_loss(model(batch.x), target, batch.y, T, a)
 
-        return objective
+        return Objective(loss, frozen=[teacher])

@@ -9,6 +9,7 @@ refuses to run it otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
@@ -17,13 +18,20 @@ import torch.nn.functional as F
 
 from ..data import DataBundle
 from ..errors import NastyError
-from ..registry import with_defaults
-from ..train import Frozen, TrainConfig
+from ..params import Param
+from ..registry import Registry, with_defaults
+from ..frozen import Frozen
+from ..resume import Checkpointing
+from ..train import TrainConfig, fit
 
 if TYPE_CHECKING:
     from .augment import Mixer
 
 ACCESS_LEVELS = ("weights", "logits", "probs", "topk", "label")  # most to least revealing
+
+ATTACKS = Registry("attack")
+register_attack = ATTACKS.register
+get_attack = ATTACKS.lookup
 
 
 def parse_access(query: str) -> tuple[str, int | None]:
@@ -74,10 +82,6 @@ class Oracle:
     def labels(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).argmax(1)
 
-    def share_key(self) -> tuple:
-        """Oracles with equal keys answer every query identically (same network, access, defense)."""
-        return ("oracle", id(self.model), self.access, self.k, id(self.post))
-
 
 @dataclass
 class AttackContext:
@@ -94,9 +98,10 @@ class AttackContext:
     cache_teacher: bool = True
     x_train: torch.Tensor | None = None  # query images when they are not the labelled split (surrogate data)
     info: dict = field(default_factory=dict)
-    teacher_cache: Any = None  # nasty.audit.cache.TeacherOutputCache: outputs shared across run_attack calls
+    teacher_cache: Any = None  # nasty.frozen.TeacherOutputCache: outputs shared across run_attack calls
     augment: str = "none"  # distillation-time augmentation: none, mixup[:ALPHA], cutmix[:ALPHA]
     notes: list[str] = field(default_factory=list)  # caveats an attack reports (copied into the result)
+    checkpointing: Checkpointing = field(default_factory=Checkpointing)  # save each training's state / resume from it
 
     @property
     def teacher(self) -> Oracle:
@@ -126,14 +131,10 @@ class AttackContext:
             subdir: str | None = None):
         """The one training loop on the attacker's data (``nasty.train.fit``), logging through ``log``.
         ``subdir`` keeps an auxiliary run's metrics apart from the main run's (``run_dir/subdir``)."""
-        from pathlib import Path
-
-        from ..train import fit
-
         x, y = self.train_split()
         run_dir = None if self.run_dir is None else (Path(self.run_dir) / subdir if subdir else self.run_dir)
         return fit(model, objective, self.data, cfg or self.train, eval_model=eval_model, run_dir=run_dir, desc=desc,
-                   x_train=x, y_train=y, **({"log": self.log} if self.log else {}))
+                   x_train=x, y_train=y, **({"log": self.log} if self.log else {}), **self.checkpointing.fit_args())
 
 
 class Attack:
@@ -149,7 +150,12 @@ class Attack:
     min_teachers: ClassVar[int] = 1
     max_teachers: ClassVar[int | None] = 1  # None: any number (ensemble)
     supports_augment: ClassVar[bool] = False  # mixup/cutmix of the distillation batches (soft-label attacks)
-    params: ClassVar[dict[str, Any]] = {}  # name -> default
+    params: ClassVar[dict[str, Any]] = {}  # name -> default, or -> Param (checked, with a help text and a CLI flag)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every parameter's default (``params`` maps a name to its default or to a :class:`nasty.params.Param`)."""
+        return {k: getattr(p, "default", p) if isinstance(p, Param) else p for k, p in cls.params.items()}
 
     def __init__(self, **params: Any):
         self.p = with_defaults(f"attack {self.name}", self.params, params)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..errors import NastyError
-from . import register_attack
-from .base import Attack
+from ..train import Objective
+from .base import Attack, register_attack
 
 
 @register_attack
@@ -30,8 +30,8 @@ class Copycat(Attack):
         teacher = ctx.frozen_teacher()
         ls = self.p["label_smoothing"]
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             stolen = teacher(batch).argmax(1)
             return F.cross_entropy(model(batch.x), stolen, label_smoothing=ls), {}
 
-        return objective
+        return Objective(loss, frozen=[teacher])

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NastyError
-from . import register_attack
-from .base import Attack, check_temperature_alpha
+from ..train import Objective
+from .base import Attack, check_temperature_alpha, register_attack
 from .kd import distill_loss
 
 
@@ -50,9 +50,9 @@ class Ensemble(Attack):
         T, a, how = self.p["temperature"], self.p["alpha"], self.p["combine"]
         labels = ctx.labels_available
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             m = mix(batch)
             target = ensemble_targets([t(m.batch) for t in teachers], T, how)
             return distill_loss(model(m.x), target, m, T, a, labels)
 
-        return objective
+        return Objective(loss, frozen=teachers)

@@ -17,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NastyError
-from ..train import Frozen
-from . import register_attack
+from ..frozen import Frozen
+from ..train import Objective
 from .base import (Attack, TappedStudent, TeacherFeatures, check_temperature_alpha, kd_per_sample, match_spatial,
-                   probe_shapes, resolve_stage, stage_names)
+                   probe_shapes, register_attack, resolve_stage, stage_names)
 
 
 def default_stage(model: nn.Module, what: str) -> int:
@@ -72,7 +72,7 @@ class Hint(Attack):
         teacher = Frozen(feats, len(ctx.train_split()[0]), cache=ctx.cache_teacher)
         T, a, beta, warm = self.p["temperature"], self.p["alpha"], self.p["beta"], self.p["hint_epochs"]
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             z = model(batch.x)
             zt, (ft,) = feats.unpack(teacher(batch))
             hl = hint_loss(model.tap[s_name], ft, model.extra["adapter"])
@@ -82,7 +82,7 @@ class Hint(Attack):
             kd = kd_per_sample(z, zt, T).mean() if a > 0 else z.new_zeros(())
             return (1 - a) * ce + a * kd + beta * hl, {"hint": hl.item(), "ce": ce.item()}
 
-        res = ctx.fit(wrapped, objective, eval_model=student, desc=f"hint:{ctx.student}")
+        res = ctx.fit(wrapped, Objective(loss, frozen=[teacher]), eval_model=student, desc=f"hint:{ctx.student}")
         wrapped.release()
         return student, {"best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy,
                          "stages": {"student": s_name, "teacher": t_name}}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..losses import kd_loss
-from . import register_attack
 from .augment import Mixed, mixed_ce
-from .base import Attack, check_temperature_alpha
+from ..train import Objective
+from .base import Attack, check_temperature_alpha, register_attack
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, m: Mixed, temperature: float, alpha: float,
@@ -46,8 +46,8 @@ class KD(Attack):
         T, a = self.p["temperature"], self.p["alpha"]
         labels = ctx.labels_available
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             m = mix(batch)
             return distill_loss(model(m.x), teacher(m.batch), m, T, a, labels)
 
-        return objective
+        return Objective(loss, frozen=[teacher])

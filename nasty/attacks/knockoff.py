@@ -9,8 +9,8 @@ surrogate data). The adaptive (bandit) sampling strategy of the paper is not imp
 from __future__ import annotations
 
 from ..errors import NastyError
-from . import register_attack
-from .base import Attack
+from ..train import Objective
+from .base import Attack, register_attack
 from .kd import distill_loss
 
 
@@ -35,8 +35,8 @@ class Knockoff(Attack):
         if ctx.teacher.access == "label":
             ctx.notes.append("label-only access: knockoff trains on the teacher's one-hot labels (Copycat on these queries)")
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             m = mix(batch)
             return distill_loss(model(m.x), teacher(m.batch), m, T, 1.0, labels=False)
 
-        return objective
+        return Objective(loss, frozen=[teacher])

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from ..data import Batch
 from ..errors import NastyError
 from ..losses import kd_loss
-from . import register_attack
-from .base import Attack, check_temperature_alpha
+from ..train import Objective
+from .base import Attack, check_temperature_alpha, register_attack
 
 
 def _center(z: torch.Tensor) -> torch.Tensor:
@@ -93,9 +93,9 @@ class Rehead(Attack):
                          f"{facts['corrector_step']} steps")
         T, a = self.p["temperature"], self.p["alpha"]
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             with torch.no_grad():
                 target = net(_center(teacher(batch)))
             return kd_loss(model(batch.x), target, batch.y, T, a)
 
-        return objective
+        return Objective(loss, frozen=[teacher])

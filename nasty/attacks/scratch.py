@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from ..errors import NastyError
 from ..train import ce_objective
-from . import register_attack
-from .base import Attack
+from .base import Attack, register_attack
 
 
 @register_attack

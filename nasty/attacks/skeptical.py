@@ -28,9 +28,10 @@ import torch.nn as nn
 
 from ..errors import NastyError
 from ..losses import kl_div
-from . import register_attack
 from .augment import mixed_ce
-from .base import Attack, TappedStudent, check_temperature_alpha, kd_per_sample, probe_shapes, resolve_stage, stage_names
+from ..params import Param
+from ..train import Objective
+from .base import Attack, TappedStudent, check_temperature_alpha, kd_per_sample, probe_shapes, register_attack, resolve_stage, stage_names
 
 
 def aux_head(shape: tuple[int, ...], num_classes: int, width: int) -> nn.Module:
@@ -49,7 +50,11 @@ class Skeptical(Attack):
     summary = "teacher distilled into a shallow auxiliary head; final head from labels + self-distillation (Kundu et al. 2021)"
     accepts = ("weights", "logits", "probs", "topk")
     supports_augment = True
-    params = {"temperature": 4.0, "alpha": 0.9, "head_stage": None, "sd_stage": None, "sd_weight": 0.3, "kd_delay": 20,
+    params = {"temperature": 4.0, "alpha": 0.9,
+              "head_stage": Param("int?", None, "skeptical: student stage (1-based) whose auxiliary head learns from the teacher."),
+              "sd_stage": None, "sd_weight": 0.3,
+              "kd_delay": Param("int", 20, "skeptical: labels-only warm-up epochs before distillation.", lambda v: v >= 0,
+                                "an integer >= 0 (epochs)"),
               "warmup": "final", "head_width": None}
 
     def validate(self):
@@ -57,8 +62,6 @@ class Skeptical(Attack):
         check_temperature_alpha(p)
         if not 0 <= p["sd_weight"] <= 1:
             raise NastyError(f"skeptical sd_weight must be in [0, 1], got {p['sd_weight']}")
-        if isinstance(p["kd_delay"], bool) or not isinstance(p["kd_delay"], int) or p["kd_delay"] < 0:
-            raise NastyError(f"skeptical kd_delay must be an integer >= 0 (epochs), got {p['kd_delay']!r}")
         if p["warmup"] not in ("final", "all"):
             raise NastyError(f"skeptical warmup must be final (official: CE on the final head) or all, got {p['warmup']!r}")
         hw = p["head_width"]
@@ -89,7 +92,7 @@ class Skeptical(Attack):
             ctx.notes.append(f"kd_delay {delay} leaves no distillation epoch in {ctx.train.epochs}: warm-up shortened to {warm_epochs} epochs")
         kh, ks = h.replace(".", "_"), s.replace(".", "_")
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             warm = epoch < warm_epochs
             m = mix.identity(batch) if warm else mix(batch)
             z = model(m.x)
@@ -106,7 +109,7 @@ class Skeptical(Attack):
             loss = a * kd + (1 - a) * mixed_ce(zh, m) + g * sd + (1 - g) * mixed_ce(zs, m) + ce_f
             return loss, {"kd_kl": kd.item() / T**2, "self_kl": sd.item(), "ce": ce_f.item()}
 
-        res = ctx.fit(wrapped, objective, eval_model=student, desc=f"skeptical:{ctx.student}")
+        res = ctx.fit(wrapped, Objective(loss, frozen=[teacher]), eval_model=student, desc=f"skeptical:{ctx.student}")
         wrapped.release()
         return student, {"best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy,
                          "heads": {"teacher_head_stage": h, "self_distillation_stage": s}}

@@ -26,15 +26,17 @@ runs (one shared output cache).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import NastyError
+from ..params import Param
 from ..metrics import per_class_accuracy, predict_logits
-from ..train import ce_objective, seed_everything
-from . import register_attack
+from ..train import Objective, ce_objective, seed_everything
 from .augment import Mixed
-from .base import Attack, check_temperature_alpha, kd_per_sample
+from .base import Attack, check_temperature_alpha, kd_per_sample, register_attack
 
 DISCARD = ("kd-term", "ce-full", "drop")
 
@@ -80,18 +82,14 @@ def subset_accuracy(pred: torch.Tensor, y: torch.Tensor, classes: list[int]) -> 
     return float(100.0 * (pred[mask] == y[mask]).float().mean()) if mask.any() else None
 
 
-class _EpochHook:
-    """Calls ``fn(model, epoch)`` once at the start of every ``every``-th epoch (after ``epoch`` epochs of training)."""
+def every_kth_epoch(fn, every: int, epochs: int):
+    """An end-of-epoch hook calling ``fn(model, epochs_done)`` after every ``every``-th epoch but the last."""
 
-    def __init__(self, objective, fn, every: int):
-        self.objective, self.fn, self.every, self.last = objective, fn, every, -1
+    def hook(model, done: int) -> None:
+        if done % every == 0 and done < epochs:
+            fn(model, done)
 
-    def __call__(self, model, batch, epoch):
-        if epoch != self.last:
-            self.last = epoch
-            if epoch > 0 and epoch % self.every == 0:
-                self.fn(model, epoch)
-        return self.objective(model, batch, epoch)
+    return hook
 
 
 @register_attack
@@ -100,18 +98,17 @@ class TLLM(Attack):
     summary = "Teach Less, Learn More: find the undistillable classes on validation and stop distilling them"
     accepts = ("weights", "logits", "probs", "topk")
     supports_augment = True
-    params = {"temperature": 4.0, "alpha": 0.9, "mode": "oneshot", "delta": 0.0, "discard": "kd-term",
+    params = {"temperature": 4.0, "alpha": 0.9,
+              "mode": Param("str", "oneshot", "tllm: oneshot or online identification.", choices=("oneshot", "online")),
+              "delta": Param("float", 0.0, "tllm: a class is undistillable when KD loses more than DELTA points on it.",
+                             lambda v: v >= 0, "a number >= 0 (percentage points)"),
+              "discard": Param("str", "kd-term", "tllm: what to discard for undistillable classes: kd-term, ce-full or drop.",
+                               choices=DISCARD),
               "eval_every": 1, "patience": 2, "prelim_epochs": None}
 
     def validate(self):
         p = self.p
         check_temperature_alpha(p)
-        if p["mode"] not in ("oneshot", "online"):
-            raise NastyError(f"tllm mode must be oneshot or online, got {p['mode']!r}")
-        if p["discard"] not in DISCARD:
-            raise NastyError(f"tllm discard must be one of {', '.join(DISCARD)}, got {p['discard']!r}")
-        if isinstance(p["delta"], bool) or not isinstance(p["delta"], (int, float)) or p["delta"] < 0:
-            raise NastyError(f"tllm delta must be a number >= 0 (percentage points), got {p['delta']!r}")
         for k in ("eval_every", "patience"):
             if isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < 1:
                 raise NastyError(f"tllm {k} must be a positive integer, got {p[k]!r}")
@@ -119,23 +116,21 @@ class TLLM(Attack):
         if pe is not None and (isinstance(pe, bool) or not isinstance(pe, int) or pe < 1):
             raise NastyError(f"tllm prelim_epochs must be a positive integer, got {pe!r}")
 
-    def _objective(self, teacher, mix, flags: torch.Tensor):
+    def _objective(self, teacher, mix, flags: torch.Tensor, end_of_epoch=None):
         T, a, discard = self.p["temperature"], self.p["alpha"], self.p["discard"]
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             m = mix(batch)
             return tllm_loss(model(m.x), teacher(m.batch), m, flags, T, a, discard)
 
-        return objective
+        return Objective(loss, frozen=[teacher], end_of_epoch=end_of_epoch)
 
     def train(self, ctx):
-        import dataclasses
-
         d = ctx.data
         C = d.num_classes
         teacher = ctx.frozen_teacher()  # one cache for every run below
         delta_min = float(self.p["delta"])
-        prelim_cfg = dataclasses.replace(ctx.train, epochs=self.p["prelim_epochs"] or ctx.train.epochs)
+        prelim_cfg = replace(ctx.train, epochs=self.p["prelim_epochs"] or ctx.train.epochs)
         val_acc = lambda model: class_accuracy(model, d.x_val, d.y_val, C)  # noqa: E731
         info: dict = {"mode": self.p["mode"], "split": "attacker validation split", "n_val": int(len(d.y_val)),
                       "delta_threshold": delta_min}
@@ -171,8 +166,9 @@ class TLLM(Attack):
         else:
             k, patience = self.p["eval_every"], self.p["patience"]
             curve: dict[int, list[float | None]] = {}
-            ctx.fit(ce_model, _EpochHook(ce_objective(), lambda m, e: curve.__setitem__(e, val_acc(m)), k),
-                    desc=f"tllm-ce:{ctx.student}", subdir="prelim-ce")
+            ce = ce_objective()
+            ce.end_of_epoch = every_kth_epoch(lambda m, e: curve.__setitem__(e, val_acc(m)), k, ctx.train.epochs)
+            ctx.fit(ce_model, ce, desc=f"tllm-ce:{ctx.student}", subdir="prelim-ce")
             flags = torch.zeros(C, dtype=torch.bool)
             streak = [0] * C
             delta: list[float | None] = [None] * C
@@ -196,7 +192,8 @@ class TLLM(Attack):
                             ctx.log(f"[tllm] class {c} undistillable after epoch {epoch} (delta {v:+.1f})")
 
             final = self.build_student(ctx)
-            res = ctx.fit(final, _EpochHook(self._objective(teacher, ctx.mixer(), flags), identify, k), desc=f"tllm:{ctx.student}")
+            res = ctx.fit(final, self._objective(teacher, ctx.mixer(), flags, every_kth_epoch(identify, k, ctx.train.epochs)),
+                          desc=f"tllm:{ctx.student}")
             U = sorted(entered)
             info.update({"entered_after_epoch": {str(c): e for c, e in sorted(entered.items())}, "eval_every": k,
                          "patience": patience, "history": history})

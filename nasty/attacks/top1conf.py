@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import kd_loss
-from . import register_attack
-from .base import Attack, check_temperature_alpha
+from ..train import Objective
+from .base import Attack, check_temperature_alpha, register_attack
 
 
 def top1_confidence_target(z: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ class Top1Confidence(Attack):
         teacher = ctx.frozen_teacher()
         T, a = self.p["temperature"], self.p["alpha"]
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             return kd_loss(model(batch.x), top1_confidence_target(teacher(batch)), batch.y, T, a)
 
-        return objective
+        return Objective(loss, frozen=[teacher])

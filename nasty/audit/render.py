@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 
 from ..checkpoint import atomic_write_bytes
-from .run import defense_text
+from .analyse import defense_text
 
 TARGET_TITLES = {"teacher": "Audited teacher", "reference": "Reference (undefended) teacher"}
 

@@ -44,7 +44,9 @@ import torch
 from ..data import Batch
 from ..errors import NastyError, TrainingDiverged
 from ..metrics import accuracy, predict_logits
-from . import _log, register_defense
+from ..train import Objective
+from ..params import Param
+from .base import _log, register_defense
 from .multi import MultiAdversaryNasty
 from .selective import ClassSelectiveNasty
 
@@ -103,7 +105,12 @@ class OmegaController:
 class BudgetNasty(ClassSelectiveNasty, MultiAdversaryNasty):
     name = "budget"
     summary = "nasty teacher that sets its own omega to stay within --max-accuracy-drop of the adversary (dual update)"
-    uses: ClassVar[frozenset[str]] = frozenset({"protect_classes", "protect_by", "anchor", "combine", "max_accuracy_drop", "dual_lr", "omega_max"})
+    params: ClassVar[dict[str, Param]] = {
+        "max_accuracy_drop": Param("float?", None, "budget: validation accuracy (points) the teacher may lose to the adversary; "
+                                   "omega adapts.", lambda v: v > 0, "positive"),
+        "dual_lr": Param("float", 0.5, "budget: step of the per-epoch omega update (default 0.5).", lambda v: v > 0, "positive"),
+        "omega_max": Param("float?", None, f"budget: upper bound of omega (default {DEFAULT_OMEGA_MAX}).", lambda v: v > 0, "positive"),
+    }
     require_protected: ClassVar[bool] = False
     min_adversaries: ClassVar[int] = 1
     target_ratio: ClassVar[float] = 0.5
@@ -114,15 +121,11 @@ class BudgetNasty(ClassSelectiveNasty, MultiAdversaryNasty):
         c = self.cfg
         if c.get("max_accuracy_drop") is None:
             raise NastyError("defense budget needs --max-accuracy-drop (points of validation accuracy it may lose, e.g. 0.5)")
-        if not c["max_accuracy_drop"] > 0:
-            raise NastyError(f"max_accuracy_drop must be positive, got {c['max_accuracy_drop']}")
         if not c["omega"] > 0:
             raise NastyError(f"defense budget starts from --omega, which must be positive (got {c['omega']})")
         omax = c.get("omega_max") or DEFAULT_OMEGA_MAX
         if omax < c["omega"]:
             raise NastyError(f"omega_max ({omax}) is below the starting omega ({c['omega']})")
-        if not c.get("dual_lr", 0.5) > 0:
-            raise NastyError(f"dual_lr must be positive, got {c.get('dual_lr')}")
         # the effective config: a KL cap unless the user chose one (a copy: the run's config stays as given)
         self.cfg = {**c, "kl_cap": c["kl_cap"] if c["kl_cap"] is not None else DEFAULT_KL_CAP}
         self.controller: OmegaController | None = None
@@ -159,7 +162,7 @@ class BudgetNasty(ClassSelectiveNasty, MultiAdversaryNasty):
         ref_fn = adversaries[0].fn
         reference = accuracy(predict_logits(ref_fn, d.x_val).argmax(1), d.y_val)
         c = self.cfg
-        self.controller = OmegaController(c["omega"], reference, c["max_accuracy_drop"], lr=c.get("dual_lr", 0.5),
+        self.controller = OmegaController(c["omega"], reference, c["max_accuracy_drop"], lr=c["dual_lr"],
                                           target_ratio=self.target_ratio, omega_max=c.get("omega_max") or DEFAULT_OMEGA_MAX)
         self._val_adv = [predict_logits(a.fn, d.x_val) for a in adversaries]
         self.val_resolution = 100.0 / max(1, len(d.y_val))
@@ -169,15 +172,11 @@ class BudgetNasty(ClassSelectiveNasty, MultiAdversaryNasty):
         self._val_batch = Batch(d.x_val, d.y_val, torch.arange(len(d.y_val)), False)
         self._epoch = -1
         inner = super().objective(adversaries)
+        return Objective(inner.loss, frozen=inner.frozen, end_of_epoch=self._epoch_done, state=self)
 
-        def objective(model, batch, epoch):
-            if epoch != self._epoch:
-                if self._epoch >= 0:
-                    self.end_epoch(model, self._epoch)
-                self._epoch = epoch
-            return inner(model, batch, epoch)
-
-        return objective
+    def _epoch_done(self, model, done: int) -> None:
+        self._epoch = done - 1
+        self.end_epoch(model, self._epoch)
 
     @torch.no_grad()
     def end_epoch(self, model, epoch: int) -> dict:
@@ -238,7 +237,6 @@ class BudgetNasty(ClassSelectiveNasty, MultiAdversaryNasty):
         ctl = self.controller
         if ctl is None or self._epoch < 0:
             return {}
-        self.end_epoch(model, self._epoch)
         self._epoch = -1
         tier = "target" if "target" in self._states else "floor" if "floor" in self._states else "accurate"
         epoch, chosen = self._states[tier]

@@ -32,11 +32,30 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..errors import NastyError
+from ..frozen import Frozen
 from ..metrics import predict_logits
 from ..models import create_model, model_spec
-from ..models.locked import LockedTeacher
+from ..models.locked import LOCKS, LockedTeacher, head_module, lock_decision
+from ..params import Param
+from ..resume import Checkpointing
+from ..train import Objective, TrainConfig, fit, seed_everything
 
+LOCK_PARAMS: dict[str, Param] = {  # the [defense] keys of the lock and of choosing its strength
+    "lock": Param("str", "two-head", "Serve the nasty part's soft outputs with the normal model's decisions (two-head: a nasty head on "
+                  "the normal backbone, the default; two-net: a nasty network beside the normal one; none: the paper's single nasty "
+                  "network, which pays accuracy).", choices=("two-head", "two-net", "none")),
+    "nasty_head": Param("str", "linear", "two-head: the nasty head, linear (default) or mlp:hidden=H."),
+    "lock_rule": Param("str", "swap", "How the decision is imposed on the nasty logits (default swap).", choices=LOCKS),
+    "lock_margin": Param("float", 0.0, "margin lock: how far the decided class is put above the others (default 0).",
+                         lambda v: 0 <= v <= 100, "in [0, 100]"),
+    "omega_grid": Param("list[float]", [0.1, 0.3, 1.0], "Candidates for omega, chosen by a KD probe on the validation split when "
+                        "--omega is not given (comma-separated; default 0.1,0.3,1).", lambda v: all(o >= 0 for o in v),
+                        "a list of numbers >= 0"),
+    "cmi": Param("float", 10.0, "two-head: weight of the head's conditional mutual information given the class (outputs that say "
+                 "nothing beyond the decision; default 10, 0 turns it off).", lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
+    "head_epochs": Param("int?", None, "two-head: epochs of the nasty head on cached features (default: about 3000 steps).",
+                         lambda v: 1 <= v <= 100000, "in 1..100000"),
+}
 TUNING_ATTACKS = ("kd", "rehead")  # plain KD and the adaptive re-head attack: the strength must hold against both
 HEAD_STEPS = 3000  # optimiser steps of the nasty head when head_epochs is not set
 
@@ -69,17 +88,17 @@ def conditional_mi(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor
     return (p * (log_p - torch.log(q[y].clamp_min(1e-12)))).sum(1).mean()
 
 
-def with_cmi(objective, weight: float, tau: float):
+def with_cmi(objective: Objective, weight: float, tau: float) -> Objective:
     """``objective`` plus ``weight * CMI`` of the head's outputs given the label (unchanged for weight 0)."""
     if not weight:
         return objective
 
-    def wrapped(model, batch, epoch):
-        loss, terms = objective(model, batch, epoch)
+    def loss(model, batch, epoch):
+        total, terms = objective.loss(model, batch, epoch)
         cmi = conditional_mi(model(batch.x), batch.y, tau)  # a second pass of a head on features: negligible
-        return loss + weight * cmi, {**terms, "cmi": cmi.item()}
+        return total + weight * cmi, {**terms, "cmi": cmi.item()}
 
-    return wrapped
+    return Objective(loss, frozen=objective.frozen, end_of_epoch=objective.end_of_epoch, state=objective.state)
 
 
 class ServedHead(nn.Module):
@@ -92,8 +111,6 @@ class ServedHead(nn.Module):
         self.head, self.lock, self.margin = head, lock, margin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..models.locked import lock_decision
-
         x = x.flatten(1)
         return lock_decision(self.head(x[:, :-1]), x[:, -1].long(), self.lock, self.margin)
 
@@ -110,10 +127,8 @@ def _with_decision(decision: nn.Module, x: torch.Tensor, batch: int = 1024) -> t
 
 
 def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data, dcfg: dict, seed: int, deterministic: bool,
-               run_dir: Path | None, log: Callable[[str], None]) -> tuple[nn.Module, dict]:
+               run_dir: Path | None, log: Callable[[str], None], ck: Checkpointing = Checkpointing()) -> tuple[nn.Module, dict]:
     """Train a nasty head on ``decision``'s frozen features with ``defense``'s objective."""
-    from ..models.locked import head_module
-    from ..train import Frozen, TrainConfig, fit, seed_everything
 
     f_train, f_val = (_with_decision(decision, x) for x in (data.x_train, data.x_val))
     adv = [Frozen.from_outputs(predict_logits(a, data.x_train)) for a in adversaries]
@@ -127,75 +142,9 @@ def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data,
     net = ServedHead(head, dcfg["lock_rule"], dcfg["lock_margin"])
     cfg = TrainConfig(epochs=epochs, batch_size=batch, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine",
                       seed=seed, deterministic=deterministic, select="last")
-    res = fit(net, with_cmi(defense.objective(adv), dcfg["cmi"], defense.cfg["tau"]), fdata, cfg, run_dir=run_dir, desc=f"nasty-head:omega={defense.cfg['omega']:g}", log=log,
-              frozen=adv)
+    res = fit(net, with_cmi(defense.objective(adv), dcfg["cmi"], defense.cfg["tau"]), fdata, cfg, run_dir=run_dir,
+              desc=f"nasty-head:omega={defense.cfg['omega']:g}", log=log, **ck.fit_args())
     return head, {"head_epochs": epochs, "head_optimizer": "adam", "head_lr": 1e-3, "head_val_accuracy": res.best_val_accuracy}
-
-
-def tuning_data(data, n: int | None, split_seed: int):
-    """Students train on a stratified subset of the teacher's training split (their own val split
-    carved from it) and are scored on the teacher's validation split: the test split is never read."""
-    from ..data import stratified_indices
-
-    y = data.y_train.numpy()
-    keep = stratified_indices(y, min(n, len(y)), split_seed + 2) if n is not None and n < len(y) else torch.arange(len(y)).numpy()
-    xs, ys = data.x_train[keep], data.y_train[keep]
-    val = stratified_indices(ys.numpy(), 0.1, split_seed)
-    mask = torch.zeros(len(ys), dtype=torch.bool)
-    mask[torch.as_tensor(val)] = True
-    return dataclasses.replace(data, x_train=xs[~mask], y_train=ys[~mask], x_val=xs[mask], y_val=ys[mask],
-                               x_test=data.x_val, y_test=data.y_val)
-
-
-def choose_strength(candidates: list[tuple[float, nn.Module]], cfg: dict, data, out: Path | None,
-                    log: Callable[[str], None]) -> tuple[int, list[dict]]:
-    """Index of the candidate whose KD probe on the validation split gains least over labels (worst
-    probe student), and the table behind the choice."""
-    from ..attacks import run_attack
-    from ..config import train_config
-    from ..probe import slug
-
-    p = cfg["probe"]
-    tdata = tuning_data(data, p["train_subset"], cfg["data"]["split_seed"])
-    tcfg = train_config(cfg, p["train"])
-    params = {"temperature": p["temperature"], "alpha": p["alpha"]}
-    scratch = {}
-    for s in p["students"]:
-        _, r = run_attack("scratch", data=tdata, teachers=[], student=s, train=tcfg, params={},
-                          out_dir=None if out is None else out / "tune" / slug(s) / "scratch", log=log)
-        scratch[s] = r["accuracy"]
-    table = []
-    for omega, teacher in candidates:
-        gains: dict[str, dict[str, float]] = {}
-        for method in TUNING_ATTACKS:
-            gains[method] = {}
-            for s in p["students"]:
-                _, r = run_attack(method, data=tdata, teachers=[teacher], student=s, train=tcfg, params=params,
-                                  out_dir=None if out is None else out / "tune" / slug(s) / f"{method}-omega{omega:g}", log=log)
-                gains[method][s] = r["accuracy"] - scratch[s]
-        row = {"omega": omega, "val_gain": gains, "worst_gain": max(g for m in gains.values() for g in m.values())}
-        table.append(row)
-        log(f"[tune] omega={omega:g}: validation gain over labels " +
-            "; ".join(f"{m} " + ", ".join(f"{s} {g:+.2f}" for s, g in gm.items()) for m, gm in gains.items()))
-    best = min(range(len(table)), key=lambda i: (table[i]["worst_gain"], table[i]["omega"]))
-    return best, table
-
-
-def check_lock_config(cfg: dict) -> None:
-    """Settings a lock cannot honour, refused before anything trains."""
-    d = cfg["defense"]
-    if d["lock"] == "none":
-        return
-    if d["name"] == "budget":
-        raise NastyError("--defense budget bounds the teacher's accuracy cost, which a decision lock already makes zero; "
-                         "use it with --lock none")
-    if d["lock"] == "two-head" and d["init_from"] not in (None, "adversary"):
-        raise NastyError("--init-from CKPT fine-tunes a nasty network; with --lock two-head the nasty part is a new head "
-                         "(use --lock two-net or --lock none to fine-tune a network)")
-    if d["omega"] is None and not d["omega_grid"]:
-        raise NastyError("omega_grid is empty: give --omega or at least one value in --omega-grid")
-    if d["omega"] is None and len(d["omega_grid"]) > 1 and not cfg["probe"]["students"]:
-        raise NastyError("choosing omega on validation needs probe students (probe.students)")
 
 
 def describe_lock(side: dict) -> str | None:
@@ -212,30 +161,3 @@ def lock_summary(model: LockedTeacher) -> dict[str, Any]:
             "white_box": "the artifact contains the normal model: whoever holds its weights holds the normal model"}
 
 
-def lock_checkpoints(decision_path: str, nasty_path: str, lock: str = "swap", margin: float = 0.0) -> tuple[LockedTeacher, dict, dict]:
-    """A two-net lock from two existing checkpoints (e.g. a nasty teacher trained with ``--lock none``
-    and the normal model it was trained against). Both must agree on classes, input shape and
-    normalisation, and neither may already be locked; returns the model and both sidecars."""
-    from ..checkpoint import load_checkpoint, read_sidecar
-
-    sides = {}
-    for what, path in (("decision", decision_path), ("nasty", nasty_path)):
-        _, side = read_sidecar(path)
-        if describe_lock(side):
-            raise NastyError(f"{path} is {describe_lock(side)}; a lock needs two plain models")
-        sides[what] = side
-    d, n = sides["decision"], sides["nasty"]
-    for key, label in (("classes", "classes"), ("input_shape", "input shape"), ("normalization", "normalisation")):
-        if d[key] != n[key]:
-            raise NastyError(f"the decision model ({decision_path}) and the nasty part ({nasty_path}) disagree on {label}: "
-                             f"{d[key]} vs {n[key]}")
-    decision, _ = load_checkpoint(decision_path)
-    nasty, _ = load_checkpoint(nasty_path)
-
-    class _Data:  # what assemble needs of a dataset
-        classes = d["classes"]
-        num_classes = len(d["classes"])
-        in_channels = d["input_shape"][0]
-        image_size = tuple(d["input_shape"][1:])
-
-    return assemble(decision, nasty, _Data, "two-net", {"lock_rule": lock, "lock_margin": margin}), d, n

@@ -24,7 +24,8 @@ from typing import ClassVar
 import torch
 
 from ..errors import NastyError
-from . import register_defense, split_model_specs
+from ..params import Param
+from .base import register_defense, split_model_specs
 from .nasty import NastyTeacher
 
 COMBINE = ("mean", "sum", "min")
@@ -52,14 +53,13 @@ def count_adversaries(cfg: dict) -> int:
 class MultiAdversaryNasty(NastyTeacher):
     name = "multi-adversary"
     summary = "nasty KL against several adversaries (--adversary repeated or --adversary-model cnn,mlp), --combine mean|sum|min"
-    uses: ClassVar[frozenset[str]] = frozenset({"combine"})
+    params: ClassVar[dict[str, Param]] = {
+        "combine": Param("str", "mean", "multi-adversary/budget: how several adversaries' KL terms combine.", choices=COMBINE),
+    }
     min_adversaries: ClassVar[int] = 2
 
     def validate(self) -> None:
         super().validate()
-        how = self.cfg.get("combine", "mean")
-        if how not in COMBINE:
-            raise NastyError(f"combine must be one of {', '.join(COMBINE)}, got {how!r}")
         n = count_adversaries(self.cfg)
         if n < self.min_adversaries:
             raise NastyError(f"defense {self.name} needs at least {self.min_adversaries} adversaries: repeat --adversary "

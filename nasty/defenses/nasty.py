@@ -13,45 +13,23 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from ..errors import NastyError
-from ..losses import adversary_kl
-from . import Defense, register_defense
-
-# [defense] keys only some defenses read -> the defenses that read them (refused elsewhere, never ignored)
-OPTIONAL_KEYS = {
-    "protect_classes": "class-selective or budget",
-    "protect_by": "class-selective or budget",
-    "anchor": "class-selective or budget",
-    "combine": "multi-adversary or budget",
-    "max_accuracy_drop": "budget",
-    "dual_lr": "budget",
-    "omega_max": "budget",
-}
-
+from ..losses import adversary_kl, nasty_loss
+from ..train import Objective
+from ..params import Param
+from .base import Defense, register_defense
 
 @register_defense
 class NastyTeacher(Defense):
     name = "nasty"
     summary = "Ma et al. 2021: CE minus omega*tau^2*KL to a frozen normal adversary"
-    uses: ClassVar[frozenset[str]] = frozenset()  # which OPTIONAL_KEYS this defense reads
-
-    def validate(self) -> None:
-        c = self.cfg
-        if not c["tau"] > 0:
-            raise NastyError(f"tau must be positive, got {c['tau']}")
-        if c["omega"] < 0:
-            raise NastyError(f"omega must be >= 0, got {c['omega']}")
-        if c["omega_warmup"] < 0:
-            raise NastyError(f"omega_warmup must be >= 0 epochs, got {c['omega_warmup']}")
-        if c["kl_cap"] is not None and not c["kl_cap"] > 0:
-            raise NastyError(f"kl_cap must be positive, got {c['kl_cap']}")
-        from ..config import SCHEMA
-
-        for key, where in OPTIONAL_KEYS.items():
-            if key in c and key not in self.uses and c[key] != SCHEMA["defense"][key][1]:
-                raise NastyError(f"defense {self.name} does not use {key} (set to {c[key]!r}); it belongs to --defense {where}")
+    params: ClassVar[dict[str, Param]] = {
+        "tau": Param("float", 4.0, "Temperature of the KL to the adversary.", lambda v: v > 0, "positive"),
+        "omega": Param("float?", None, "Weight of the KL term (strength of the defense; default: chosen from --omega-grid on the "
+                       "validation split with a lock, 0.04 without).", lambda v: v >= 0, ">= 0"),
+        "omega_warmup": Param("int", 0, "Ramp omega linearly over this many epochs.", lambda v: v >= 0, ">= 0"),
+        "kl_cap": Param("float?", None, "Cap each sample's KL to the adversary.", lambda v: v > 0, "positive"),
+    }
 
     def omega_at(self, epoch: int) -> float:
         warm = self.cfg["omega_warmup"]
@@ -75,21 +53,19 @@ class NastyTeacher(Defense):
         w = self.sample_weight(batch, adversary_logits)
         return self.combine([adversary_kl(z, a, tau, w, cap) for a in adversary_logits])
 
-    def objective(self, adversaries):
-        tau = self.cfg["tau"]
+    def objective(self, adversaries) -> Objective:
+        tau, cap = self.cfg["tau"], self.cfg["kl_cap"]
 
-        def objective(model, batch, epoch):
+        def loss(model, batch, epoch):
             z = model(batch.x)
             omega = self.omega_at(epoch)
             adv_logits = [adv(batch) for adv in adversaries]
-            kl = self.kl_term(z, batch, adv_logits)
-            ce = F.cross_entropy(z, batch.y)
-            loss = ce - omega * tau**2 * kl
-            terms = {"ce": ce.item(), "kl_adv": kl.item(), "omega": omega}
+            total, terms = nasty_loss(z, adv_logits, batch.y, tau, omega, self.sample_weight(batch, adv_logits), cap, self.combine)
+            terms["omega"] = omega
             extra = self.extra_term(z, batch, adv_logits)
             if extra is not None:
-                loss = loss + extra
+                total = total + extra
                 terms["anchor"] = extra.item()
-            return loss, terms
+            return total, terms
 
-        return objective
+        return Objective(loss, frozen=adversaries)

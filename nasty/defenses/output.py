@@ -44,7 +44,6 @@ from ..registry import Registry, with_defaults
 
 OUTPUT_DEFENSES = Registry("output defense")
 _ALIASES: dict[str, str] = {}
-list_output_defenses = OUTPUT_DEFENSES.summaries
 
 
 def register_output_defense(cls):

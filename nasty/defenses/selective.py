@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NastyError
-from . import register_defense
+from ..params import Param
+from .base import register_defense
 from .nasty import NastyTeacher
 
 PROTECT_BY = ("label", "mass", "both")
@@ -101,14 +102,18 @@ def split_accuracy(metrics: dict, protected: list[int]) -> dict:
 class ClassSelectiveNasty(NastyTeacher):
     name = "class-selective"
     summary = "nasty KL only where it protects --protect-classes (labelled with them, or their probability mass)"
-    uses: ClassVar[frozenset[str]] = frozenset({"protect_classes", "protect_by", "anchor"})
+    params: ClassVar[dict[str, Param]] = {
+        "protect_classes": Param("list[str]", [], "class-selective/budget: classes to protect, indices or names (e.g. 3,5,7 or Shirt,Coat)."),
+        "protect_by": Param("str", "label", "Where the KL acts: images labelled with a protected class (default), the adversary's "
+                            "probability mass on them, or both.", choices=PROTECT_BY),
+        "anchor": Param("float", 0.0, "class-selective/budget: weight of KL(adversary || teacher) on unprotected images (keeps "
+                        "their soft labels normal; default 0).", lambda v: v >= 0, "a number >= 0"),
+    }
     require_protected: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()
         c = self.cfg
-        if c.get("protect_by", "label") not in PROTECT_BY:
-            raise NastyError(f"protect_by must be one of {', '.join(PROTECT_BY)}, got {c.get('protect_by')!r}")
         names = c.get("protect_classes") or []
         if not names:
             if self.require_protected:

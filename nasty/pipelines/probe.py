@@ -7,21 +7,18 @@ labelled images), scored on the test split.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Callable
 
-from .attacks import run_attack
-from .checkpoint import atomic_write_json
-from .config import train_config
-from .runs import data_from_config, save_model
+from ..attacks import run_attack
+from ..checkpoint import atomic_write_json
+from ..config import train_config
+from ..registry import slug
+from ..resume import Checkpointing
+from ..runs import data_from_config, save_model
 
 
-def slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
-
-
-def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str], None]) -> dict:
+def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str], None], ck: Checkpointing = Checkpointing()) -> dict:
     p = cfg["probe"]
     pdata = data if p["train_subset"] is None else data_from_config(cfg, normalization=(data.mean, data.std), train_subset=p["train_subset"])
     tcfg = train_config(cfg, p["train"])
@@ -30,9 +27,10 @@ def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str],
     for student in p["students"]:
         accs = {}
         for key, method, teacher in (("scratch", "scratch", None), ("kd_normal", "kd", normal), ("kd_defended", "kd", defended)):
-            run_dir = out / slug(student) / key
+            run_dir = out / slug(student, "") / key
             model, res = run_attack(method, data=pdata, teachers=[teacher] if teacher is not None else [], student=student,
-                                    train=tcfg, params=params if method == "kd" else {}, out_dir=run_dir, log=log)
+                                    train=tcfg, params=params if method == "kd" else {}, out_dir=run_dir, log=log,
+                                    checkpointing=ck)
             save_model(run_dir, model, pdata, cfg, {"test": {k: res[k] for k in ("accuracy", "per_class_accuracy")}})
             atomic_write_json(run_dir / "result.json", res)
             accs[key] = res["accuracy"]

@@ -1,0 +1,296 @@
+"""``nasty train-defended``: adversary (loaded or trained) -> defended teacher -> KD probe -> verdict.
+
+Stages: check the settings (before anything trains) -> the normal adversaries (given checkpoints or
+trained here) -> one defended candidate per strength (a nasty head on the normal model's features, a
+nasty network beside it, or the paper's single network) -> the strength chosen on the validation
+split by plain KD and the adaptive re-head attack (:func:`choose_strength`; the test split is never
+read) -> the KD probe -> ``result.json`` with the verdict. ``lock_job`` is ``nasty lock``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..attacks import run_attack
+from ..checkpoint import atomic_write_json, load_checkpoint, read_sidecar
+from ..config import train_config
+from ..data import stratified_indices
+from ..defenses import PAPER_OMEGA, get_defense, split_model_specs
+from ..defenses.lock import TUNING_ATTACKS, assemble, describe_lock, lock_summary, train_head
+from ..defenses.selective import split_accuracy
+from ..errors import NastyError
+from ..metrics import served_quality
+from ..models import model_spec, parse_model_spec
+from ..models.locked import LockedTeacher
+from ..registry import slug
+from ..resume import Checkpointing
+from ..runs import data_from_config, new_model, save_model, test_metrics, train_normal
+from ..train import Frozen, fit, seed_everything
+from .common import normalization, open_teacher
+from .probe import run_probe, verdict_text
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log, ck: Checkpointing = Checkpointing()) -> dict:
+    """Adversary (loaded or trained) -> defended teacher (locked to the normal model's decisions unless
+    ``lock = "none"``; strength chosen on validation unless ``omega`` is set) -> KD probe -> verdict
+    (also ``result.json``). ``ck``: whether each training saves its state and resumes from it."""
+    dcfg = cfg["defense"]
+    check_lock_config(cfg)
+    _check_adversary_specs(cfg)
+    defense_cls = get_defense(dcfg["name"])
+    omegas = [dcfg["omega"]] if dcfg["omega"] is not None else (list(dcfg["omega_grid"]) if dcfg["lock"] != "none" else [PAPER_OMEGA])
+    data = data_from_config(cfg, normalization=_checkpoint_normalization(dcfg))
+    defense_cls({**dcfg, "omega": omegas[0]}, data)  # validate before anything trains
+    atomic_write_json(out / "config.json", cfg)
+    adversaries, normal_test = _adversaries(cfg, data, out, log, ck)
+    candidates = [_candidate(defense_cls, omega, len(omegas) > 1, cfg, data, adversaries, out, log, ck) for omega in omegas]
+    best, tuning = 0, None
+    if len(candidates) > 1:
+        best, tuning = choose_strength([(c[0], c[1]) for c in candidates], cfg, data, out, log, ck)
+        log(f"[tune] chose omega={candidates[best][0]:g} on the validation split")
+    omega, teacher, info, defense, seconds = candidates[best]
+    if dcfg["lock"] != "none":
+        info = {**info, "lock": lock_summary(teacher)}
+    if tuning is not None:
+        info = {**info, "tuning": tuning}
+    defended_test = test_metrics(teacher, data)
+    metrics = {"test": defended_test, "best_epoch": info.get("selected_epoch"), "val_accuracy": info.get("val_accuracy"),
+               "train_seconds": seconds}
+    save_model(out / "defended", teacher, data, cfg, metrics,
+               extra={"defense": {"name": defense.name, **{k: v for k, v in dcfg.items() if k != "train"}, "omega": omega},
+                      "adversaries": [p for _, p in adversaries], "defense_info": info})
+    normal = adversaries[0][0]
+    result: dict[str, Any] = {
+        "normal_accuracy": normal_test["accuracy"],
+        "defended_accuracy": defended_test["accuracy"],
+        "accuracy_drop": normal_test["accuracy"] - defended_test["accuracy"],
+        "normal_per_class_accuracy": normal_test["per_class_accuracy"],
+        "defended_per_class_accuracy": defended_test["per_class_accuracy"],
+        "normal_quality": served_quality(normal, data.x_test, data.y_test),
+        "defended_quality": served_quality(teacher, data.x_test, data.y_test),
+        "defense": defense.name,
+        "lock": dcfg["lock"],
+        "omega": omega,
+        "defended_checkpoint": str(out / "defended"),
+        "normal_checkpoint": adversaries[0][1],
+        "train_seconds": seconds,
+        "defense_info": info,
+        "probe": None,
+    }
+    if getattr(defense, "protected", None):
+        result["protected_classes"] = [data.classes[c] for c in defense.protected]
+        result["normal_split_accuracy"] = split_accuracy(normal_test, defense.protected)
+        result["defended_split_accuracy"] = split_accuracy(defended_test, defense.protected)
+    if cfg["probe"]["enabled"]:
+        result["probe"] = run_probe(cfg, data, normal, teacher, out / "probe", log, ck)
+    result["verdict"] = verdict_text(result)
+    atomic_write_json(out / "result.json", result)
+    return result
+
+
+def _checkpoint_normalization(dcfg: dict) -> tuple[list[float], list[float]] | None:
+    """Checkpoints fix the normalisation: the first adversary's (or the init checkpoint's) wins. A locked
+    checkpoint is refused here: an adversary or an init must be a plain model."""
+    norm = None
+    for i, path in enumerate([*dcfg["adversary"], *([dcfg["init_from"]] if dcfg["init_from"] not in (None, "adversary") else [])]):
+        _, side = read_sidecar(path)
+        what = describe_lock(side)
+        if what:
+            raise NastyError(f"{path} is {what}, not a normal model; pass the normal model it was built from")
+        if i == 0:
+            norm = normalization(side)
+    return norm
+
+
+def _adversaries(cfg: dict, data, out: Path, log: Callable[[str], None], ck: Checkpointing) -> tuple[list[tuple[nn.Module, str]], dict]:
+    """The normal adversaries (loaded, or trained here; the first is the normal reference) and the first one's test metrics."""
+    dcfg = cfg["defense"]
+    adversaries = []
+    if dcfg["adversary"]:
+        for path in dcfg["adversary"]:
+            model, _ = open_teacher(path, data, "adversary")
+            adversaries.append((model, str(path)))
+        return adversaries, test_metrics(adversaries[0][0], data)
+    normal_test: dict = {}
+    specs = split_model_specs(dcfg["adversary_model"]) or [cfg["model"]["name"]]
+    for i, spec in enumerate(specs):
+        log(f"[nasty] no --adversary given: training a normal {spec} first")
+        adv_dir = out / ("normal" if i == 0 else f"normal-{i}-{slug(spec, '')}")
+        model, metrics = train_normal(cfg, data, adv_dir, model_spec=spec, log=log, desc=f"normal:{spec}", ck=ck)
+        adversaries.append((model, str(adv_dir)))
+        if i == 0:
+            normal_test = metrics["test"]
+    return adversaries, normal_test
+
+
+def _candidate(defense_cls, omega: float, several: bool, cfg: dict, data, adversaries: list, out: Path, log: Callable[[str], None],
+               ck: Checkpointing) -> tuple[float, nn.Module, dict, Any, float | None]:
+    """The served teacher defended at strength ``omega``: ``(omega, served model, facts, defense, seconds)``."""
+    dcfg, lock = cfg["defense"], cfg["defense"]["lock"]
+    normal = adversaries[0][0]
+    defense = defense_cls({**dcfg, "omega": omega}, data, reference_curve=validation_curve(adversaries[0][1]), log=log)
+    run_dir = out / "defended" / f"omega{omega:g}" if several else out / "defended"
+    if lock == "two-head":
+        tseed = train_config(cfg, dcfg["train"])
+        head, info = train_head(defense, normal, [m for m, _ in adversaries], data, defense.cfg, tseed.seed, tseed.deterministic,
+                                run_dir, log, ck)
+        return omega, assemble(normal, head, data, "two-head", defense.cfg), info, defense, None
+    net, info, res = _train_network(defense, cfg, data, adversaries, run_dir, log, ck)
+    served = net if lock == "none" else assemble(normal, net, data, "two-net", defense.cfg)
+    info = {**info, "selected_epoch": info.get("selected_epoch", res.best_epoch), "val_accuracy": info.get("val_accuracy", res.best_val_accuracy)}
+    return omega, served, info, defense, res.seconds
+
+
+def _train_network(defense, cfg: dict, data, adversaries: list, run_dir: Path, log, ck: Checkpointing) -> tuple[Any, dict, Any]:
+    """The nasty network of ``--lock none`` (served alone) or ``two-net`` (locked afterwards)."""
+    dcfg = defense.cfg
+    init = dcfg["init_from"]
+    tcfg = train_config(cfg, dcfg["train"])
+    seed_everything(tcfg.seed, tcfg.deterministic)
+    if init is None:
+        teacher = new_model(cfg["model"]["name"], data)
+    else:
+        path = _matching_adversary(cfg, adversaries) if init == "adversary" else init
+        teacher, _ = open_teacher(path, data, "--init-from")
+        teacher.train()
+        for p in teacher.parameters():
+            p.requires_grad_(True)
+    tcfg = defense.train_config(tcfg)
+    frozen = [Frozen(m, len(data.y_train)) for m, _ in adversaries]
+    res = fit(teacher, defense.objective(frozen), data, tcfg, run_dir=run_dir, desc=f"defended:{defense.name}", log=log, **ck.fit_args())
+    info = defense.finish(teacher)
+    return teacher, info, res
+
+
+def validation_curve(checkpoint: str | Path) -> list[float] | None:
+    """Per-epoch validation accuracy of the run that trained ``checkpoint`` (its ``metrics.jsonl``), if kept."""
+    p = Path(checkpoint)
+    f = (p if p.is_dir() else p.parent) / "metrics.jsonl"
+    try:
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        curve = [float(r["val_accuracy"]) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return curve or None
+
+
+def _matching_adversary(cfg: dict, adversaries: list) -> str:
+    """``--init-from adversary``: the adversary of the defended model's own architecture (never another one)."""
+    name, kwargs = parse_model_spec(cfg["model"]["name"])
+    for model, path in adversaries:
+        spec = model_spec(model)
+        if spec["name"] == name and spec["kwargs"] == kwargs:
+            return path
+    raise NastyError(f"--init-from adversary: no adversary is a {cfg['model']['name']} (adversaries: "
+                     f"{', '.join(model_spec(m)['name'] for m, _ in adversaries)}); pass --init-from CKPT or list {cfg['model']['name']} among the adversaries")
+
+
+def _check_adversary_specs(cfg: dict) -> None:
+    """``--init-from adversary`` with adversaries still to be trained: one of them must be the defended architecture."""
+    dcfg = cfg["defense"]
+    if dcfg["init_from"] != "adversary" or dcfg["adversary"] or dcfg["lock"] == "two-head":
+        return
+    specs = split_model_specs(dcfg["adversary_model"]) or [cfg["model"]["name"]]
+    if parse_model_spec(cfg["model"]["name"]) not in [parse_model_spec(s) for s in specs]:
+        raise NastyError(f"--init-from adversary: no adversary is a {cfg['model']['name']} (--adversary-model {dcfg['adversary_model']}); "
+                         f"add {cfg['model']['name']} to --adversary-model or drop --init-from")
+
+
+def check_lock_config(cfg: dict) -> None:
+    """Settings a lock cannot honour, refused before anything trains."""
+    d = cfg["defense"]
+    if d["lock"] == "none":
+        return
+    if d["name"] == "budget":
+        raise NastyError("--defense budget bounds the teacher's accuracy cost, which a decision lock already makes zero; "
+                         "use it with --lock none")
+    if d["lock"] == "two-head" and d["init_from"] not in (None, "adversary"):
+        raise NastyError("--init-from CKPT fine-tunes a nasty network; with --lock two-head the nasty part is a new head "
+                         "(use --lock two-net or --lock none to fine-tune a network)")
+    if d["omega"] is None and not d["omega_grid"]:
+        raise NastyError("omega_grid is empty: give --omega or at least one value in --omega-grid")
+    if d["omega"] is None and len(d["omega_grid"]) > 1 and not cfg["probe"]["students"]:
+        raise NastyError("choosing omega on validation needs probe students (probe.students)")
+
+
+def tuning_data(data, n: int | None, split_seed: int):
+    """Students train on a stratified subset of the teacher's training split (their own val split
+    carved from it) and are scored on the teacher's validation split: the test split is never read."""
+    y = data.y_train.numpy()
+    keep = stratified_indices(y, min(n, len(y)), split_seed + 2) if n is not None and n < len(y) else torch.arange(len(y)).numpy()
+    xs, ys = data.x_train[keep], data.y_train[keep]
+    val = stratified_indices(ys.numpy(), 0.1, split_seed)
+    mask = torch.zeros(len(ys), dtype=torch.bool)
+    mask[torch.as_tensor(val)] = True
+    return dataclasses.replace(data, x_train=xs[~mask], y_train=ys[~mask], x_val=xs[mask], y_val=ys[mask],
+                               x_test=data.x_val, y_test=data.y_val)
+
+
+def choose_strength(candidates: list[tuple[float, nn.Module]], cfg: dict, data, out: Path | None,
+                    log: Callable[[str], None], ck: Checkpointing) -> tuple[int, list[dict]]:
+    """Index of the candidate whose KD probe on the validation split gains least over labels (worst
+    probe student), and the table behind the choice."""
+    p = cfg["probe"]
+    tdata = tuning_data(data, p["train_subset"], cfg["data"]["split_seed"])
+    tcfg = train_config(cfg, p["train"])
+    params = {"temperature": p["temperature"], "alpha": p["alpha"]}
+    scratch = {}
+    for s in p["students"]:
+        _, r = run_attack("scratch", data=tdata, teachers=[], student=s, train=tcfg, params={},
+                          out_dir=None if out is None else out / "tune" / slug(s) / "scratch", log=log,
+                          checkpointing=ck)
+        scratch[s] = r["accuracy"]
+    table = []
+    for omega, teacher in candidates:
+        gains: dict[str, dict[str, float]] = {}
+        for method in TUNING_ATTACKS:
+            gains[method] = {}
+            for s in p["students"]:
+                _, r = run_attack(method, data=tdata, teachers=[teacher], student=s, train=tcfg, params=params,
+                                  out_dir=None if out is None else out / "tune" / slug(s) / f"{method}-omega{omega:g}", log=log,
+                                  checkpointing=ck)
+                gains[method][s] = r["accuracy"] - scratch[s]
+        row = {"omega": omega, "val_gain": gains, "worst_gain": max(g for m in gains.values() for g in m.values())}
+        table.append(row)
+        log(f"[tune] omega={omega:g}: validation gain over labels " +
+            "; ".join(f"{m} " + ", ".join(f"{s} {g:+.2f}" for s, g in gm.items()) for m, gm in gains.items()))
+    best = min(range(len(table)), key=lambda i: (table[i]["worst_gain"], table[i]["omega"]))
+    return best, table
+
+
+def lock_job(decision_path: str, nasty_path: str, lock: str = "swap", margin: float = 0.0) -> tuple[LockedTeacher, dict, dict]:
+    """A two-net lock from two existing checkpoints (e.g. a nasty teacher trained with ``--lock none``
+    and the normal model it was trained against). Both must agree on classes, input shape and
+    normalisation, and neither may already be locked; returns the model and both sidecars."""
+    sides = {}
+    for what, path in (("decision", decision_path), ("nasty", nasty_path)):
+        _, side = read_sidecar(path)
+        if describe_lock(side):
+            raise NastyError(f"{path} is {describe_lock(side)}; a lock needs two plain models")
+        sides[what] = side
+    d, n = sides["decision"], sides["nasty"]
+    for key, label in (("classes", "classes"), ("input_shape", "input shape"), ("normalization", "normalisation")):
+        if d[key] != n[key]:
+            raise NastyError(f"the decision model ({decision_path}) and the nasty part ({nasty_path}) disagree on {label}: "
+                             f"{d[key]} vs {n[key]}")
+    decision, _ = load_checkpoint(decision_path)
+    nasty, _ = load_checkpoint(nasty_path)
+
+    class _Data:  # what assemble needs of a dataset
+        classes = d["classes"]
+        num_classes = len(d["classes"])
+        in_channels = d["input_shape"][0]
+        image_size = tuple(d["input_shape"][1:])
+
+    return assemble(decision, nasty, _Data, "two-net", {"lock_rule": lock, "lock_margin": margin}), d, n
