@@ -26,8 +26,9 @@ from .data import list_datasets, load_dataset
 from .defenses import list_defenses
 from .defenses.lock import LOCK_PARAMS
 from .errors import NastyError
+from .export import export_cmd
 from .metrics import evaluate
-from .models import list_models, model_doc
+from .models import list_models, model_doc, model_prefixes
 from .params import Param, click_option, option_value
 from .pipelines.attack import plan_attack, run_attack_plan
 from .pipelines.common import normalization
@@ -364,7 +365,9 @@ def convert_cmd(source: str, model_spec: str, dataset: str, data_root: str | Non
 def models_cmd(as_json: bool) -> None:
     """List the registered architectures."""
     rows = {m: model_doc(m) for m in list_models()}
-    _emit(rows, as_json, lambda: [click.echo(f"{k:14s} {v}") for k, v in rows.items()])
+    rows.update({f"{p}:NAME": d for p, d in model_prefixes().items()})
+    width = max(map(len, rows))
+    _emit(rows, as_json, lambda: [click.echo(f"{k:{width}s} {v}") for k, v in rows.items()])
 
 
 @cli.command("datasets")
@@ -491,6 +494,9 @@ def report_cmd(audit_json: str, out: str | None, formats: str) -> None:
     written = write_reports(audit, folder, fmts)
     click.echo(table)
     click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+cli.add_command(export_cmd)
 
 
 class _Finite(click.ParamType):
