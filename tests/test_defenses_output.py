@@ -98,13 +98,13 @@ def test_parse_describe_round_trip_and_aliases():
 
 @pytest.mark.parametrize("spec,msg", [
     ("topc:2", "did you mean 'topk'"),
-    ("topk:0", "positive integer k"),
+    ("topk:0", "topk k must be a positive integer"),
     ("topk:two", "not an integer"),
     ("round:2:3", "at most 1 value"),
     ("rsig:gama=1", "did you mean 'gamma'"),
-    ("rsig:beta=-1", "positive beta"),
-    ("cutoff:1.5", "threshold in (0, 1)"),
-    ("noise:-0.1", "scale >= 0"),
+    ("rsig:beta=-1", "beta must be positive"),
+    ("cutoff:1.5", "threshold must be in (0, 1)"),
+    ("noise:-0.1", "scale must be >= 0"),
     ("topk:2,,label", "empty item"),
     ("", "empty"),
 ])

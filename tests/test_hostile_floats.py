@@ -48,8 +48,8 @@ def test_every_float_option_refuses_non_finite(run_cli, tmp_path, command, optio
     (["--param", "alpha=True"], "alpha must be a number"),
     (["--method", "tllm", "--param", "delta=nan"], "delta must be a number"),
     (["--method", "tllm", "--param", "mode=3"], "mode must be a string"),
-    (["--output-defense", "noise:scale=nan"], "scale must be finite"),
-    (["--output-defense", "noise:scale=inf"], "scale must be finite"),
+    (["--output-defense", "noise:scale=nan"], "scale must be a finite number"),
+    (["--output-defense", "noise:scale=inf"], "scale must be a finite number"),
 ])
 def test_method_parameters_checked_before_anything_runs(run_cli, tmp_path, args, needle):
     rc, out, err = run_cli("attack", "--out", tmp_path / "o", *args)

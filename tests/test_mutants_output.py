@@ -103,12 +103,12 @@ def test_parameters_at_their_bounds_are_accepted(spec):
 
 
 @pytest.mark.parametrize("spec,msg", [
-    ("round:13", "round needs an integer number of decimals in 0..12, got 13"),
+    ("round:13", "round decimals must be an integer in 0..12, got 13"),
     ("round:-1", "in 0..12, got -1"),
-    ("cutoff:0", "cutoff needs a threshold in (0, 1), got 0.0"),
-    ("cutoff:1", "cutoff needs a threshold in (0, 1), got 1.0"),
-    ("rsig:beta=0", "reverse-sigmoid needs a positive beta"),
-    ("rsig:gamma=0", "reverse-sigmoid needs a positive gamma"),
+    ("cutoff:0", "cutoff threshold must be in (0, 1), got 0.0"),
+    ("cutoff:1", "cutoff threshold must be in (0, 1), got 1.0"),
+    ("rsig:beta=0", "reverse-sigmoid beta must be positive"),
+    ("rsig:gamma=0", "reverse-sigmoid gamma must be positive"),
     ("noise:0.1:1.5", "is not an integer"),
     ("rsig:beta=x", "'x' is not a number"),
     ("template:top=0.5:decoy=0", "template needs 0 < decoy < top < 1"),

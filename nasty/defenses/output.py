@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NastyError
+from ..params import Param
 from ..registry import Registry, with_defaults
 
 OUTPUT_DEFENSES = Registry("output defense")
@@ -68,12 +69,17 @@ def _renormalise(q: torch.Tensor, fallback_from: torch.Tensor) -> torch.Tensor:
 
 
 class OutputDefense:
-    """Base class: ``params`` gives names and defaults in positional order; ``apply`` does the work."""
+    """Base class: ``params`` declares the parameters (:class:`nasty.params.Param`) in positional order;
+    ``apply`` does the work."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
-    params: ClassVar[dict[str, Any]] = {}
+    params: ClassVar[dict[str, Param]] = {}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {k: p.default for k, p in cls.params.items()}
 
     def __init__(self, **kw: Any):
         self.p = with_defaults(f"output defense {self.name}", self.params, kw)
@@ -102,11 +108,7 @@ class TopK(OutputDefense):
     name = "topk"
     aliases = ("stingy",)
     summary = "stingy teacher (Ma et al. 2022): only the top-k classes, renormalised"
-    params = {"k": 2}
-
-    def validate(self):
-        if isinstance(self.p["k"], bool) or not isinstance(self.p["k"], int) or self.p["k"] < 1:
-            raise NastyError(f"topk needs a positive integer k, got {self.p['k']!r}")
+    params = {"k": Param("int", 2, "classes kept", lambda v: v >= 1, "a positive integer")}
 
     def apply(self, p):
         k = min(self.p["k"], p.shape[1])
@@ -118,12 +120,7 @@ class TopK(OutputDefense):
 class Round(OutputDefense):
     name = "round"
     summary = "round probabilities to d decimals (ART Rounded)"
-    params = {"decimals": 3}
-
-    def validate(self):
-        d = self.p["decimals"]
-        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 12:
-            raise NastyError(f"round needs an integer number of decimals in 0..12, got {d!r}")
+    params = {"decimals": Param("int", 3, "decimals kept", lambda v: 0 <= v <= 12, "an integer in 0..12")}
 
     def apply(self, p):
         scale = 10.0 ** self.p["decimals"]
@@ -147,13 +144,8 @@ class ReverseSigmoid(OutputDefense):
     name = "reverse-sigmoid"
     aliases = ("rsig",)
     summary = "reverse sigmoid perturbation (Lee et al. 2018; ART ReverseSigmoid), beta, gamma"
-    params = {"beta": 1.0, "gamma": 0.1}
-
-    def validate(self):
-        for k in ("beta", "gamma"):
-            if isinstance(self.p[k], bool) or not isinstance(self.p[k], (int, float)) or not self.p[k] > 0:
-                raise NastyError(f"reverse-sigmoid needs a positive {k}, got {self.p[k]!r}")
-        self.p = {k: float(v) for k, v in self.p.items()}
+    params = {"beta": Param("float", 1.0, "strength", lambda v: v > 0, "positive"),
+              "gamma": Param("float", 0.1, "slope", lambda v: v > 0, "positive")}
 
     def apply(self, p):
         eps = 1e-9
@@ -167,15 +159,9 @@ class GaussianNoise(OutputDefense):
     name = "noise"
     aliases = ("gaussian",)
     summary = "Gaussian noise of std scale, clipped at 0 and renormalised (ART GaussianNoise)"
-    params = {"scale": 0.05, "seed": 0}
+    params = {"scale": Param("float", 0.05, "noise std", lambda v: v >= 0, ">= 0"), "seed": Param("int", 0, "noise seed")}
 
     def validate(self):
-        s = self.p["scale"]
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0:
-            raise NastyError(f"noise needs a scale >= 0, got {s!r}")
-        if isinstance(self.p["seed"], bool) or not isinstance(self.p["seed"], int):
-            raise NastyError(f"noise needs an integer seed, got {self.p['seed']!r}")
-        self.p["scale"] = float(s)
         self.generator = torch.Generator().manual_seed(self.p["seed"])
 
     def apply(self, p):
@@ -188,13 +174,7 @@ class HighConfidence(OutputDefense):
     name = "cutoff"
     aliases = ("high-confidence",)
     summary = "zero probabilities below a threshold, keeping the top class (ART HighConfidence)"
-    params = {"threshold": 0.25}
-
-    def validate(self):
-        t = self.p["threshold"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
-            raise NastyError(f"cutoff needs a threshold in (0, 1), got {t!r}")
-        self.p["threshold"] = float(t)
+    params = {"threshold": Param("float", 0.25, "smallest probability kept", lambda v: 0 < v < 1, "in (0, 1)")}
 
     def apply(self, p):
         keep = (p >= self.p["threshold"]) | _argmax_onehot(p).bool()
@@ -205,15 +185,13 @@ class HighConfidence(OutputDefense):
 class Template(OutputDefense):
     name = "template"
     summary = "the decision mapped to one fixed, misleading soft vector per class (leaks nothing beyond the decision)"
-    params = {"top": 0.5, "decoy": 0.45, "shift": 1}
+    params = {"top": Param("float", 0.5, "probability of the decided class"), "decoy": Param("float", 0.45, "probability of the decoy class"),
+              "shift": Param("int", 1, "decoy = decided class + shift", lambda v: v >= 1, "a positive integer")}
 
     def validate(self):
-        top, decoy, shift = self.p["top"], self.p["decoy"], self.p["shift"]
-        if not (isinstance(top, (int, float)) and isinstance(decoy, (int, float)) and 0 < decoy < top < 1 and top + decoy <= 1):
+        top, decoy = self.p["top"], self.p["decoy"]
+        if not (0 < decoy < top < 1 and top + decoy <= 1):
             raise NastyError(f"template needs 0 < decoy < top < 1 and top + decoy <= 1, got top={top!r}, decoy={decoy!r}")
-        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 1:
-            raise NastyError(f"template shift must be a positive integer, got {shift!r}")
-        self.p["top"], self.p["decoy"] = float(top), float(decoy)
 
     def apply(self, p):
         n, c = p.shape
@@ -290,7 +268,7 @@ def parse_output_defense(spec: str) -> Compose:
                 make_output_defense(cls.name, **{key: None})  # raises the unknown-parameter error
             if key in params:
                 raise NastyError(f"output defense {cls.name}: {key} given twice in {item!r}")
-            params[key] = _value(val, cls.params[key], f"output defense {cls.name} {key}")
+            params[key] = _value(val, cls.defaults()[key], f"output defense {cls.name} {key}")
         parts.append(cls(**params))
     return Compose(parts)
 
