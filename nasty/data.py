@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from .errors import NastyError
+from .registry import Registry
 
 # name -> (loader, description, default augmentation)
-_DATASETS: dict[str, tuple[Callable[..., "RawData"], str, str]] = {}
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -84,16 +84,28 @@ class DataBundle:
         }
 
 
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A named dataset: its loader ``fn(data_root=, download=) -> RawData``, a description, its default augmentation."""
+
+    load: Callable[..., "RawData"]
+    summary: str
+    augment: str = "none"
+
+
+DATASETS = Registry("dataset")
+
+
 def register_dataset(name: str, description: str, augment: str = "none"):
     def deco(fn):
-        _DATASETS[name] = (fn, description, augment)
+        DATASETS.register(DatasetEntry(fn, description, augment), name)
         return fn
 
     return deco
 
 
 def list_datasets() -> dict[str, str]:
-    out = {k: v[1] for k, v in _DATASETS.items()}
+    out = DATASETS.summaries()
     out["npz:PATH"] = "arrays x_train, y_train, x_test, y_test in an .npz file (optional 'classes')"
     out["imagefolder:PATH"] = "PATH/train/<class>/*.png and PATH/test/<class>/*.png"
     return out
@@ -563,15 +575,9 @@ def load_dataset(
         raw, augment_default = load_npz(name[4:]), "none"
     elif name.startswith("imagefolder:"):
         raw, augment_default = load_imagefolder(name[len("imagefolder:") :]), "none"
-    elif name in _DATASETS:
-        loader, _, augment_default = _DATASETS[name]
-        raw = loader(data_root=data_root, download=download)
     else:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(_DATASETS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise NastyError(f"unknown dataset {name!r}{hint} (known: {', '.join(list_datasets())})")
+        entry = DATASETS.lookup(name, also=("npz:PATH", "imagefolder:PATH"))
+        raw, augment_default = entry.load(data_root=data_root, download=download), entry.augment
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise NastyError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:

@@ -120,22 +120,6 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
 
 
-def broadcast_text(text: str | None) -> str | None:
-    """Rank 0's string on every rank (for one-line error messages); no pickle involved."""
-    if not enabled():
-        return text
-    import torch.distributed as dist
-
-    data = (text or "").encode()[:4096] if is_main() else b""
-    n = torch.tensor([len(data)], dtype=torch.int64, device=device())
-    dist.broadcast(n, src=0)
-    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=device())
-    if is_main() and len(data):
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device()))
-    dist.broadcast(buf, src=0)
-    return bytes(buf.cpu().tolist()).decode(errors="replace") or None
-
-
 @dataclass
 class Shard:
     """This rank's part of a global batch: ``sl`` into it, and the weight of its mean in the global mean."""

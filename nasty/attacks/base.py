@@ -96,7 +96,6 @@ class AttackContext:
     log: Callable[[str], None] | None = None
     labels_available: bool = True
     cache_teacher: bool = True
-    x_train: torch.Tensor | None = None  # query images when they are not the labelled split (surrogate data)
     info: dict = field(default_factory=dict)
     teacher_cache: Any = None  # nasty.frozen.TeacherOutputCache: outputs shared across run_attack calls
     augment: str = "none"  # distillation-time augmentation: none, mixup[:ALPHA], cutmix[:ALPHA]
@@ -108,7 +107,7 @@ class AttackContext:
         return self.teachers[0]
 
     def frozen_teacher(self, oracle: Oracle | None = None, n: int | None = None) -> Frozen:
-        x = self.x_train if self.x_train is not None else self.data.x_train
+        x = self.data.x_train
         if self.teacher_cache is not None and self.cache_teacher:
             shared = self.teacher_cache.frozen(oracle or self.teacher, x, n or len(x))
             if shared is not None:
@@ -117,8 +116,6 @@ class AttackContext:
 
     def train_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The images the student trains on and their labels (``-1`` where the attacker has none)."""
-        if self.x_train is not None:
-            return self.x_train, torch.full((len(self.x_train),), -1, dtype=torch.long)
         return self.data.x_train, self.data.y_train
 
     def mixer(self) -> "Mixer":
