@@ -278,32 +278,15 @@ def fit_group(
     if ddp and len(members) > 1:
         raise NastyError("fit_group trains one model at a time under torchrun (DDP)")
     main = ddp_.is_main()
-    log = log if main else None
-    seed_everything(cfg.seed, cfg.deterministic)
-    gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: the same global batches
-    if ddp:  # the global RNG (dropout and the like) differs per rank
-        random.seed(cfg.seed + ddp_.rank())
-        np.random.seed((cfg.seed + ddp_.rank()) % 2**32)
-        torch.manual_seed(cfg.seed + ddp_.rank())
+    gen = _seed(cfg, ddp)
     dev = ddp_.device()
     x = data.x_train if x_train is None else x_train
     cl = use_channels_last(x, [m.model for m in members])
-    slots = [_make_slot(m, data, cfg, x, dev, cl, main, log, save_state or resume) for m in members]
+    slots = [_make_slot(m, data, cfg, x, dev, cl, main, log if main else None, save_state or resume) for m in members]
     if resume:
         _resume(slots, cfg, gen)
     start = slots[0].st.epoch
-    for s in slots:
-        if ddp:
-            s.train_model = ddp_.wrap(s.m.model)  # only the trained network; frozen ones are not wrapped
-        for f in s.obj.frozen if dev.type != "cpu" else []:
-            f.to(dev)
-        if s.m.run_dir is not None:
-            Path(s.m.run_dir).mkdir(parents=True, exist_ok=True)
-            if main:
-                s.metrics_file = open(Path(s.m.run_dir) / "metrics.jsonl", "w")
-                for row in s.st.history:
-                    s.metrics_file.write(json.dumps(row) + "\n")
-                s.metrics_file.flush()
+    _open(slots, ddp, dev, main)
     t_start = time.perf_counter() - max(s.st.seconds for s in slots)
     steps = math.ceil(len(x) / cfg.batch_size)
     bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=slots[0].m.desc if len(slots) == 1 else f"{len(slots)} models",
@@ -336,18 +319,47 @@ def fit_group(
                 s.m.model.cpu()
                 for f in s.obj.frozen:
                     f.to(torch.device("cpu"))
-    results: list[FitResult | TrainingDiverged] = []
-    seconds = time.perf_counter() - t_start
-    for s in slots:
-        if s.error is not None:
-            results.append(s.error)
-            continue
-        if s.st.best_state is not None:
-            s.m.model.load_state_dict(s.st.best_state)
-        results.append(FitResult(s.st.best_epoch, s.st.best_val, s.st.history, seconds))
+    results = [_result(s, time.perf_counter() - t_start) for s in slots]
     if ddp:
         ddp_.barrier()  # rank 0's files are complete before any rank reads them
     return results
+
+
+def _seed(cfg: TrainConfig, ddp: bool) -> torch.Generator:
+    """Seed every RNG; the batch generator is the same on every rank (the same global batches)."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if ddp:  # the global RNG (dropout and the like) differs per rank
+        random.seed(cfg.seed + ddp_.rank())
+        np.random.seed((cfg.seed + ddp_.rank()) % 2**32)
+        torch.manual_seed(cfg.seed + ddp_.rank())
+    return gen
+
+
+def _open(slots: list[_Slot], ddp: bool, dev: torch.device, main: bool) -> None:
+    """Wrap the trained networks for DDP, move frozen ones to the device, open the metrics files
+    (with the history of a resumed run)."""
+    for s in slots:
+        if ddp:
+            s.train_model = ddp_.wrap(s.m.model)  # only the trained network; frozen ones are not wrapped
+        for f in s.obj.frozen if dev.type != "cpu" else []:
+            f.to(dev)
+        if s.m.run_dir is not None:
+            Path(s.m.run_dir).mkdir(parents=True, exist_ok=True)
+            if main:
+                s.metrics_file = open(Path(s.m.run_dir) / "metrics.jsonl", "w")
+                for row in s.st.history:
+                    s.metrics_file.write(json.dumps(row) + "\n")
+                s.metrics_file.flush()
+
+
+def _result(s: _Slot, seconds: float) -> FitResult | TrainingDiverged:
+    """The member's outcome: its error, or its best epoch with those weights restored into the model."""
+    if s.error is not None:
+        return s.error
+    if s.st.best_state is not None:
+        s.m.model.load_state_dict(s.st.best_state)
+    return FitResult(s.st.best_epoch, s.st.best_val, s.st.history, seconds)
 
 
 def _make_slot(m: Member, data: DataBundle, cfg: TrainConfig, x: torch.Tensor, dev: torch.device, cl: bool, main: bool,

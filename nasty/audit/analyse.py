@@ -24,127 +24,18 @@ if TYPE_CHECKING:
 def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred: dict[str, np.ndarray],
             skipped: dict, failed: dict, notes: list[str], config: dict, skipped_students: dict | None = None) -> dict:
     """Turn the runs into the audit object (see :mod:`nasty.audit.schema`)."""
-    y = data.y_test.numpy()
-    C = data.num_classes
-    seeds = s.seed_list
-
-    def pred_matrix(group: str, method: str, student: str) -> np.ndarray | None:
-        rows = [runs.get((group, method, student, k)) for k in seeds]
-        if any(r is None for r in rows):
-            return None
-        return np.stack([r["_pred"] for r in rows])
-
-    def summary(group: str, method: str, student: str, tpred: np.ndarray | None) -> dict:
-        rows = [runs[(group, method, student, k)] for k in seeds]
-        accs = [float(r["accuracy"]) for r in rows]
-        out = {"accuracy": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-               "accuracy_per_seed": accs,
-               "per_class_accuracy": _per_class(np.stack([stats.correctness(r["_pred"], y) for r in rows]).mean(0), y, C),
-               "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in rows))}
-        if tpred is not None:
-            out["teacher_agreement"] = float(np.mean([100.0 * np.mean(r["_pred"] == tpred) for r in rows]))
-        return out
-
-    baselines: dict[str, dict] = {b: {} for b in stats.BASELINES}
-    base_corr: dict[str, dict[str, np.ndarray]] = {}
-    for st in s.students:
-        base_corr[st] = {}
-        for b in stats.BASELINES:
-            m = pred_matrix("baselines", b, st)
-            if m is None:
-                raise AuditIncomplete(f"baseline {b} for {st} is missing")
-            base_corr[st][b] = stats.correctness(m, y)
-            baselines[b][st] = summary("baselines", b, st, None)
-
-    targets: dict[str, dict] = {}
-    problems: list[str] = []
-    for g, tp in teacher_pred.items():
-        t_corr = stats.correctness(tp, y)
-        per_class_t = _per_class(t_corr, y, C)
-        entry = {"checkpoint": s.teacher if g == "teacher" else s.reference,
-                 "accuracy": float(100.0 * t_corr.mean()), "per_class_accuracy": per_class_t, "attacks": {}}
-        for a in attacks:
-            cls = get_attack(a)
-            rule = "gain" if cls.uses_labels else "fidelity"
-            att = {"method": a, "summary": cls.summary, "rule": rule,
-                   "threshold": (f"gain > {s.margin:g} points over both baselines" if rule == "gain"
-                                 else f"fidelity: accuracy / teacher's > {s.fidelity:g}")
-                   + f", one-sided, {CORRECTION_TEXT[s.correction]}-adjusted p < {stats.ALPHA:g}",
-                   "assumes": assumptions(a, s.query, data, s.surrogate), "params": config["params"][a],
-                   "status": "ok", "reason": None, "transferred_classes": [], "transferred_count": 0, "num_classes": C,
-                   "students": {}}
-            if (g, a) in skipped:
-                att.update(status="skipped", reason=skipped[(g, a)])
-            elif (g, a) in failed:
-                att.update(status="failed", reason="; ".join(failed[(g, a)]))
-                problems.append(f"{a} vs {g} failed ({failed[(g, a)][0]})")
-            else:
-                union: set[int] = set()
-                not_run = (skipped_students or {}).get((g, a), {})
-                if not_run:
-                    att["skipped_students"] = dict(not_run)
-                for st in s.students:
-                    if st in not_run:
-                        continue
-                    m = pred_matrix(g, a, st)
-                    if m is None:
-                        att.update(status="failed", reason=f"runs missing for {st}")
-                        problems.append(f"{a} vs {g}: runs missing for {st}")
-                        break
-                    rows = stats.class_decisions(y, stats.correctness(m, y), base_corr[st], t_corr, num_classes=C, rule=rule,
-                                                 margin=s.margin, fidelity=s.fidelity, correction=s.correction, power=s.power,
-                                                 safe_below=s.safe_below, decide=False)
-                    row = {**summary(g, a, st, tp), "classes": rows}
-                    extra = _extra(runs, g, a, st, seeds)
-                    if extra:
-                        row["extra"] = extra
-                    att["students"][st] = row
-                if att["status"] == "ok":
-                    # one family: every class of every student of this attack (against this target)
-                    att["correction"] = s.correction
-                    att["family_size"] = stats.decide_family([r["classes"] for r in att["students"].values()], rule=rule,
-                                                             correction=s.correction, margin=s.margin, fidelity=s.fidelity,
-                                                             power=s.power, safe_below=s.safe_below)
-                    for r in att["students"].values():
-                        r["transferred_classes"] = [x["class"] for x in r["classes"] if x["transferred"]]
-                        r["transferred_count"] = len(r["transferred_classes"])
-                        union.update(r["transferred_classes"])
-                    att["transferred_classes"] = sorted(union)
-                    att["transferred_count"] = len(union)
-                    found = [set(v) for st_row in att["students"].values() for v in st_row.get("extra", {}).get("undistillable_classes", [])]
-                    if found:
-                        att["undistillable_classes"] = sorted(set.union(*found))
-            entry["attacks"][a] = att
-        targets[g] = entry
-
-    defense_effect = None
-    if "reference" in targets:
-        defense_effect = {}
-        for a in attacks:
-            t, r = targets["teacher"]["attacks"][a], targets["reference"]["attacks"][a]
-            if t["status"] == r["status"] == "ok":
-                tt, rr = set(t["transferred_classes"]), set(r["transferred_classes"])
-                defense_effect[a] = {"protected_classes": sorted(rr - tt), "still_transferred": sorted(rr & tt),
-                                     "newly_transferred": sorted(tt - rr)}
+    an = _Analysis(s, data, runs, config)
+    targets = {g: an.target(g, tp, attacks, skipped, failed, skipped_students or {}) for g, tp in teacher_pred.items()}
     failing = [a for a, v in targets["teacher"]["attacks"].items() if v["status"] == "ok" and s.fail_on is not None
                and v["transferred_count"] > s.fail_on]
-    counts = np.bincount(y, minlength=C)
-    rel = stats.reliability(len(seeds))
-    if rel == "unreliable":
-        notes = [*notes, "One seed: every interval is UNRELIABLE. It captures the test-set noise only, not the training "
-                 "noise between seeds, and in simulation a false 'transferred' is several times more frequent than nominal. "
-                 f"Use --seeds {stats.DEFAULT_SEEDS} or more."]
-    elif rel == "approximate":
-        notes = [*notes, f"{len(seeds)} seeds: intervals and detectable gains are approximate (the seed-to-seed variance "
-                 f"rests on {len(seeds) - 1} degree{'s' if len(seeds) > 2 else ''} of freedom, so they are wide); "
-                 f"{stats.DEFAULT_SEEDS} or more seeds are recommended."]
+    seeds, y = s.seed_list, an.y
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "status": "complete" if not problems else "incomplete",
-        "problems": problems,
-        "notes": notes,
+        "status": "complete" if not an.problems else "incomplete",
+        "problems": an.problems,
+        "notes": [*notes, *_seed_notes(len(seeds))],
         "config": {**{k: v for k, v in config.items() if k != "params"}, "attacks": attacks, "students": list(s.students),
                    "seeds": seeds, "margin": s.margin, "fidelity": s.fidelity, "fail_on": s.fail_on,
                    "statistics": {"method": "t over seeds with the crossed seeds x test-samples variance (Satterthwaite df)",
@@ -154,12 +45,146 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
                                   "recommended_seeds": stats.DEFAULT_SEEDS}},
         "method": method_text(s),
         "dataset": {"name": data.name, "classes": list(data.classes), "test_size": int(len(y)),
-                    "test_per_class": [int(v) for v in counts], "train_images": int(len(data.y_train))},
-        "baselines": baselines,
+                    "test_per_class": [int(v) for v in np.bincount(y, minlength=an.C)], "train_images": int(len(data.y_train))},
+        "baselines": an.baselines,
         "targets": targets,
-        "defense_effect": defense_effect,
+        "defense_effect": _defense_effect(targets, attacks),
         "gate": {"fail_on": s.fail_on, "failed": bool(failing), "failing_attacks": failing},
     }
+
+
+class _Analysis:
+    """The runs of one audit, read per (group, attack, student) across its seeds."""
+
+    def __init__(self, s: AuditSettings, data, runs: dict, config: dict):
+        self.s, self.data, self.runs, self.config = s, data, runs, config
+        self.y = data.y_test.numpy()
+        self.C = data.num_classes
+        self.problems: list[str] = []
+        self.baselines: dict[str, dict] = {b: {} for b in stats.BASELINES}
+        self.base_corr: dict[str, dict[str, np.ndarray]] = {}
+        for st in s.students:
+            self.base_corr[st] = {}
+            for b in stats.BASELINES:
+                m = self.pred_matrix("baselines", b, st)
+                if m is None:
+                    raise AuditIncomplete(f"baseline {b} for {st} is missing")
+                self.base_corr[st][b] = stats.correctness(m, self.y)
+                self.baselines[b][st] = self.summary("baselines", b, st, None)
+
+    def pred_matrix(self, group: str, method: str, student: str) -> np.ndarray | None:
+        rows = [self.runs.get((group, method, student, k)) for k in self.s.seed_list]
+        if any(r is None for r in rows):
+            return None
+        return np.stack([r["_pred"] for r in rows])
+
+    def summary(self, group: str, method: str, student: str, tpred: np.ndarray | None) -> dict:
+        rows = [self.runs[(group, method, student, k)] for k in self.s.seed_list]
+        accs = [float(r["accuracy"]) for r in rows]
+        out = {"accuracy": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+               "accuracy_per_seed": accs,
+               "per_class_accuracy": _per_class(np.stack([stats.correctness(r["_pred"], self.y) for r in rows]).mean(0), self.y, self.C),
+               "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in rows))}
+        if tpred is not None:
+            out["teacher_agreement"] = float(np.mean([100.0 * np.mean(r["_pred"] == tpred) for r in rows]))
+        return out
+
+    def target(self, g: str, tp: np.ndarray, attacks: list[str], skipped: dict, failed: dict, skipped_students: dict) -> dict:
+        s = self.s
+        t_corr = stats.correctness(tp, self.y)
+        entry = {"checkpoint": s.teacher if g == "teacher" else s.reference,
+                 "accuracy": float(100.0 * t_corr.mean()), "per_class_accuracy": _per_class(t_corr, self.y, self.C), "attacks": {}}
+        for a in attacks:
+            att = self.attack_header(a)
+            if (g, a) in skipped:
+                att.update(status="skipped", reason=skipped[(g, a)])
+            elif (g, a) in failed:
+                att.update(status="failed", reason="; ".join(failed[(g, a)]))
+                self.problems.append(f"{a} vs {g} failed ({failed[(g, a)][0]})")
+            else:
+                self.attack_students(att, g, a, tp, t_corr, skipped_students.get((g, a), {}))
+                if att["status"] == "ok":
+                    self.decide(att)
+            entry["attacks"][a] = att
+        return entry
+
+    def attack_header(self, a: str) -> dict:
+        s, cls = self.s, get_attack(a)
+        rule = "gain" if cls.uses_labels else "fidelity"
+        return {"method": a, "summary": cls.summary, "rule": rule,
+                "threshold": (f"gain > {s.margin:g} points over both baselines" if rule == "gain"
+                              else f"fidelity: accuracy / teacher's > {s.fidelity:g}")
+                + f", one-sided, {CORRECTION_TEXT[s.correction]}-adjusted p < {stats.ALPHA:g}",
+                "assumes": assumptions(a, s.query, self.data, s.surrogate), "params": self.config["params"][a],
+                "status": "ok", "reason": None, "transferred_classes": [], "transferred_count": 0, "num_classes": self.C,
+                "students": {}}
+
+    def attack_students(self, att: dict, g: str, a: str, tp: np.ndarray, t_corr: np.ndarray, not_run: dict) -> None:
+        """Per student: the per-class tests of the attack's runs (not yet decided)."""
+        s = self.s
+        if not_run:
+            att["skipped_students"] = dict(not_run)
+        for st in s.students:
+            if st in not_run:
+                continue
+            m = self.pred_matrix(g, a, st)
+            if m is None:
+                att.update(status="failed", reason=f"runs missing for {st}")
+                self.problems.append(f"{a} vs {g}: runs missing for {st}")
+                break
+            rows = stats.class_decisions(self.y, stats.correctness(m, self.y), self.base_corr[st], t_corr, num_classes=self.C,
+                                         rule=att["rule"], margin=s.margin, fidelity=s.fidelity, correction=s.correction,
+                                         power=s.power, safe_below=s.safe_below, decide=False)
+            row = {**self.summary(g, a, st, tp), "classes": rows}
+            extra = _extra(self.runs, g, a, st, s.seed_list)
+            if extra:
+                row["extra"] = extra
+            att["students"][st] = row
+
+    def decide(self, att: dict) -> None:
+        """One family: every class of every student of this attack (against this target)."""
+        s = self.s
+        att["correction"] = s.correction
+        att["family_size"] = stats.decide_family([r["classes"] for r in att["students"].values()], rule=att["rule"],
+                                                 correction=s.correction, margin=s.margin, fidelity=s.fidelity,
+                                                 power=s.power, safe_below=s.safe_below)
+        union: set[int] = set()
+        for r in att["students"].values():
+            r["transferred_classes"] = [x["class"] for x in r["classes"] if x["transferred"]]
+            r["transferred_count"] = len(r["transferred_classes"])
+            union.update(r["transferred_classes"])
+        att["transferred_classes"] = sorted(union)
+        att["transferred_count"] = len(union)
+        found = [set(v) for st_row in att["students"].values() for v in st_row.get("extra", {}).get("undistillable_classes", [])]
+        if found:
+            att["undistillable_classes"] = sorted(set.union(*found))
+
+
+def _defense_effect(targets: dict, attacks: list[str]) -> dict | None:
+    """With a reference: per attack, the classes the defense protects, those it leaves, those it opens."""
+    if "reference" not in targets:
+        return None
+    defense_effect = {}
+    for a in attacks:
+        t, r = targets["teacher"]["attacks"][a], targets["reference"]["attacks"][a]
+        if t["status"] == r["status"] == "ok":
+            tt, rr = set(t["transferred_classes"]), set(r["transferred_classes"])
+            defense_effect[a] = {"protected_classes": sorted(rr - tt), "still_transferred": sorted(rr & tt),
+                                 "newly_transferred": sorted(tt - rr)}
+    return defense_effect
+
+
+def _seed_notes(n: int) -> list[str]:
+    rel = stats.reliability(n)
+    if rel == "unreliable":
+        return ["One seed: every interval is UNRELIABLE. It captures the test-set noise only, not the training "
+                "noise between seeds, and in simulation a false 'transferred' is several times more frequent than nominal. "
+                f"Use --seeds {stats.DEFAULT_SEEDS} or more."]
+    if rel == "approximate":
+        return [f"{n} seeds: intervals and detectable gains are approximate (the seed-to-seed variance "
+                f"rests on {n - 1} degree{'s' if n > 2 else ''} of freedom, so they are wide); "
+                f"{stats.DEFAULT_SEEDS} or more seeds are recommended."]
+    return []
 
 
 def _per_class(correct: np.ndarray, y: np.ndarray, num_classes: int) -> list[float | None]:
