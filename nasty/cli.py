@@ -429,6 +429,11 @@ AUDIT_DATA_TRAIN = _declared("data", ("dataset", "data_root", "download", "train
 @click.option("--force", is_flag=True, help="Discard what --out holds and start afresh.")
 @click.option("--verbose", is_flag=True, help="Log every epoch of every run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the headline per attack as one JSON object.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Train the runs in this process (local) or as Ray tasks (ray; pip install 'nasty[ray]'; docs/distributed.md).")
+@click.option("--address", help="With --executor ray: join this Ray cluster (HEAD:6379) instead of starting Ray on this machine.")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="With --executor ray: CPUs (threads) per run  [default: 1]")
+@click.option("--gpus-per-task", type=click.FloatRange(min=0), default=None, help="With --executor ray: GPUs per run (fractions share one)  [default: 0]")
 def audit_cmd(**kw) -> int:
     """Audit a teacher: which classes can each attack copy? Writes audit.json/.md/.html.
 
@@ -437,6 +442,14 @@ def audit_cmd(**kw) -> int:
     Exit codes: 0 ok, 1 an attack transfers more than --fail-on classes, 2 bad input, 3 incomplete.
     """
 
+    executor = None
+    ray_only = [f"--{k.replace('_', '-')}" for k in ("address", "cpus_per_task", "gpus_per_task") if kw[k] is not None]
+    if kw["executor"] != "ray" and ray_only:
+        raise NastyError(f"{ray_only[0]} applies to --executor ray only")
+    if kw["executor"] == "ray":  # before anything is loaded or trained: Ray installed, the cluster reachable
+        from .audit.ray_executor import RayExecutor
+        executor = RayExecutor(address=kw["address"], cpus_per_task=kw["cpus_per_task"] or 1,
+                               gpus_per_task=kw["gpus_per_task"] if kw["gpus_per_task"] is not None else 0.0)
     params: dict[str, dict] = {}
     for item in kw["params"]:
         key, value = parse_assignment(item, "--param", "ATTACK.KEY=VALUE (e.g. kd.temperature=8)")
@@ -465,7 +478,7 @@ def audit_cmd(**kw) -> int:
     if kw["force"] and out.is_dir() and any(out.iterdir()):
         check_replaceable(out, cfg)  # --force deletes only an old run, never an input or the current folder
     lock_out_dir(out, beside=True)  # one audit at a time in a folder
-    audit = run_audit(settings, out, force=kw["force"], log=_log, verbose=kw["verbose"])
+    audit = run_audit(settings, out, force=kw["force"], log=_log, verbose=kw["verbose"], executor=executor)
     headline = {"out_dir": str(out), "status": audit["status"], "gate": audit["gate"],
                 "targets": {g: {a: {k: v[k] for k in ("method", "rule", "status", "reason", "transferred_classes", "transferred_count")}
                                 for a, v in t["attacks"].items()} for g, t in audit["targets"].items()}}

@@ -276,4 +276,8 @@ def execute(plan: AuditPlan, out: Path, log: Callable[[str], None], verbose: boo
     runtime = {"seconds": ex.seconds, "runs_trained": ex.counts["trained"], "runs_reused": ex.counts["reused"],
                "teacher_samples_run": sum(forwarded.values()), "teacher_samples_cached": runner.cache.samples_run,
                "teacher_cache_hits": runner.cache.hits, "label_only_runs_reused": ex.counts["label_only_reused"]}
+    extra = getattr(executor, "runtime_facts", None)
+    if callable(extra):  # an executor training in other processes adds their teacher counts and names itself
+        for k, v in extra().items():
+            runtime[k] = runtime[k] + v if isinstance(runtime.get(k), int) and isinstance(v, int) else v
     return ex, {"teacher_pred": teacher_pred, "runtime": runtime}
