@@ -13,7 +13,6 @@ the command-level keys, and on the defense classes and the lock for the ``[defen
 from __future__ import annotations
 
 import copy
-import difflib
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from .errors import NastyError
 from .models import create_model
 from .models.locked import head_module
 from .params import Param
+from .registry import did_you_mean
 from .train import OPTIMIZERS, SCHEDULES, TrainConfig
 
 pos = lambda v: v > 0  # noqa: E731
@@ -106,11 +106,6 @@ def defaults() -> dict[str, dict[str, Any]]:
     return {sec: {k: copy.deepcopy(p.default) for k, p in keys.items()} for sec, keys in SCHEMA.items()}
 
 
-def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _check_value(where: str, param: Param, value: Any) -> Any:
     """Type and range of one value (see :class:`nasty.params.Param`); a ``train`` table key by key."""
     if param.kind == "train":
@@ -123,7 +118,7 @@ def _check_value(where: str, param: Param, value: Any) -> Any:
 def _train_param(where: str, key: str) -> Param:
     if key not in TRAIN_SCHEMA:
         source, sep, path = where.rpartition(": ")
-        raise NastyError(f"{source}{sep}unknown key {path}.{key}{_suggest(key, TRAIN_SCHEMA)}")
+        raise NastyError(f"{source}{sep}unknown key {path}.{key}{did_you_mean(key, TRAIN_SCHEMA)}")
     return TRAIN_SCHEMA[key]
 
 
@@ -134,12 +129,12 @@ def merge(base: dict, overrides: dict, source: str) -> dict:
         raise NastyError(f"{source}: a config must be a table of sections")
     for sec, table in overrides.items():
         if sec not in SCHEMA:
-            raise NastyError(f"{source}: unknown section [{sec}]{_suggest(sec, SCHEMA)}")
+            raise NastyError(f"{source}: unknown section [{sec}]{did_you_mean(sec, SCHEMA)}")
         if not isinstance(table, dict):
             raise NastyError(f"{source}: [{sec}] must be a table, got {table!r}")
         for key, value in table.items():
             if key not in SCHEMA[sec]:
-                raise NastyError(f"{source}: unknown key {sec}.{key}{_suggest(key, SCHEMA[sec])}")
+                raise NastyError(f"{source}: unknown key {sec}.{key}{did_you_mean(key, SCHEMA[sec])}")
             param = SCHEMA[sec][key]
             checked = _check_value(f"{source}: {sec}.{key}", param, value)
             if param.kind in ("train", "table"):

@@ -7,6 +7,8 @@ A :class:`Registry` is a ``dict`` from name to object whose failed lookups raise
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 import difflib
 import math
 import re
@@ -14,6 +16,12 @@ from typing import Any, Iterable
 
 from .errors import NastyError
 from .params import Param
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``options`` to ``name``, or ``""``: the one hint of every error."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class Registry(dict):
@@ -32,9 +40,7 @@ class Registry(dict):
     def lookup(self, name: str, also: Iterable[str] = ()) -> Any:
         """The object registered as ``name``; a one-line error with a suggestion otherwise."""
         if name not in self:
-            close = difflib.get_close_matches(name, [*self, *also], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NastyError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self))})")
+            raise NastyError(f"unknown {self.kind} {name!r}{did_you_mean(name, [*self, *also])} (known: {', '.join(sorted(self))})")
         return self[name]
 
     def summaries(self) -> dict[str, str]:
@@ -48,9 +54,8 @@ def with_defaults(owner: str, declared: dict[str, Any], given: dict[str, Any]) -
     given = {k: declared[k].validate(f"{owner} {k}", v) if isinstance(declared.get(k), Param) else v for k, v in given.items()}
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], list(defaults), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise NastyError(f"{owner} has no parameter {unknown[0]!r}{hint} (parameters: {', '.join(defaults) or 'none'})")
+        raise NastyError(f"{owner} has no parameter {unknown[0]!r}{did_you_mean(unknown[0], defaults)} "
+                         f"(parameters: {', '.join(defaults) or 'none'})")
     for k, v in given.items():
         check_param(owner, k, v, defaults[k])
     return {**defaults, **given}
@@ -106,3 +111,11 @@ def parse_assignment(item: str, flag: str, example: str = "KEY=VALUE") -> tuple[
     if not eq or not key.strip():
         raise NastyError(f"{flag} {item!r} is not {example}")
     return key.strip(), parse_value(flag, key.strip(), text)
+
+
+def import_all(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package (by name; ``_private`` ones excepted) so that their
+    ``@register_...`` decorators run: adding a model, attack or defense is one new file."""
+    for info in sorted(pkgutil.iter_modules(list(path)), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

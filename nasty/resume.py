@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +23,7 @@ import torch.nn as nn
 from .checkpoint import _signature, check_state_fits, load_state_file, save_state_file
 from .errors import NastyError
 from .frozen import Frozen
+from .registry import slug
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Checkpointing:
 
 def state_path(run_dir: str | Path, desc: str) -> Path:
     """Where ``fit(run_dir=..., desc=...)`` keeps its training state."""
-    return Path(run_dir) / f"train_state-{re.sub(r'[^A-Za-z0-9.]+', '-', desc).strip('-') or 'train'}.safetensors"
+    return Path(run_dir) / f"train_state-{slug(desc, 'train')}.safetensors"
 
 
 def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:

@@ -7,8 +7,9 @@ One module per attack; each registers a subclass of :class:`nasty.attacks.base.A
 from .base import ATTACKS, Attack, get_attack, register_attack
 from .run import PreparedAttack, can_share_pass, check_requirements, prepare_attack, run_attack, run_attacks_together
 
-# Importing an attack module registers its attacks.
-from . import attention, augavg, averager, copycat, ensemble, hint, kd, knockoff, rehead, scratch, skeptical, tllm, top1conf  # noqa: E402,F401
+from ..registry import import_all
+
+import_all(__name__, __path__)  # every attack module registers its attacks: a new attack is one new file
 
 __all__ = ["ATTACKS", "Attack", "PreparedAttack", "can_share_pass", "check_requirements", "get_attack", "prepare_attack",
            "register_attack", "run_attack", "run_attacks_together"]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import NastyError
+from ..registry import did_you_mean
 
 AUGMENTS = ("none", "mixup", "cutmix")
 
@@ -26,11 +27,7 @@ def parse_augment(spec: str | None) -> tuple[str, float]:
     """``"mixup:0.4"`` -> ``("mixup", 0.4)``; ``None``/``"none"`` -> ``("none", 0.0)``."""
     name, _, a = (spec or "none").partition(":")
     if name not in AUGMENTS:
-        import difflib
-
-        close = difflib.get_close_matches(name, AUGMENTS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise NastyError(f"unknown --augment {spec!r}{hint} (choose none, mixup or cutmix, optionally with :ALPHA)")
+        raise NastyError(f"unknown --augment {spec!r}{did_you_mean(name, AUGMENTS)} (choose none, mixup or cutmix, optionally with :ALPHA)")
     if name == "none":
         if a:
             raise NastyError("--augment none takes no argument")

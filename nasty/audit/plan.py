@@ -139,7 +139,7 @@ def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
     targets, sides, ref_sha = {"teacher": teacher}, {"teacher": side}, None
     if s.reference:
         ref, rside, ref_sha = _load_teacher(s.reference, data)
-        if any(abs(a - b) > 1e-6 for a, b in zip(rside["normalization"]["mean"] + rside["normalization"]["std"], norm[0] + norm[1])):
+        if any(abs(a - b) > 1e-6 for a, b in zip(sum(normalization(rside), []), norm[0] + norm[1])):
             raise NastyError(f"reference {s.reference} was trained with a different input normalization than the teacher; "
                              "audit them separately")
         targets["reference"], sides["reference"] = ref, rside
@@ -252,8 +252,7 @@ def _normalization_of_audit(folder: Path) -> list | None:
     """The input normalisation (its teacher's) under which an audit folder's students were trained."""
     try:
         teacher = json.loads((folder / CONFIG_FILE).read_text())["teacher"]
-        norm = read_sidecar(teacher)[1]["normalization"]
-        return [list(norm["mean"]), list(norm["std"])]
+        return list(normalization(read_sidecar(teacher)[1]))
     except (OSError, ValueError, KeyError, TypeError, NastyError):
         return None
 

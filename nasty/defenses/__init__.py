@@ -9,9 +9,10 @@ sit beside them. Going from data to a defended teacher is a pipeline: :mod:`nast
 from .base import (DEFENSES, PAPER_OMEGA, Defense, check_defense_keys, defense_params, get_defense, list_defenses, register_defense,
                    split_model_specs)
 
-# Importing a defense module registers its defenses.
-from . import budget, multi, nasty, selective  # noqa: E402,F401
-from .output import DefendedModel, parse_output_defense  # noqa: E402,F401
+from .output import DefendedModel, parse_output_defense
+from ..registry import import_all
+
+import_all(__name__, __path__)  # every defense module registers its defenses: a new defense is one new file
 
 __all__ = ["DEFENSES", "PAPER_OMEGA", "Defense", "DefendedModel", "check_defense_keys", "defense_params", "get_defense",
            "list_defenses", "parse_output_defense", "register_defense", "split_model_specs"]

@@ -30,7 +30,6 @@ their mean tempered distribution is the anchor.
 
 from __future__ import annotations
 
-import difflib
 from typing import ClassVar
 
 import torch
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import NastyError
 from ..params import Param
+from ..registry import did_you_mean
 from .base import register_defense
 from .nasty import NastyTeacher
 
@@ -58,9 +58,7 @@ def resolve_classes(names: list[str], classes: list[str]) -> list[int]:
                 raise NastyError(f"protected class index {i} is out of range (0..{len(classes) - 1})")
             out.add(i)
         else:
-            close = difflib.get_close_matches(name, classes, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NastyError(f"unknown class {name!r}{hint} (classes: {', '.join(classes)})")
+            raise NastyError(f"unknown class {name!r}{did_you_mean(name, classes)} (classes: {', '.join(classes)})")
     return sorted(out)
 
 

@@ -9,7 +9,8 @@ are its intermediate stages (used by feature distillation and auxiliary heads).
 
 from ._registry import create_model, list_models, model_doc, model_prefixes, model_spec, parse_model_spec, register_model
 
-# Importing a model file registers its models.
-from . import cnn, external, locked, mlp, mobilenetv2, resnet, shufflenetv2  # noqa: E402,F401
+from ..registry import import_all
+
+import_all(__name__, __path__)  # every model file registers its models: a new model is one new file
 
 __all__ = ["create_model", "list_models", "model_doc", "model_prefixes", "model_spec", "parse_model_spec", "register_model"]
