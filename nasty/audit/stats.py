@@ -124,32 +124,9 @@ def crossed(D: np.ndarray) -> tuple[float, float, float]:
     return g, float(v), float(df)
 
 
-def p_greater(est: float, se: float, df: float, margin: float) -> float:
-    """One-sided p-value of ``H0: true <= margin`` against ``true > margin``."""
-    if not (math.isfinite(se) and math.isfinite(df)):
-        return 1.0
-    if se == 0:
-        return 0.0 if est > margin else 1.0
-    return float(_t().t.sf((est - margin) / se, df))
-
-
-def t_quantile(q: float, df: float) -> float:
-    return float(_t().t.ppf(q, df))
-
-
-def power_at(delta: np.ndarray | float, se, df, alpha: float):
-    """Probability that a one-sided t-test at ``alpha`` rejects when the true effect is ``delta`` above the margin."""
-    st = _t()
-    se, df, delta = np.asarray(se, float), np.asarray(df, float), np.asarray(delta, float)
-    crit = st.t.ppf(1 - alpha, df)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        nc = np.where(se > 0, delta / np.where(se > 0, se, 1.0), np.where(delta > 0, np.inf, -np.inf))
-    out = np.where(np.isinf(nc), (nc > 0).astype(float), st.nct.sf(crit, df, np.where(np.isinf(nc), 0.0, nc)))
-    return out if out.ndim else float(out)
-
-
 def detectable_delta(se, df, alpha: float, power: float):
-    """Smallest ``delta`` (above the margin) with ``power_at(delta) >= power`` (vectorised bisection)."""
+    """Smallest ``delta`` (above the margin) at which a one-sided t-test at ``alpha`` rejects with probability
+    ``power``: ``P(T_{df, delta/se} > t_{1-alpha, df}) >= power`` (vectorised bisection)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return _detectable_delta(se, df, alpha, power)
