@@ -102,8 +102,8 @@ class RayExecutor:
             return False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats banner
         kw: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
-        if self.address is None:
-            kw["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+        if self.address is None:  # "local": a new instance here, even where RAY_ADDRESS names a cluster
+            kw.update(address="local", num_cpus=self.num_cpus or os.cpu_count() or 1)
         else:
             kw["address"] = self.address
         try:
