@@ -24,12 +24,14 @@ Ray is an optional extra (``pip install 'nasty[ray]'``); this module imports it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -46,6 +48,8 @@ ENV_PASSED = ("NASTY_DATA_ROOT", "NASTY_DEBUG", "NASTY_DDP_BACKEND")  # what a w
 
 def import_ray():
     """The ``ray`` module, or a one-line :class:`NastyError` saying how to install it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats banner
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # no C++ warnings on stderr while Ray retries a connection
     try:
         import ray
     except ImportError:
@@ -100,18 +104,20 @@ class RayExecutor:
         ray = self.ray
         if ray.is_initialized():
             return False
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats banner
         kw: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
         if self.address is None:  # "local": a new instance here, even where RAY_ADDRESS names a cluster
             kw.update(address="local", num_cpus=self.num_cpus or os.cpu_count() or 1)
         else:
             kw["address"] = self.address
         try:
-            ray.init(**kw)
+            with _stderr_to_devnull():  # Ray's C++ client warns on fd 2 while it retries; its daemons inherit the quiet fd
+                ray.init(**kw)
         except Exception as e:  # noqa: BLE001  (ConnectionError, RuntimeError, ValueError: all one line)
             where = f"at {self.address}" if self.address else "on this machine"
+            hint = "" if self.address is None or os.environ.get("RAY_AUTH_MODE") else \
+                " (a cluster with token authentication needs RAY_AUTH_MODE=token and its token; see docs/distributed.md)"
             raise NastyError(f"could not start or join Ray {where}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                             f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from None
         return True
 
     def runtime_facts(self) -> dict:
@@ -197,6 +203,19 @@ class RayExecutor:
             elif jk in trained:
                 raise AuditIncomplete(f"{job.label()} was trained on Ray host {res.get('host', '?')} but its run is not "
                                       f"in {job.dir(out)}: the audit folder must be on a filesystem every node sees")
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _describe(unit: list[tuple[Job, str]]) -> str:
