@@ -524,10 +524,13 @@ class _Finite(click.ParamType):
         return self.inner.get_metavar(*a, **k)
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        v = self.inner.convert(value, param, ctx)
-        if isinstance(v, float) and not math.isfinite(v):
+        try:  # first, so that a range (FloatRange) does not answer "-inf is not in the range" instead
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return v
+        return self.inner.convert(value, param, ctx)
 
 
 def _finite_floats(group: click.Group) -> None:
