@@ -18,6 +18,7 @@ import click
 from . import config, distributed
 from .attacks import ATTACKS
 from .audit.render import render_html, render_markdown, terminal_table, write_reports
+from .audit.plan import AUDIT_PARAMS
 from .audit.run import AuditSettings, run_audit
 from .audit.schema import load_audit
 from .checkpoint import (atomic_write_json, check_compatible, load_checkpoint, load_legacy_state, read_legacy_state_dict, read_sidecar,
@@ -396,32 +397,14 @@ def defenses_cmd(as_json: bool) -> None:
 
 
 AUDIT_DATA_TRAIN = _declared("data", ("dataset", "data_root", "download", "train_subset")) + _declared("train", TRAIN_KEYS[:-2] + ("deterministic",))
+AUDIT_OPTIONS = [("audit", k, p) for k, p in AUDIT_PARAMS.items()]
 
 
 @cli.command("audit")
 @click.argument("teacher", type=click.Path())
 @click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML config: its [data] and [train] set the thief's data and training.")
 @_generated(AUDIT_DATA_TRAIN)
-@click.option("--attacks", default="all", show_default=True, help="Comma-separated attacks (see `nasty attacks`) or 'all'.")
-@click.option("--students", default="mlp", show_default=True, help="Comma-separated student architectures.")
-@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Training seeds per attack and student (0..N-1); fewer than 5 gives approximate intervals, 1 unreliable ones.")
-@click.option("--reference", type=click.Path(), help="An undefended teacher of the same task, attacked the same way.")
-@click.option("--query", default="logits", show_default=True, help="What the teacher exposes: logits, probs, topk:K, label, weights.")
-@click.option("--surrogate", help="Label-free attacks (copycat, knockoff) query the teacher on this dataset's images.")
-@click.option("--queries", type=click.IntRange(min=1), help="Query budget of the label-free attacks (a fixed seeded subset of their images).")
-@click.option("--output-defense", help="The teacher answers through this output defense, e.g. topk:2 or reverse-sigmoid (not the reference).")
-@click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True, help="Training seeds are FIRST..FIRST+SEEDS-1.")
-@click.option("--baselines-from", multiple=True, type=click.Path(file_okay=False),
-              help="Reuse the baseline runs of another audit of the same task (checked run by run; repeatable).")
-@click.option("--fuse/--no-fuse", default=True, show_default=True, help="Train the single-pass attacks of one seed together, in one pass over the data.")
-@click.option("--margin", type=float, default=0.0, show_default=True, help="Gain rule: tested gain > MARGIN points over both baselines, in [-100, 100).")
-@click.option("--fidelity", type=float, default=0.9, show_default=True, help="Fidelity rule (label-free attacks): fraction of the teacher's class accuracy.")
-@click.option("--fail-on", type=int, help="Exit 1 when an attack transfers more than N classes.")
-@click.option("--correction", type=click.Choice(["holm", "bh", "none"]), default="holm", show_default=True,
-              help="Multiple-comparison control over the classes and students of each attack (Holm: family-wise; bh: false discovery rate).")
-@click.option("--power", type=float, default=0.8, show_default=True, help="Power at which the detectable gain of an untransferred class is reported.")
-@click.option("--safe-below", type=float, help="A class not transferred is 'safe at this power' only when its detectable gain is below this (points).")
+@_generated(AUDIT_OPTIONS)
 @click.option("--bootstrap", type=click.IntRange(min=100), default=None, hidden=True,
               help="Ignored since audit.json schema 2 (the intervals are analytic); still checked (>= 100) for old scripts.")
 @click.option("--param", "params", multiple=True, help="Attack parameter ATTACK.KEY=VALUE (repeatable), e.g. kd.temperature=8.")
@@ -442,6 +425,8 @@ def audit_cmd(**kw) -> int:
     Exit codes: 0 ok, 1 an attack transfers more than --fail-on classes, 2 bad input, 3 incomplete.
     """
 
+    given = {key: option_value(key, p, kw[f"audit__{key}"]) for _, key, p in AUDIT_OPTIONS}
+    given = {key: p.validate(p.flag_name(key), given[key]) for _, key, p in AUDIT_OPTIONS if given[key] is not None}  # up front
     executor = None
     ray_only = [f"--{k.replace('_', '-')}" for k in ("address", "cpus_per_task", "gpus_per_task") if kw[k] is not None]
     if kw["executor"] != "ray" and ray_only:
@@ -466,13 +451,8 @@ def audit_cmd(**kw) -> int:
             if data_over.get(k) is None and v is not None:
                 data_over[k] = v
     cfg = config.load_config(kw["config"], over)
-    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
-    settings = AuditSettings(teacher=kw["teacher"], cfg=cfg, attacks=split(kw["attacks"]), students=split(kw["students"]),
-                             seeds=kw["seeds"], reference=kw["reference"], query=kw["query"], margin=kw["margin"],
-                             fidelity=kw["fidelity"], fail_on=kw["fail_on"], n_boot=kw["bootstrap"], params=params,
-                             correction=kw["correction"], power=kw["power"], safe_below=kw["safe_below"],
-                             surrogate=kw["surrogate"], queries=kw["queries"], output_defense=kw["output_defense"], fuse=kw["fuse"],
-                             first_seed=kw["first_seed"], baselines_from=list(kw["baselines_from"]))
+    settings = AuditSettings(teacher=kw["teacher"], cfg=cfg, n_boot=kw["bootstrap"], params=params,
+                             **{k: v for k, v in given.items() if v is not None})
     teacher_dir = Path(kw["teacher"]).parent if Path(kw["teacher"]).suffix else Path(kw["teacher"])
     out = Path(kw["out"]) if kw["out"] else Path("runs") / f"audit-{slug(teacher_dir.resolve().name)}"
     if kw["force"] and out.is_dir() and any(out.iterdir()):

@@ -131,9 +131,11 @@ def click_option(key: str, param: Param, dest: str | None = None) -> Callable:
     declaration when the config is built (:func:`nasty.cli` calls :meth:`Param.validate` with the flag)."""
     flag = param.flag_name(key)
     base = param.kind.rstrip("?")
-    kw: dict[str, Any] = {"help": param.help, "default": None}
+    kw: dict[str, Any] = {"help": param.help + _default_text(param), "default": None}
     if param.metavar:
         kw["metavar"] = param.metavar
+    if base == "bool" and param.default is True:  # on by default: --x/--no-x
+        return click.option(f"{flag}/--no-{flag[2:]}", dest or key, help=param.help + _default_text(param), default=None)
     if base == "bool":
         kw.update(is_flag=True)
     elif base == "int":
@@ -145,6 +147,16 @@ def click_option(key: str, param: Param, dest: str | None = None) -> Callable:
     elif param.choices:  # checked by the declaration (one message for the CLI, config files and Python)
         kw.setdefault("metavar", "[" + "|".join(param.choices) + "]")
     return click.option(flag, dest or key, **kw)
+
+
+def _default_text(param: Param) -> str:
+    """``"  [default: 5]"`` for the help text (nothing for an empty or false default)."""
+    d = param.default
+    if d is None or d is False or d == [] or d == {}:
+        return ""
+    text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in d) if isinstance(d, list) else \
+        ("yes" if d is True else f"{d:g}" if isinstance(d, float) else str(d))
+    return f"  [default: {text}]"
 
 
 def option_value(key: str, param: Param, value: Any) -> Any:
