@@ -17,27 +17,23 @@ import click
 
 from . import config, distributed
 from .attacks import ATTACKS
-from .audit.render import render_html, render_markdown, terminal_table, write_reports
 from .audit.plan import AUDIT_PARAMS
+from .audit.render import render_html, render_markdown, terminal_table, write_reports
 from .audit.run import AuditSettings, run_audit
 from .audit.schema import load_audit
-from .checkpoint import (atomic_write_json, check_compatible, load_checkpoint, load_legacy_state, read_legacy_state_dict, read_sidecar,
-                         save_checkpoint, split_settings)
-from .data import list_datasets, load_dataset
+from .checkpoint import atomic_write_json, load_checkpoint, read_sidecar, split_settings
+from .data import list_datasets
 from .defenses import list_defenses
-from .defenses.lock import LOCK_PARAMS
 from .errors import NastyError
 from .export import export_cmd
-from .metrics import evaluate
 from .models import list_models, model_doc, model_prefixes
 from .params import Param, click_option, option_value
 from .pipelines.attack import plan_attack, run_attack_plan
-from .pipelines.common import normalization
-from .pipelines.defended import lock_job, train_defended
+from .pipelines.checkpoints import convert_job, eval_job, lock_job
+from .pipelines.defended import train_defended
 from .registry import parse_assignment, slug
 from .resume import Checkpointing, first_difference
-from .runs import (check_replaceable, clean_leftovers, data_from_config, has_content, lock_out_dir, new_model, prepare_out_dir,
-                   save_model, test_metrics, train_normal)
+from .runs import check_replaceable, clean_leftovers, data_from_config, has_content, lock_out_dir, prepare_out_dir, train_normal
 
 
 def _log(msg: str) -> None:
@@ -275,16 +271,8 @@ def _explicit_query(kw: dict) -> bool:
 @click.option("--json", "as_json", is_flag=True)
 def lock_cmd(decision: str, nasty_part: str, lock_rule: str, lock_margin: float, out: str, force: bool, as_json: bool) -> None:
     """Lock an existing nasty network to a normal model's decisions (one two-net artifact)."""
-    LOCK_PARAMS["lock_margin"].validate("--lock-margin", lock_margin)
-    model, side, nside = lock_job(decision, nasty_part, lock_rule, lock_margin)
-    folder = prepare_out_dir(out, force, "locked")
-    norm = side["normalization"]
-    save_checkpoint(folder, model, classes=side["classes"], input_shape=tuple(side["input_shape"]), mean=norm["mean"], std=norm["std"],
-                    dataset=side["dataset"], config={"lock": {"decision": str(decision), "nasty": str(nasty_part)}},
-                    extra={"defense": nside.get("defense", {"name": "locked"}), "lock": {"decision": str(decision), "nasty": str(nasty_part),
-                                                                                          "rule": lock_rule, "margin": lock_margin}})
-    res = {"checkpoint": str(folder), "decision": str(decision), "nasty": str(nasty_part), "lock_rule": lock_rule}
-    _emit(res, as_json, lambda: click.echo(f"locked teacher -> {folder} (decisions from {decision}, soft outputs from {nasty_part})"))
+    res = lock_job(decision, nasty_part, out, rule=lock_rule, margin=lock_margin, force=force)
+    _emit(res, as_json, lambda: click.echo(f"locked teacher -> {res['checkpoint']} (decisions from {decision}, soft outputs from {nasty_part})"))
 
 
 @cli.command("eval")
@@ -295,18 +283,10 @@ def lock_cmd(decision: str, nasty_part: str, lock_rule: str, lock_margin: float,
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(checkpoint: str, dataset: str | None, data_root: str | None, split: str, as_json: bool) -> None:
     """Overall and per-class accuracy and the confusion matrix of a checkpoint."""
-    model, side = load_checkpoint(checkpoint)
-    name = dataset or side["dataset"]
-    split_cfg = split_settings(side)  # type-checked: the sidecar may be hostile
-    data = load_dataset(name, data_root or split_cfg["data_root"], val_fraction=split_cfg["val_fraction"],
-                        split_seed=split_cfg["split_seed"],
-                        normalization=normalization(side))
-    check_compatible(side, data)
-    x, y = data.split(split)
-    res = {"checkpoint": checkpoint, "dataset": name, "split": split, "classes": data.classes, **evaluate(model, x, y, data.num_classes)}
+    res, data = eval_job(checkpoint, dataset, data_root, split)
 
     def human() -> None:
-        click.echo(f"{name} {split}: accuracy {res['accuracy']:.2f}% on {res['n']} images")
+        click.echo(f"{res['dataset']} {split}: accuracy {res['accuracy']:.2f}% on {res['n']} images")
         width = max(len(c) for c in data.classes)
         for c, acc in zip(data.classes, res["per_class_accuracy"]):
             click.echo(f"  {c:<{width}}  {'n/a' if acc is None else f'{acc:6.2f}%'}")
@@ -335,30 +315,8 @@ def convert_cmd(source: str, model_spec: str, dataset: str, data_root: str | Non
     The file is read with torch.load(weights_only=True) only, which refuses any pickle that would
     call code; this is the one place nasty reads a pickle-based file.
     """
-    def floats(name: str, text: str) -> list[float]:
-        try:
-            vals = [float(v) for v in text.split(",")]
-        except ValueError:
-            raise NastyError(f"{name} must be comma-separated numbers, got {text!r}") from None
-        if not all(v == v and abs(v) != float("inf") for v in vals):
-            raise NastyError(f"{name} must be finite numbers, got {text!r}")
-        return vals
-
-    if (mean is None) != (std is None):
-        raise NastyError("--mean and --std go together")
-    norm = (floats("--mean", mean), floats("--std", std)) if mean is not None and std is not None else None
-    if norm and not all(v > 0 for v in norm[1]):
-        raise NastyError("--std must be positive")
-    state = read_legacy_state_dict(source, key)  # refuses hostile pickles before anything else happens
-    cfg = config.load_config(None, {"data": {"dataset": dataset, "data_root": data_root}, "model": {"name": model_spec}})
-    data = data_from_config(cfg, normalization=norm)
-    model = new_model(model_spec, data)
-    info = load_legacy_state(model, state, source)
-    folder = prepare_out_dir(out, force, "converted")
-    metrics = {"test": test_metrics(model, data)}
-    save_model(folder, model, data, cfg, metrics, extra={"converted": info})
-    result = {"checkpoint": str(folder), "accuracy": metrics["test"]["accuracy"], **info}
-    _emit(result, as_json, lambda: click.echo(f"converted {source} -> {folder} (test accuracy {result['accuracy']:.2f}% on {data.name})"))
+    result, data = convert_job(source, model_spec, out, dataset=dataset, data_root=data_root, key=key, mean=mean, std=std, force=force)
+    _emit(result, as_json, lambda: click.echo(f"converted {source} -> {result['checkpoint']} (test accuracy {result['accuracy']:.2f}% on {data.name})"))
 
 
 @cli.command("models")

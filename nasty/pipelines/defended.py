@@ -4,7 +4,7 @@ Stages: check the settings (before anything trains) -> the normal adversaries (g
 trained here) -> one defended candidate per strength (a nasty head on the normal model's features, a
 nasty network beside it, or the paper's single network) -> the strength chosen on the validation
 split by plain KD and the adaptive re-head attack (:func:`choose_strength`; the test split is never
-read) -> the KD probe -> ``result.json`` with the verdict. ``lock_job`` is ``nasty lock``.
+read) -> the KD probe -> ``result.json`` with the verdict.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..attacks import run_attack
-from ..checkpoint import atomic_write_json, load_checkpoint, read_sidecar
+from ..checkpoint import atomic_write_json, read_sidecar
 from ..config import train_config
 from ..data import stratified_indices
 from ..defenses import PAPER_OMEGA, get_defense, split_model_specs
@@ -28,7 +28,6 @@ from ..defenses.selective import split_accuracy
 from ..errors import NastyError
 from ..metrics import served_quality
 from ..models import model_spec, parse_model_spec
-from ..models.locked import LockedTeacher
 from ..registry import slug
 from ..resume import Checkpointing
 from ..runs import data_from_config, new_model, save_model, test_metrics, train_normal
@@ -267,30 +266,3 @@ def choose_strength(candidates: list[tuple[float, nn.Module]], cfg: dict, data, 
             "; ".join(f"{m} " + ", ".join(f"{s} {g:+.2f}" for s, g in gm.items()) for m, gm in gains.items()))
     best = min(range(len(table)), key=lambda i: (table[i]["worst_gain"], table[i]["omega"]))
     return best, table
-
-
-def lock_job(decision_path: str, nasty_path: str, lock: str = "swap", margin: float = 0.0) -> tuple[LockedTeacher, dict, dict]:
-    """A two-net lock from two existing checkpoints (e.g. a nasty teacher trained with ``--lock none``
-    and the normal model it was trained against). Both must agree on classes, input shape and
-    normalisation, and neither may already be locked; returns the model and both sidecars."""
-    sides = {}
-    for what, path in (("decision", decision_path), ("nasty", nasty_path)):
-        _, side = read_sidecar(path)
-        if describe_lock(side):
-            raise NastyError(f"{path} is {describe_lock(side)}; a lock needs two plain models")
-        sides[what] = side
-    d, n = sides["decision"], sides["nasty"]
-    for key, label in (("classes", "classes"), ("input_shape", "input shape"), ("normalization", "normalisation")):
-        if d[key] != n[key]:
-            raise NastyError(f"the decision model ({decision_path}) and the nasty part ({nasty_path}) disagree on {label}: "
-                             f"{d[key]} vs {n[key]}")
-    decision, _ = load_checkpoint(decision_path)
-    nasty, _ = load_checkpoint(nasty_path)
-
-    class _Data:  # what assemble needs of a dataset
-        classes = d["classes"]
-        num_classes = len(d["classes"])
-        in_channels = d["input_shape"][0]
-        image_size = tuple(d["input_shape"][1:])
-
-    return assemble(decision, nasty, _Data, "two-net", {"lock_rule": lock, "lock_margin": margin}), d, n
