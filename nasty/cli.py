@@ -79,7 +79,6 @@ def _generated(decl: list[tuple[str, str, Param]]):
     def deco(f):
         for sec, key, p in reversed(decl):
             f = click_option(key, p, dest=f"{sec.replace('.', '_')}__{key}")(f)
-        f.__nasty_declared__ = getattr(f, "__nasty_declared__", []) + decl
         return f
 
     return deco
@@ -101,12 +100,14 @@ def _overrides(kw: dict, decl: list[tuple[str, str, Param]]) -> dict:
     return over
 
 
+COMMON_OPTIONS = _declared("data", DATA_KEYS) + _declared("model") + _declared("train", TRAIN_KEYS)
+
+
 def _common(f):
     """Options shared by the training commands: the config file, data, model, training, run folder."""
-    decl = _declared("data", DATA_KEYS) + _declared("model") + _declared("train", TRAIN_KEYS)
     opts = [
         click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML config (one experiment); flags override it."),
-        _generated(decl),
+        _generated(COMMON_OPTIONS),
         click.option("--out", type=click.Path(file_okay=False), help="Output directory (one run = one directory)."),
         click.option("--force", is_flag=True, help="Overwrite a non-empty --out."),
         click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same options) from its last completed epoch."),
@@ -119,7 +120,7 @@ def _common(f):
 
 def _load(kw: dict, extra: dict | None = None) -> dict:
     """The resolved config of a command: defaults, then ``--config``, then the generated options and ``extra``."""
-    over = _overrides(kw, _declared("data", DATA_KEYS) + _declared("model") + _declared("train", TRAIN_KEYS))
+    over = _overrides(kw, COMMON_OPTIONS)
     for sec, table in (extra or {}).items():
         over.setdefault(sec, {}).update({k: v for k, v in table.items() if v is not None})
     return config.load_config(kw.get("config"), over)

@@ -9,6 +9,10 @@ training sample's output once. Outputs are shared at two wider scopes, with the 
   (augmented) batch share one forward pass (:class:`StepMemo`);
 - across runs: an audit's :class:`TeacherOutputCache` answers every run's un-augmented training images
   and the test split once.
+
+Within a process the key is the queried objects' identity; across processes (a resumed training) a
+frozen network is recognised by the SHA-256 of its weights and of how it is queried
+(:meth:`Frozen.identity`), so a resumed run refuses a different adversary or teacher.
 """
 
 from __future__ import annotations
