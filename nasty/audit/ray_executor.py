@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AuditIncomplete, NastyError, TrainingDiverged
+from ..frozen import TeacherOutputCache
 from .execute import Execution, Runner, load_run
 from .plan import AuditPlan, AuditSettings, Job, plan_audit
 
@@ -234,16 +235,17 @@ def _rebuild_error(err: dict, host: str) -> Exception:
 
 # ---------------------------------------------------------------------- the worker
 
-_PLANS: dict[str, AuditPlan] = {}
+_PLANS: dict[str, tuple[AuditPlan, TeacherOutputCache]] = {}
 
 
-def _plan_for(s: AuditSettings) -> AuditPlan:
-    """The plan of these settings, built once per worker process (data and teachers loaded once)."""
+def _plan_for(s: AuditSettings) -> tuple[AuditPlan, TeacherOutputCache]:
+    """The plan of these settings and a cache of its teachers' outputs, built once per worker process
+    (data and teachers loaded once; the tasks of one worker share the cache as the local executor's units do)."""
     key = json.dumps([dataclasses.asdict(s), os.getcwd(), {k: os.environ.get(k) for k in ENV_PASSED}],
                      sort_keys=True, default=str)
     if key not in _PLANS:
         _PLANS.clear()  # one audit at a time per worker: do not keep an old audit's data in memory
-        _PLANS[key] = plan_audit(s, log=lambda m: None)
+        _PLANS[key] = (plan_audit(s, log=lambda m: None), TeacherOutputCache())
     return _PLANS[key]
 
 
@@ -264,7 +266,8 @@ def _run_unit_task(s: AuditSettings, out: str, unit: list[tuple[Job, str]], ctx:
     t0 = time.perf_counter()
     hooks: list = []
     try:
-        plan = _plan_for(s)
+        plan, cache = _plan_for(s)
+        cached0, hits0 = cache.samples_run, cache.hits
         for k, v in ctx["expect"].items():
             if plan.config[k] != v:
                 raise NastyError(f"the Ray worker on {host} sees another {k.replace('_sha256', '')} than the driver "
@@ -285,6 +288,7 @@ def _run_unit_task(s: AuditSettings, out: str, unit: list[tuple[Job, str]], ctx:
         hooks = [m.register_forward_pre_hook(lambda mod, inp: forwarded.__setitem__(0, forwarded[0] + len(inp[0])))
                  for m in plan.targets.values()]
         runner = Runner(plan, outp, ex, lines.append, ctx["verbose"])
+        runner.cache = cache
         runner.run_unit(unit)
     except Exception as e:  # noqa: BLE001  (sent back as facts; the driver raises it as the local executor would)
         err = {"type": type(e).__name__, "message": str(e)}
@@ -299,7 +303,7 @@ def _run_unit_task(s: AuditSettings, out: str, unit: list[tuple[Job, str]], ctx:
         "skipped_students": [[g, m, st, why] for (g, m), per in ex.skipped_students.items() for st, why in per.items()],
         "failed": [[g, m, why] for (g, m), whys in ex.failed.items() for why in whys],
         "counts": {k: int(v) for k, v in ex.counts.items()},
-        "teacher": {"teacher_samples_run": forwarded[0], "teacher_samples_cached": runner.cache.samples_run,
-                    "teacher_cache_hits": runner.cache.hits},
+        "teacher": {"teacher_samples_run": forwarded[0], "teacher_samples_cached": cache.samples_run - cached0,
+                    "teacher_cache_hits": cache.hits - hits0},
         "log": lines, "host": host, "pid": os.getpid(), "seconds": time.perf_counter() - t0,
     }
