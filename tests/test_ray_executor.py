@@ -142,3 +142,25 @@ def test_bad_ray_options_one_line(run_cli, teacher_ckpt, tmp_path, extra, messag
     assert rc == 2 and out == "", err
     assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "a").exists()
+
+
+def test_worker_error_is_one_line(run_cli, teacher_ckpt, tmp_path):
+    """An attack registered in the driver's process only is unknown to the workers: the worker's error comes
+    back as the same one-line error (exit 2), the remaining tasks are cancelled and Ray is shut down."""
+    ray = pytest.importorskip("ray")
+    from nasty.attacks import ATTACKS, register_attack
+    from nasty.attacks.kd import KD
+
+    class DriverOnly(KD):
+        name = "test-driver-only"
+        summary = "KD, registered in the test process only"
+
+    register_attack(DriverOnly)
+    try:
+        rc, out, err = run_cli("audit", teacher_ckpt, *TINY[2:], "--attacks", "kd,test-driver-only", "--out", tmp_path / "a",
+                               "--executor", "ray")
+    finally:
+        ATTACKS.pop(DriverOnly.name, None)
+    lines = [ln for ln in err.splitlines() if not ln.startswith("[audit]")]
+    assert rc == 2 and out == "" and len(lines) == 1 and "test-driver-only" in lines[0], err
+    assert not ray.is_initialized()

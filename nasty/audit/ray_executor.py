@@ -170,9 +170,11 @@ class RayExecutor:
                 i = index[done[0]]
                 try:
                     res = ray.get(done[0])
-                except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) after Ray's retries
-                    raise AuditIncomplete(f"a Ray task ({_describe(units[i])}) died: {type(e).__name__}: "
-                                          f"{str(e).splitlines()[0] if str(e) else ''}; finished runs are saved, re-run to resume") from None
+                except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) or could not run the task
+                    cause = getattr(e, "cause", None) or e  # e.g. nasty not installed on that node
+                    raise AuditIncomplete(f"a Ray task ({_describe(units[i])}) failed: {type(cause).__name__}: "
+                                          f"{str(cause).splitlines()[0] if str(cause) else ''}; finished runs are saved, "
+                                          "re-run to resume") from None
                 results[i] = res
                 for line in res.get("log", []):
                     log(line)
@@ -180,7 +182,10 @@ class RayExecutor:
                     raise _rebuild_error(res["error"], res.get("host", "?"))
         finally:
             for r in waiting:  # an error stops the rest, as it stops the local executor
-                ray.cancel(r, force=True)
+                try:
+                    ray.cancel(r, force=True)
+                except Exception:  # noqa: BLE001  (already finished or gone: nothing to stop)
+                    pass
         for u, res in zip(units, results):  # merge in the units' order: the same order as the local executor
             self._merge(plan, out, ex, u, res)
 
