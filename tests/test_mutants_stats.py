@@ -21,6 +21,17 @@ def test_crossed_one_cell_has_no_variance():
         assert g == pytest.approx(0.7) and math.isnan(v) and math.isnan(df)
 
 
+def test_crossed_two_cells():
+    """One seed and two samples, or two seeds and one sample, already have a variance (df 1)."""
+    assert stats.crossed(np.array([[1.0, 0.0]])) == (0.5, pytest.approx(0.5 / 2), 1.0)
+    assert stats.crossed(np.array([[1.0], [3.0]])) == (2.0, pytest.approx(2.0 / 2), 1.0)
+
+
+def test_crossed_equal_item_and_residual_terms_use_seed_df():
+    """MS_I = MS_E exactly (0.25 each): no shared test-sample variance, so df = S - 1, not Satterthwaite's 1/3."""
+    assert stats.crossed(np.array([[0.0, 1.0], [0.0, 0.0]])) == (0.25, pytest.approx(0.0625), 1.0)
+
+
 def test_crossed_vector_is_one_seed():
     assert stats.crossed(np.array([1, 0, 1, 1])) == stats.crossed(np.array([[1, 0, 1, 1]]))
     assert stats.crossed(np.array([1, 0, 1, 1])) == (pytest.approx(0.75), pytest.approx(0.25 / 4), 3.0)
@@ -81,7 +92,7 @@ def test_iut_power_is_the_product_of_the_comparisons():
     got = stats.iut_power(3.0, [(0.0, 1.5, 8.0), (1.0, 2.0, 5.0)], 0.01)
     assert got == pytest.approx(p1 * p2)
     # a comparison without noise (se 0) rejects exactly when the gain plus its head start is positive
-    assert stats.iut_power(np.array([0.5, -0.5]), [(0.0, 0.0, 4.0)], 0.01).tolist() == [1.0, 0.0]
+    assert stats.iut_power(np.array([0.5, 0.0, -0.5]), [(0.0, 0.0, 4.0)], 0.01).tolist() == [1.0, 0.0, 0.0]
     assert stats.iut_power(0.5, [(0.0, np.array(0.0), np.array(4.0)), (-1.0, 0.0, 4.0)], 0.01) == 0.0
 
 
@@ -120,7 +131,7 @@ def test_reliability_labels(seeds, label):
 
 def test_adjust_edges():
     assert stats.adjust([], "holm") == [] and stats.adjust([None, None], "bh") == [None, None]
-    assert stats.adjust([0.5, 0.6], "holm") == [1.0, 1.0]  # capped at 1
+    assert stats.adjust([0.6, 0.7], "holm") == [1.0, 1.0]  # 2 x 0.6 capped at 1
     assert stats.adjust([0.01, 0.02, 0.03], "holm") == [pytest.approx(0.03), pytest.approx(0.04), pytest.approx(0.04)]
     assert stats.adjust([0.01, 0.02, 0.03], "bh") == [pytest.approx(0.03)] * 3
     assert stats.adjust([0.9, 0.95], "bh") == [pytest.approx(0.95), pytest.approx(0.95)]
@@ -243,8 +254,8 @@ def test_tied_baselines_prefer_the_first_named():
 
 
 def test_fidelity_row_matches_the_reference():
-    y, attack, scratch, _, teacher = _matrices(4)
-    rows = stats.class_decisions(y, attack, {"scratch": scratch}, teacher, num_classes=2, rule="fidelity", fidelity=0.8,
+    y, attack, scratch, _, teacher = _matrices(4, C=3)
+    rows = stats.class_decisions(y, attack, {"scratch": scratch}, teacher, num_classes=3, rule="fidelity", fidelity=0.8,
                                  correction="none")
     for c, r in enumerate(rows):
         idx = y == c
@@ -258,6 +269,8 @@ def test_fidelity_row_matches_the_reference():
         p = st.t.sf(d / math.sqrt(v), df)
         assert r["p_value"] == pytest.approx(p) and r["transferred"] == (p < 0.025)
         assert r["se"] == pytest.approx(math.sqrt(v) / t.mean()) and r["df"] == pytest.approx(df)
+        if not r["transferred"]:
+            assert r["detectable"] == pytest.approx(0.8 + stats.detectable_delta(r["se"], r["df"], 0.025, 0.8))
 
 
 def test_fidelity_without_noise():
@@ -368,3 +381,81 @@ def test_decide_family_fidelity_detectable_is_fidelity_plus_delta():
 def test_correctness():
     assert stats.correctness(np.array([[1, 2, 3], [1, 0, 3]]), np.array([1, 2, 0])).tolist() == [[1, 1, 0], [1, 0, 0]]
     assert stats.correctness(np.array([4, 5]), np.array([4, 4])).dtype == np.uint8
+
+
+def test_defaults_are_margin_zero_and_later_classes_survive_an_absent_one():
+    """Without ``margin`` the bar is zero; a class with no test sample in the middle leaves the later ones decided."""
+    y, attack, scratch, _, teacher = _matrices(5, C=3)
+    keep = y != 1
+    y, attack, scratch, teacher = y[keep], attack[:, keep], scratch[:, keep], teacher[keep]
+    rows = stats.class_decisions(y, attack, {"scratch": scratch}, teacher, num_classes=3)
+    assert rows[1]["n"] == 0 and rows[2]["n"] == 60 and rows[2]["gain"] is not None
+    a, b = attack[:, y == 2].astype(float), scratch[:, y == 2].astype(float)
+    _, p = _ref_gain(a, [b], 0.0)
+    assert rows[2]["p_value"] == pytest.approx(p)
+
+
+def test_fidelity_defined_for_a_teacher_right_on_few_samples():
+    """A teacher right on 1 of 200 samples (0.5%) still has a fidelity ratio; only 0% has none."""
+    y = np.zeros(200, int)
+    teacher = np.zeros(200, np.uint8)
+    teacher[0] = 1
+    attack = np.stack([teacher] * 2)
+    r = stats.class_decisions(y, attack, {"scratch": attack}, teacher, num_classes=1)[0]
+    assert r["teacher_accuracy"] == 0.5 and r["fidelity"] == pytest.approx(1.0)
+
+
+def test_class_decisions_passes_its_settings_to_the_decision():
+    """margin, power, alpha and --safe-below given to class_decisions are the ones the decision and the
+    detectable gain use (not the defaults)."""
+    y, attack, scratch, smooth, teacher = _matrices(6, C=3)
+    rows = stats.class_decisions(y, attack, {"scratch": scratch, "label-smoothing": smooth}, teacher, num_classes=3,
+                                 margin=20.0, power=0.9, alpha=0.05, correction="none", safe_below=25.0)
+    assert not any(r["transferred"] for r in rows)
+    for r in rows:
+        delta = r["detectable"] - 20.0
+        assert stats.iut_power(delta, stats.power_parts(r), 0.05) == pytest.approx(0.9, abs=1e-6)
+        assert r["safe"] == (r["detectable"] < 25.0)
+
+
+def test_undecided_rows_and_absent_class_layout():
+    """decide=False leaves every row untransferred with no adjusted p-value; an absent class has exactly the
+    documented empty row."""
+    y = np.zeros(20, int)
+    rows = stats.class_decisions(y, np.ones((2, 20), np.uint8), {"scratch": np.zeros((2, 20), np.uint8)}, np.ones(20),
+                                 num_classes=2, decide=False)
+    assert rows[0]["transferred"] is False and "p_adjusted" not in rows[0] and rows[0]["p_value"] == 0.0
+    assert rows[1] == {"class": 1, "n": 0, "accuracy": None, "baseline": None, "baseline_accuracy": None, "gain": None,
+                       "gain_ci": [None, None], "teacher_accuracy": None, "fidelity": None, "fidelity_ci": [None, None],
+                       "p_value": None, "p_adjusted": None, "transferred": False, "detectable": None, "safe": None,
+                       "interval": "approximate"}
+
+
+def test_small_standard_error_still_gives_an_interval():
+    """A standard error below one point (many samples, steady seeds) still widens the interval around the gain."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    y = np.zeros(n, int)
+    base = (rng.random((5, n)) < 0.7).astype(np.uint8)
+    attack = base.copy()
+    attack[:, :150] = 1
+    r = stats.class_decisions(y, attack, {"scratch": base}, np.ones(n), num_classes=1)[0]
+    assert 0 < r["se"] < 1
+    d, v, df = stats.crossed(100.0 * (attack.astype(float) - base))
+    q = st.t.ppf(0.975, df)
+    assert r["gain_ci"] == pytest.approx([d - q * math.sqrt(v), d + q * math.sqrt(v)])
+
+
+def test_decide_family_defaults_and_edges():
+    rows = [_row(0.3, se=0.05, df=6.0)]
+    stats.decide_family([rows], rule="fidelity", correction="none")  # default fidelity 0.9, alpha 0.025
+    assert rows[0]["detectable"] == pytest.approx(0.9 + stats.detectable_delta(0.05, 6.0, 0.025, 0.8))
+    rows = [_row(0.3, se=0.05, df=6.0), _row(0.3, se=0.05, df=None)]
+    stats.decide_family([rows], rule="fidelity", correction="holm", alpha=0.05)
+    assert rows[0]["detectable"] == pytest.approx(0.9 + stats.detectable_delta(0.05, 6.0, 0.05 / 2, 0.8))
+    assert rows[1]["detectable"] is None  # no degrees of freedom: no power claim
+    rows = [_row(0.3)]
+    stats.decide_family([rows], rule="gain", correction="none")
+    at = rows[0]["detectable"]
+    stats.decide_family([rows], rule="gain", correction="none", safe_below=at)
+    assert rows[0]["safe"] is False  # "below" is strict
