@@ -374,8 +374,8 @@ AUDIT_OPTIONS = [("audit", k, p) for k, p in AUDIT_PARAMS.items()]
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Train the runs in this process (local) or as Ray tasks (ray; pip install 'nasty[ray]'; docs/distributed.md).")
 @click.option("--address", help="With --executor ray: join this Ray cluster (HEAD:6379) instead of starting Ray on this machine.")
-@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="With --executor ray: CPUs (threads) per run  [default: 1]")
-@click.option("--gpus-per-task", type=click.FloatRange(min=0), default=None, help="With --executor ray: GPUs per run (fractions share one)  [default: 0]")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="With --executor ray: CPUs (threads) per task (a shared pass or a multi-stage run)  [default: 1]")
+@click.option("--gpus-per-task", type=click.FloatRange(min=0), default=None, help="With --executor ray: GPUs per task (fractions share a GPU)  [default: 0]")
 def audit_cmd(**kw) -> int:
     """Audit a teacher: which classes can each attack copy? Writes audit.json/.md/.html.
 
