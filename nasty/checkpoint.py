@@ -13,14 +13,22 @@ import math
 import os
 import platform
 import shutil
+import stat
+import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy
+import safetensors
 import torch
 import torch.nn as nn
 
+from . import __version__
+from .distributed import is_main
 from .errors import NastyError
+from .models import create_model, model_spec
 
 FORMAT = "nasty-checkpoint"
 FORMAT_VERSION = 1
@@ -29,11 +37,6 @@ SIDECAR = "model.json"
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import safetensors
-
-    from . import __version__
-
     return {"nasty": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
@@ -102,8 +105,6 @@ def atomic_write_files(files: list[tuple[Path, bytes]]) -> None:
     replaced are restored from hard-linked backups, so a failed save never leaves a new weights file
     beside an old sidecar. Raises :class:`WriteFailed`. Under torchrun only rank 0 writes.
     """
-    from .distributed import is_main
-
     if not is_main():
         return
     staged: list[tuple[str, Path]] = []
@@ -183,7 +184,6 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
 
 def _is_train_state(p: Path) -> bool:
     """Whether ``p`` is a file written by :func:`save_state_file` (read from its header only)."""
-    import struct
 
     if p.suffix != ".safetensors" or (p.with_name(SIDECAR) if p.name == WEIGHTS else p.with_suffix(".json")).is_file():
         return False
@@ -207,8 +207,6 @@ MAX_HEADER_BYTES = 100 << 20  # the limit of the safetensors library itself
 def _check_weights_size(weights: Path) -> None:
     """Refuse a weights file that is not a regular file, or whose size differs from what its own
     safetensors header describes (8 bytes, the JSON header, the tensors' data), without reading it."""
-    import stat
-    import struct
 
     try:
         st = weights.stat()
@@ -261,8 +259,6 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, *, classes: list[str]
                     metrics: dict | None = None, extra: dict | None = None) -> Path:
     """Write weights and sidecar into ``out_dir``, both or neither (see :func:`atomic_write_files`);
     return the weights path. A failed write raises :class:`WriteFailed` and keeps the old pair."""
-    from .models import model_spec
-
     out = Path(out_dir)
     blob = _state_bytes(model)
     side = {
@@ -404,8 +400,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def build_model(name: str, num_classes: int, input_shape, kwargs: dict, where: str, *, meta: bool = False) -> nn.Module:
     """``create_model`` for specs read from a file: any failure is a one-line :class:`NastyError`.
     ``meta=True`` builds on the meta device (no memory), to check shapes before allocating."""
-    from .models import create_model
-
     c, h, w = input_shape
     try:
         if meta:
@@ -507,7 +501,6 @@ def read_legacy_state_dict(path: str | Path, key: str | None = None) -> dict[str
     p = Path(path)
     if not p.is_file():
         raise NastyError(f"legacy checkpoint not found: {p}")
-    import warnings
 
     try:
         with warnings.catch_warnings():

@@ -18,6 +18,7 @@ import click
 from . import config, distributed
 from .attacks import ATTACKS
 from .audit.plan import AUDIT_PARAMS
+from .audit.ray_executor import RayExecutor
 from .audit.render import render_html, render_markdown, terminal_table, write_reports
 from .audit.run import AuditSettings, run_audit
 from .audit.schema import load_audit
@@ -391,7 +392,6 @@ def audit_cmd(**kw) -> int:
     if kw["executor"] != "ray" and ray_only:
         raise NastyError(f"{ray_only[0]} applies to --executor ray only")
     if kw["executor"] == "ray":  # before anything is loaded or trained: Ray installed, the cluster reachable
-        from .audit.ray_executor import RayExecutor
         executor = RayExecutor(address=kw["address"], cpus_per_task=kw["cpus_per_task"] or 1,
                                gpus_per_task=kw["gpus_per_task"] if kw["gpus_per_task"] is not None else 0.0)
     params: dict[str, dict] = {}

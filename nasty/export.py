@@ -22,6 +22,8 @@ import contextlib
 import io
 import json
 import os
+import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -32,7 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import SIDECAR, WEIGHTS, load_checkpoint, read_sidecar
+from .defenses.output import DefendedModel, parse_output_defense
 from .errors import NastyError
+from .models.locked import LockedTeacher, lock_decision
 
 FORMATS = ("onnx", "torchscript")
 ONNX_INSTALL = "pip install 'nasty[onnx]'"
@@ -59,18 +64,7 @@ def lock_decision_exportable(z: torch.Tensor, decision: torch.Tensor, lock: str,
     """:func:`nasty.models.locked.lock_decision` without ``nextafter`` (no ONNX operator): on an exact
     tie the decided logit is raised to ``best + |best|·2^-23 + tiny``, at least the next float above
     ``best`` (at most one float further than nextafter), so the decided class still wins argmax."""
-    d = decision[:, None]
-    zd = z.gather(1, d)
-    if lock == "swap":
-        top = z.argmax(1, keepdim=True)
-        zt = z.gather(1, top)
-        out = z.scatter(1, top, zd).scatter(1, d, zt)
-    else:
-        others = z.scatter(1, d, float("-inf")).amax(1, keepdim=True)
-        out = z.scatter(1, d, torch.maximum(zd, others + margin))
-    best = out.scatter(1, d, float("-inf")).amax(1, keepdim=True)
-    bump = best + best.abs() * 2.0**-23 + _TINY
-    return out.scatter(1, d, torch.maximum(out.gather(1, d), bump))
+    return lock_decision(z, decision, lock, margin, above=lambda best: best + best.abs() * 2.0**-23 + _TINY)
 
 
 def _topk(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -133,7 +127,6 @@ def exportable_output_defense(spec: str | None) -> tuple[list[Callable[[torch.Te
     Raises a one-line :class:`NastyError` naming the first part that cannot be exported."""
     if spec is None:
         return [], None
-    from .defenses.output import parse_output_defense
 
     chain = parse_output_defense(spec)
     parts = []
@@ -153,7 +146,6 @@ class ServedModel(nn.Module):
     def __init__(self, model: nn.Module, mean: list[float], std: list[float],
                  defenses: list[Callable[[torch.Tensor], torch.Tensor]] | None = None):
         super().__init__()
-        from .models.locked import LockedTeacher
 
         self.model = model.eval()
         self.locked = isinstance(model, LockedTeacher)
@@ -182,7 +174,6 @@ class ServedModel(nn.Module):
 def _quiet_fds(log: list[str]):
     """Silence file descriptors 1 and 2 (the TorchScript exporter prints its graph there from C++ on
     failure, which would break the one-line error contract); what was written is appended to ``log``."""
-    import sys
 
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -210,7 +201,6 @@ def _quiet_fds(log: list[str]):
 
 def _failure(e: BaseException, log: str) -> str:
     """The exporter's error in one line, naming the operator and, from the graph it printed, the module."""
-    import re
 
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     text = next((ln for ln in lines if "aten::" in ln or "aten." in ln or "not supported" in ln.lower()), lines[0] if lines else "")
@@ -289,7 +279,6 @@ def export_model(model: nn.Module, side: dict, out: str | Path, fmt: str = "onnx
 def reference_probabilities(model: nn.Module, side: dict, x: torch.Tensor, output_defense: str | None = None) -> torch.Tensor:
     """What nasty itself serves for images ``x`` in [0, 1], in eager PyTorch: the model's own forward
     (its lock with ``nextafter``), softmax and the output defenses of nasty/defenses/output.py."""
-    from .defenses.output import DefendedModel
 
     norm = side["normalization"]
     mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -347,7 +336,6 @@ def export_cmd(checkpoint: str, fmt: str, out: str, output_defense: str | None, 
 
 
 def _export(checkpoint: str, fmt: str, out: str, output_defense: str | None, force: bool, as_json: bool) -> None:
-    from .checkpoint import SIDECAR, WEIGHTS, load_checkpoint, read_sidecar
 
     # every check before any work: format, output file, output defense, checkpoint sidecar, tools
     if fmt not in FORMATS:

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import DataBundle
+from ..data import DataBundle, load_dataset
 from ..errors import NastyError
 from ..params import Param
 from ..registry import Registry, with_defaults
 from ..frozen import Frozen
+from ..models import create_model
 from ..resume import Checkpointing
 from ..train import TrainConfig, fit
-
-if TYPE_CHECKING:
-    from .augment import Mixer
+from .augment import Mixer
 
 ACCESS_LEVELS = ("weights", "logits", "probs", "topk", "label")  # most to least revealing
 
@@ -118,10 +117,8 @@ class AttackContext:
         """The images the student trains on and their labels (``-1`` where the attacker has none)."""
         return self.data.x_train, self.data.y_train
 
-    def mixer(self) -> "Mixer":
+    def mixer(self) -> Mixer:
         """The distillation-time augmentation of this run (identity for ``none``), seeded by the run's seed."""
-        from .augment import Mixer
-
         return Mixer(self.augment, self.train.seed)
 
     def fit(self, model: nn.Module, objective, *, eval_model: nn.Module | None = None, desc: str = "", cfg: TrainConfig | None = None,
@@ -165,8 +162,6 @@ class Attack:
         raise NotImplementedError
 
     def build_student(self, ctx: AttackContext) -> nn.Module:
-        from ..models import create_model
-
         d = ctx.data
         return create_model(ctx.student, d.num_classes, d.in_channels, d.image_size)
 
@@ -331,8 +326,6 @@ def load_surrogate(spec: str, data_root: str | None, like: DataBundle, *, val_fr
                    download: bool = False) -> DataBundle:
     """Another dataset's images as unlabelled queries (KnockoffNets), normalised like the teacher's
     inputs; its training split is the query pool, its validation split selects the epoch."""
-    from ..data import load_dataset
-
     s = load_dataset(spec, data_root, val_fraction=val_fraction, split_seed=split_seed, download=download,
                      normalization=(like.mean, like.std), labelled=False)
     if s.in_channels != like.in_channels or s.image_size != like.image_size:

@@ -22,6 +22,8 @@ normal model. The defense is for black-box serving.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -45,8 +47,15 @@ def head_module(spec: str, num_features: int, num_classes: int) -> nn.Module:
     raise ValueError(f"nasty head must be 'linear' or 'mlp:hidden=H', got {spec!r}")
 
 
-def lock_decision(z: torch.Tensor, decision: torch.Tensor, lock: str = "swap", margin: float = 0.0) -> torch.Tensor:
-    """``z`` (N, C) with class ``decision`` (N,) on top (see the module docstring)."""
+def next_float_up(x: torch.Tensor) -> torch.Tensor:
+    """The next representable float above ``x``."""
+    return torch.nextafter(x, torch.full_like(x, float("inf")))
+
+
+def lock_decision(z: torch.Tensor, decision: torch.Tensor, lock: str = "swap", margin: float = 0.0,
+                  above: Callable[[torch.Tensor], torch.Tensor] = next_float_up) -> torch.Tensor:
+    """``z`` (N, C) with class ``decision`` (N,) on top (see the module docstring). ``above(best)`` is a
+    value above the best other logit, given to the decided class where it would otherwise tie."""
     d = decision[:, None]
     zd = z.gather(1, d)
     if lock == "swap":
@@ -58,8 +67,7 @@ def lock_decision(z: torch.Tensor, decision: torch.Tensor, lock: str = "swap", m
         out = z.scatter(1, d, torch.maximum(zd, others + margin))
     # ties: the decided class must win argmax even where another logit equals it exactly
     best = out.scatter(1, d, float("-inf")).amax(1, keepdim=True)
-    bump = torch.nextafter(best, torch.full_like(best, float("inf")))
-    return out.scatter(1, d, torch.maximum(out.gather(1, d), bump))
+    return out.scatter(1, d, torch.maximum(out.gather(1, d), above(best)))
 
 
 class LockedTeacher(nn.Module):
