@@ -283,6 +283,8 @@ def test_fidelity_without_noise():
     assert r["fidelity"] == 1.0 and r["fidelity_ci"] == [1.0, 1.0] and r["p_value"] == 0.0 and r["transferred"]
     r = stats.class_decisions(y, attack, {"scratch": attack * 0}, teacher, num_classes=1, rule="fidelity", fidelity=1.2)[0]
     assert r["p_value"] == 1.0 and not r["transferred"]
+    r = stats.class_decisions(y, attack, {"scratch": attack * 0}, teacher, num_classes=1, rule="fidelity", fidelity=1.0)[0]
+    assert r["p_value"] == 1.0 and not r["transferred"]  # exactly at the bar is not above it
 
 
 def test_zero_variance_gain_is_decided_by_its_sign():
@@ -301,6 +303,8 @@ def test_one_cell_class_has_no_interval():
     r = stats.class_decisions(y, attack, {"scratch": base}, np.ones(3), num_classes=2)[0]
     assert r["gain_ci"] == [None, None] and r["p_value"] == 1.0 and r["se"] is None and r["df"] is None
     assert r["tests"]["scratch"]["se"] is None and r["fidelity_ci"] == [None, None] and r["interval"] == "unreliable"
+    r = stats.class_decisions(y, attack, {"scratch": base}, np.ones(3), num_classes=2, rule="fidelity")[0]
+    assert r["p_value"] == 1.0 and r["se"] is None and r["df"] is None and not r["transferred"]
 
 
 def test_class_decision_refusals():
