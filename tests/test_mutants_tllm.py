@@ -1,0 +1,91 @@
+"""TLLM's loss on mixed batches and its small helpers, written out from the module doc (issue 15: mutmut over
+nasty/attacks/tllm.py). The identification itself (TLLM.train) is covered by tests/test_mutants_attacks.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nasty.attacks import get_attack
+from nasty.attacks.augment import Mixed
+from nasty.attacks.base import kd_per_sample
+from nasty.attacks.tllm import class_accuracy, deltas, every_kth_epoch, subset_accuracy, tllm_loss
+from nasty.data import Batch
+from nasty.errors import NastyError
+
+
+def _mixed(y, y2, lam):
+    return Mixed(Batch(torch.zeros(len(y), 1), y, torch.arange(len(y)), True), y2, lam)
+
+
+@pytest.mark.parametrize("discard", ["kd-term", "ce-full", "drop"])
+def test_tllm_loss_on_a_mixed_batch(discard):
+    """Sample i is lam parts y[i] and 1 - lam parts y2[i]; each part is distilled unless its class is in U."""
+    g = torch.Generator().manual_seed(4)
+    zs, zt = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g) * 2
+    y, y2 = torch.tensor([0, 1, 2, 1, 0]), torch.tensor([1, 1, 0, 2, 2])
+    U = torch.tensor([False, True, False])
+    lam, T, a = 0.7, 2.0, 0.6
+    u1, u2 = U[y].float(), U[y2].float()
+    keep = lam * (1 - u1) + (1 - lam) * (1 - u2)
+    kl = kd_per_sample(zs, zt, T)
+    ce1, ce2 = F.cross_entropy(zs, y, reduction="none"), F.cross_entropy(zs, y2, reduction="none")
+    ce_keep = lam * (1 - u1) * ce1 + (1 - lam) * (1 - u2) * ce2
+    ce_u = lam * u1 * ce1 + (1 - lam) * u2 * ce2
+    want = {"kd-term": (a * keep * kl + (1 - a) * (ce_keep + ce_u)).mean(),
+            "ce-full": (a * keep * kl + (1 - a) * ce_keep + ce_u).mean(),
+            "drop": (a * keep * kl + (1 - a) * ce_keep).sum() / keep.sum()}[discard]
+    loss, terms = tllm_loss(zs, zt, _mixed(y, y2, lam), U, T, a, discard)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert terms["kd_kl"] == pytest.approx((kl.mean() / T ** 2).item(), rel=1e-6)
+    assert terms["ce"] == pytest.approx((ce_keep + ce_u).mean().item(), rel=1e-6)
+    assert terms["discarded"] == pytest.approx((1 - keep).mean().item(), rel=1e-6)
+
+
+def test_tllm_drop_with_everything_discarded_is_zero_not_nan():
+    zs, zt = torch.randn(2, 2), torch.randn(2, 2)
+    y = torch.tensor([1, 1])
+    loss, _ = tllm_loss(zs, zt, _mixed(y, y, 1.0), torch.tensor([False, True]), 2.0, 0.5, "drop")
+    assert loss.item() == 0.0
+    with pytest.raises(NastyError) as e:
+        tllm_loss(zs, zt, _mixed(y, y, 1.0), torch.tensor([False, True]), 2.0, 0.5, "nope")
+    assert str(e.value) == "discard must be one of kd-term, ce-full, drop, got 'nope'"
+
+
+def test_helpers():
+    assert deltas([90.0, None, 50.0, 10.0], [80.0, 70.0, None, 30.0]) == [10.0, None, None, -20.0]
+    pred, y = torch.tensor([0, 1, 1, 2, 2, 2]), torch.tensor([0, 1, 2, 2, 2, 1])
+    assert subset_accuracy(pred, y, [2]) == pytest.approx(200 / 3)
+    assert subset_accuracy(pred, y, [0, 1]) == pytest.approx(200 / 3)
+    assert subset_accuracy(pred, y, []) is None and subset_accuracy(pred, y, [3]) is None
+    model = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [-1.0, -1.0]])
+    assert class_accuracy(model, x, torch.tensor([0, 1, 0, 2]), 4) == [50.0, 100.0, 100.0, None]
+
+
+def test_every_kth_epoch_skips_the_last():
+    seen = []
+    hook = every_kth_epoch(lambda m, e: seen.append((m, e)), 2, 7)
+    for done in range(1, 8):
+        hook("m", done)
+    assert seen == [("m", 2), ("m", 4), ("m", 6)]
+    seen.clear()
+    hook = every_kth_epoch(lambda m, e: seen.append(e), 3, 6)
+    for done in range(1, 7):
+        hook(None, done)
+    assert seen == [3]
+
+
+@pytest.mark.parametrize("key,value", [("eval_every", 0), ("patience", 0), ("patience", -1), ("prelim_epochs", 0)])
+def test_tllm_settings_refused_with_their_name(key, value):
+    with pytest.raises(NastyError) as e:
+        get_attack("tllm")(**{key: value}).validate()
+    assert f"tllm {key} must be a positive integer, got {value!r}" in str(e.value)
+
+
+def test_tllm_settings_at_their_bounds_accepted():
+    get_attack("tllm")(eval_every=1, patience=1, prelim_epochs=1).validate()
+    get_attack("tllm")(prelim_epochs=None).validate()
