@@ -89,3 +89,50 @@ def test_tllm_settings_refused_with_their_name(key, value):
 def test_tllm_settings_at_their_bounds_accepted():
     get_attack("tllm")(eval_every=1, patience=1, prelim_epochs=1).validate()
     get_attack("tllm")(prelim_epochs=None).validate()
+
+
+# -- what TLLM reports about its identification (scripted per-class accuracies, as in test_mutants_attacks.py)
+
+CE_VAL = [90.0] * 10
+KD_VAL = [90.0, 85.0, 88.5, 87.9, 90.0, 91.0, 90.0, 90.0, 90.0, 90.0]  # deltas 0, -5, -1.5, -2.1, 0, +1, ...
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    import nasty.attacks.tllm as tllm_mod
+
+    first: list = []
+
+    def fake(model, x, y, num_classes):
+        if not first:
+            first.append(model)
+        return list(CE_VAL if model is first[0] else KD_VAL)
+
+    monkeypatch.setattr(tllm_mod, "class_accuracy", fake)
+
+
+@pytest.mark.parametrize("mode", ["oneshot", "online"])
+def test_tllm_reports_its_identification(digits, small_teacher, scripted, mode):
+    from nasty.attacks import run_attack
+    from nasty.metrics import predict_logits
+    from nasty.train import TrainConfig
+
+    params = {"mode": mode, "delta": 2.0}
+    params.update({"prelim_epochs": 1} if mode == "oneshot" else {"patience": 1, "eval_every": 1})
+    cfg = TrainConfig(epochs=1 if mode == "oneshot" else 2, batch_size=256, seed=0)
+    model, res = run_attack("tllm", data=digits, teachers=[small_teacher], student="mlp:hidden=16", train=cfg,
+                            log=lambda m: None, params=params)
+    info = res["identification"]
+    assert {k: info[k] for k in ("mode", "split", "n_val", "delta_threshold")} == {
+        "mode": mode, "split": "attacker validation split", "n_val": len(digits.y_val), "delta_threshold": 2.0}
+    if mode == "oneshot":
+        assert info["ce_val_per_class"] == CE_VAL and info["kd_val_per_class"] == KD_VAL
+    else:
+        assert info["entered_after_epoch"] == {"1": 1, "3": 1} and info["eval_every"] == 1 and info["patience"] == 1
+        assert [h["epoch"] for h in info["history"]] == [1]
+        assert info["history"][0]["delta"][1] == pytest.approx(-5.0)
+    assert res["undistillable_classes"] == [1, 3]
+    pred = predict_logits(model, digits.x_test).argmax(1)
+    assert res["accuracy_undistillable"] == pytest.approx(subset_accuracy(pred, digits.y_test, [1, 3]))
+    assert res["accuracy_distillable"] == pytest.approx(subset_accuracy(pred, digits.y_test, [0, 2, 4, 5, 6, 7, 8, 9]))
+    assert res["best_epoch"] >= 1 and 0 <= res["val_accuracy"] <= 100
