@@ -94,7 +94,7 @@ def test_tllm_settings_at_their_bounds_accepted():
 # -- what TLLM reports about its identification (scripted per-class accuracies, as in test_mutants_attacks.py)
 
 CE_VAL = [90.0] * 10
-KD_VAL = [90.0, 85.0, 88.5, 87.9, 90.0, 91.0, 90.0, 90.0, 90.0, 90.0]  # deltas 0, -5, -1.5, -2.1, 0, +1, ...
+KD_VAL = [90.0, 85.0, 88.5, 87.9, 88.0, 91.0, 90.0, 90.0, 90.0, 90.0]  # deltas 0, -5, -1.5, -2.1, -2 (at the bar), +1
 
 
 @pytest.fixture
@@ -109,17 +109,28 @@ def scripted(monkeypatch):
         return list(CE_VAL if model is first[0] else KD_VAL)
 
     monkeypatch.setattr(tllm_mod, "class_accuracy", fake)
+    flags_seen: list = []
+    real = tllm_mod.tllm_loss
+
+    def spy(student_logits, teacher_logits, m, undistillable, *a, **k):
+        flags_seen.append(undistillable.clone())
+        return real(student_logits, teacher_logits, m, undistillable, *a, **k)
+
+    monkeypatch.setattr(tllm_mod, "tllm_loss", spy)
+    return flags_seen
 
 
 @pytest.mark.parametrize("mode", ["oneshot", "online"])
 def test_tllm_reports_its_identification(digits, small_teacher, scripted, mode):
+    """The classes identified are the ones the final run stops distilling; a class exactly at -delta is not one;
+    online, a class enters after ``patience`` consecutive evaluations below the bar."""
     from nasty.attacks import run_attack
     from nasty.metrics import predict_logits
     from nasty.train import TrainConfig
 
     params = {"mode": mode, "delta": 2.0}
-    params.update({"prelim_epochs": 1} if mode == "oneshot" else {"patience": 1, "eval_every": 1})
-    cfg = TrainConfig(epochs=1 if mode == "oneshot" else 2, batch_size=256, seed=0)
+    params.update({"prelim_epochs": 1} if mode == "oneshot" else {"patience": 2, "eval_every": 1})
+    cfg = TrainConfig(epochs=1 if mode == "oneshot" else 3, batch_size=256, seed=0)
     model, res = run_attack("tllm", data=digits, teachers=[small_teacher], student="mlp:hidden=16", train=cfg,
                             log=lambda m: None, params=params)
     info = res["identification"]
@@ -128,10 +139,11 @@ def test_tllm_reports_its_identification(digits, small_teacher, scripted, mode):
     if mode == "oneshot":
         assert info["ce_val_per_class"] == CE_VAL and info["kd_val_per_class"] == KD_VAL
     else:
-        assert info["entered_after_epoch"] == {"1": 1, "3": 1} and info["eval_every"] == 1 and info["patience"] == 1
-        assert [h["epoch"] for h in info["history"]] == [1]
+        assert info["entered_after_epoch"] == {"1": 2, "3": 2} and info["eval_every"] == 1 and info["patience"] == 2
+        assert [h["epoch"] for h in info["history"]] == [1, 2]
         assert info["history"][0]["delta"][1] == pytest.approx(-5.0)
     assert res["undistillable_classes"] == [1, 3]
+    assert scripted[-1].tolist() == [c in (1, 3) for c in range(10)]  # the last step of the final run discards U
     pred = predict_logits(model, digits.x_test).argmax(1)
     assert res["accuracy_undistillable"] == pytest.approx(subset_accuracy(pred, digits.y_test, [1, 3]))
     assert res["accuracy_distillable"] == pytest.approx(subset_accuracy(pred, digits.y_test, [0, 2, 4, 5, 6, 7, 8, 9]))
