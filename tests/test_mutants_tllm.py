@@ -148,3 +148,31 @@ def test_tllm_reports_its_identification(digits, small_teacher, scripted, mode):
     assert res["accuracy_undistillable"] == pytest.approx(subset_accuracy(pred, digits.y_test, [1, 3]))
     assert res["accuracy_distillable"] == pytest.approx(subset_accuracy(pred, digits.y_test, [0, 2, 4, 5, 6, 7, 8, 9]))
     assert res["best_epoch"] >= 1 and 0 <= res["val_accuracy"] <= 100
+
+
+@pytest.mark.parametrize("mode", ["oneshot", "online"])
+def test_tllm_preliminary_runs_are_named_and_kept_apart(digits, small_teacher, tmp_path, mode):
+    """The preliminary runs log under their own names and into run_dir/prelim-ce and run_dir/prelim-kd;
+    ``prelim_epochs`` shortens them (oneshot), the final run keeps the run's epochs."""
+    from nasty.attacks import run_attack
+    from nasty.train import TrainConfig
+
+    logs: list[str] = []
+    params = {"mode": mode, "prelim_epochs": 1} if mode == "oneshot" else {"mode": mode, "patience": 5}
+    run_attack("tllm", data=digits, teachers=[small_teacher], student="mlp:hidden=16",
+               train=TrainConfig(epochs=2, batch_size=256, seed=0), log=logs.append, params=params, out_dir=tmp_path)
+    epochs = [ln.split("]")[0] + "] " + ln.split()[2] for ln in logs if " epoch " in ln]
+    if mode == "oneshot":
+        assert epochs == ["[tllm-ce:mlp:hidden=16] 1/1", "[tllm-kd:mlp:hidden=16] 1/1",
+                          "[tllm:mlp:hidden=16] 1/2", "[tllm:mlp:hidden=16] 2/2"]
+        assert any(ln.startswith("[tllm] undistillable classes [") and ln.endswith("(delta < -0 on validation)")
+                   for ln in logs)
+        subdirs = ("prelim-ce", "prelim-kd")
+    else:
+        assert epochs == ["[tllm-ce:mlp:hidden=16] 1/2", "[tllm-ce:mlp:hidden=16] 2/2",
+                          "[tllm:mlp:hidden=16] 1/2", "[tllm:mlp:hidden=16] 2/2"]
+        subdirs = ("prelim-ce",)
+    for sub in subdirs:
+        n = len((tmp_path / sub / "metrics.jsonl").read_text().splitlines())
+        assert n == (1 if mode == "oneshot" else 2), sub
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
