@@ -79,7 +79,8 @@ def test_every_kth_epoch_skips_the_last():
     assert seen == [3]
 
 
-@pytest.mark.parametrize("key,value", [("eval_every", 0), ("patience", 0), ("patience", -1), ("prelim_epochs", 0)])
+@pytest.mark.parametrize("key,value", [("eval_every", 0), ("eval_every", 1.5), ("patience", 0), ("patience", -1),
+                                       ("prelim_epochs", 0), ("prelim_epochs", True)])
 def test_tllm_settings_refused_with_their_name(key, value):
     with pytest.raises(NastyError) as e:
         get_attack("tllm")(**{key: value}).validate()
