@@ -37,3 +37,10 @@ def test_spec_parsing_and_errors():
     m = create_model("cnn:width=0.25", 10, 1, 8)
     assert m.nasty_spec == {"name": "cnn", "kwargs": {"width": 0.25}}
     assert m.block1[0].out_channels == 8
+
+
+def test_a_constructor_error_is_one_line():
+    """torch's own error for an absurd width spans many lines (a C++ trace); the model error is its first line."""
+    with pytest.raises(NastyError) as e:
+        create_model("mlp", 10, 1, 8, hidden=2**70)
+    assert str(e.value).startswith("model mlp: ") and "\n" not in str(e.value)

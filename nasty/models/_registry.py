@@ -81,7 +81,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     try:
         model = fn(num_classes=num_classes, in_channels=in_channels, image_size=tuple(image_size), **kwargs)
     except (TypeError, ValueError) as e:
-        raise NastyError(f"model {base}: {e}") from None
+        raise NastyError(f"model {base}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     model.nasty_spec = {"name": base, "kwargs": kwargs}  # type: ignore[attr-defined]
     return model
 
