@@ -1,11 +1,12 @@
 """Compare numbers of two bitcheck folders: result.json / audit.json (minus timings, paths, dates)."""
 import json, sys, pathlib
 A, B = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-SKIP = {"seconds", "train_seconds", "created", "out_dir", "versions", "runtime", "checkpoint", "defended_checkpoint", "normal_checkpoint",
-        "teacher", "reference", "adversaries", "trained_with", "data_root"}
+SKIP = {"seconds", "train_seconds", "created", "out_dir", "versions", "runtime", "trained_with"}  # times and dates
+PATHS = {"checkpoint", "defended_checkpoint", "normal_checkpoint", "teacher", "reference", "adversaries", "data_root"}  # where a run lives
 def strip(o, path=""):
     if isinstance(o, dict):
-        return {k: strip(v, path + "." + k) for k, v in o.items() if k not in SKIP and not k.endswith("_seconds")}
+        return {k: strip(v, path + "." + k) for k, v in o.items()
+                if k not in SKIP and not k.endswith("_seconds") and not (k in PATHS and not isinstance(v, dict))}
     if isinstance(o, list):
         return [strip(v, path) for v in o]
     if isinstance(o, str) and ("/tmp/" in o):

@@ -319,36 +319,48 @@ def class_decisions(
         raise NastyError(f"teacher: expected ({n},) correctness, got {teacher.shape}")
     K = len(names)
     q_lo, q_hi = 1 - (1 - LEVEL) / 2, 1 - (1 - LEVEL) / (2 * K)
-    rel = reliability(n_seeds)
+    # per class: the numbers, before the (vectorised) t quantiles and p-values
+    pre = [_class_numbers(np.flatnonzero(y == c), attack, base, teacher, names, fidelity) for c in range(num_classes)]
+    gains = _gain_tests(pre, names, q_lo, q_hi, margin)
+    fids = _fidelity_tests(pre, q_lo)
+    rows = _rows(pre, names, gains, fids, rule, reliability(n_seeds))
+    if decide:
+        decide_family([rows], rule=rule, correction=correction, margin=margin, fidelity=fidelity, power=power,
+                      safe_below=safe_below, alpha=alpha)
+    return rows
+
+
+def _class_numbers(idx: np.ndarray, attack: np.ndarray, base: dict[str, np.ndarray], teacher: np.ndarray, names: list[str],
+                   fidelity: float) -> dict | None:
+    """One class's accuracies, the crossed-variance tests against each baseline and the fidelity terms."""
+    if len(idx) == 0:
+        return None
     nan = float("nan")
-    pre = []  # per class: the numbers, before the (vectorised) t quantiles and p-values
-    for c in range(num_classes):
-        idx = np.flatnonzero(y == c)
-        if len(idx) == 0:
-            pre.append(None)
-            continue
-        a = attack[:, idx].astype(np.float64)
-        t = teacher[idx].astype(np.float64)
-        e = {"idx": idx, "acc_a": 100.0 * a.mean(), "base_acc": {b: 100.0 * m[:, idx].mean() for b, m in base.items()},
-             "t_acc": 100.0 * t.mean(), "tests": {}}
-        e["best"] = max(names, key=lambda b: (e["base_acc"][b], -names.index(b)))
-        for b, m in base.items():
-            d, v, df = crossed(100.0 * (a - m[:, idx]))
-            e["tests"][b] = [d, math.sqrt(v) if math.isfinite(v) else nan, df]
-        e["se_vs"] = {}
-        for o in names:  # the standard error of each weaker baseline's lead (for the power of the test)
-            if o != e["best"]:
-                _, v12, _ = crossed(100.0 * (base[o][:, idx].astype(np.float64) - base[e["best"]][:, idx]))
-                e["se_vs"][o] = math.sqrt(v12) if math.isfinite(v12) else None
-        e["fid"] = e["acc_a"] / e["t_acc"] if e["t_acc"] > 0 else None
-        if e["fid"] is not None:
-            _, v, df = crossed(a - e["fid"] * t[None])
-            e["fid_ci_se"] = (math.sqrt(v) / (e["t_acc"] / 100.0) if math.isfinite(v) else nan, df)
-            d, v, df = crossed(a - fidelity * t[None])
-            e["fid_test"] = (d, math.sqrt(v) if math.isfinite(v) else nan, df)
-        pre.append(e)
+    a = attack[:, idx].astype(np.float64)
+    t = teacher[idx].astype(np.float64)
+    e = {"idx": idx, "acc_a": 100.0 * a.mean(), "base_acc": {b: 100.0 * m[:, idx].mean() for b, m in base.items()},
+         "t_acc": 100.0 * t.mean(), "tests": {}}
+    e["best"] = max(names, key=lambda b: (e["base_acc"][b], -names.index(b)))
+    for b, m in base.items():
+        d, v, df = crossed(100.0 * (a - m[:, idx]))
+        e["tests"][b] = [d, math.sqrt(v) if math.isfinite(v) else nan, df]
+    e["se_vs"] = {}
+    for o in names:  # the standard error of each weaker baseline's lead (for the power of the test)
+        if o != e["best"]:
+            _, v12, _ = crossed(100.0 * (base[o][:, idx].astype(np.float64) - base[e["best"]][:, idx]))
+            e["se_vs"][o] = math.sqrt(v12) if math.isfinite(v12) else None
+    e["fid"] = e["acc_a"] / e["t_acc"] if e["t_acc"] > 0 else None
+    if e["fid"] is not None:
+        _, v, df = crossed(a - e["fid"] * t[None])
+        e["fid_ci_se"] = (math.sqrt(v) / (e["t_acc"] / 100.0) if math.isfinite(v) else nan, df)
+        d, v, df = crossed(a - fidelity * t[None])
+        e["fid_test"] = (d, math.sqrt(v) if math.isfinite(v) else nan, df)
+    return e
+
+
+def _gain_tests(pre: list[dict | None], names: list[str], q_lo: float, q_hi: float, margin: float) -> dict[str, np.ndarray]:
+    """All gain t quantiles and p-values of one call at once (scipy's per-call overhead dominates otherwise)."""
     st = _t()
-    # all t quantiles and p-values of this call at once (scipy's per-call overhead dominates otherwise)
     tv = np.array([x for e in pre if e for b in names for x in e["tests"][b]] or [0.0, 1.0, 1.0]).reshape(-1, 3)
     with np.errstate(invalid="ignore", divide="ignore"):
         ok = np.isfinite(tv[:, 1]) & np.isfinite(tv[:, 2])
@@ -357,6 +369,12 @@ def class_decisions(
         z = np.where(tv[:, 1] > 0, (tv[:, 0] - margin) / np.where(tv[:, 1] > 0, tv[:, 1], 1.0), 0.0)
         pv = np.where(tv[:, 1] > 0, st.t.sf(z, dfs), np.where(tv[:, 0] > margin, 0.0, 1.0))
         pv = np.where(ok, pv, 1.0)
+    return {"ok": ok, "ql": ql, "qh": qh, "pv": pv}
+
+
+def _fidelity_tests(pre: list[dict | None], q_lo: float) -> dict[str, np.ndarray]:
+    """All fidelity interval quantiles and p-values of one call at once."""
+    st = _t()
     fv = np.array([[*e["fid_ci_se"], *e["fid_test"]] for e in pre if e and e["fid"] is not None] or [[0.0, 1.0, 0.0, 1.0, 1.0]])
     with np.errstate(invalid="ignore", divide="ignore"):
         fok = np.isfinite(fv[:, 0]) & np.isfinite(fv[:, 1])
@@ -365,6 +383,14 @@ def class_decisions(
         fz = np.where(fv[:, 3] > 0, fv[:, 2] / np.where(fv[:, 3] > 0, fv[:, 3], 1.0), 0.0)
         fp = np.where(fv[:, 3] > 0, st.t.sf(fz, np.where(tok, fv[:, 4], 1.0)), np.where(fv[:, 2] > 0, 0.0, 1.0))
         fp = np.where(tok, fp, 1.0)
+    return {"fok": fok, "fq": fq, "tok": tok, "fp": fp}
+
+
+def _rows(pre: list[dict | None], names: list[str], g: dict[str, np.ndarray], fd: dict[str, np.ndarray], rule: str,
+          rel: str) -> list[dict]:
+    """One row per class from its numbers and its slice of the vectorised tests (not yet decided)."""
+    ok, ql, qh, pv = g["ok"], g["ql"], g["qh"], g["pv"]
+    fok, fq, tok, fp = fd["fok"], fd["fq"], fd["tok"], fd["fp"]
     rows = []
     j = f = 0
     for c, e in enumerate(pre):
@@ -418,9 +444,6 @@ def class_decisions(
             "interval": rel,
             "transferred": False,
         })
-    if decide:
-        decide_family([rows], rule=rule, correction=correction, margin=margin, fidelity=fidelity, power=power,
-                      safe_below=safe_below, alpha=alpha)
     return rows
 
 
