@@ -9,6 +9,20 @@ import torch
 torch.set_num_threads(1)  # tiny models: one thread is faster and keeps parallel runs fair
 
 
+def save_trained_teacher(digits, folder, spec: str, epochs: int):
+    """Train ``spec`` on digits (batch 64, lr 0.05, seed 0) and save it as a checkpoint in ``folder``;
+    the test modules that attack a teacher on disk each pick the size and epochs their assertions need."""
+    from nasty.config import load_config
+    from nasty.models import create_model
+    from nasty.runs import save_model
+    from nasty.train import TrainConfig, ce_objective, fit
+
+    model = create_model(spec, digits.num_classes, digits.in_channels, digits.image_size)
+    fit(model, ce_objective(), digits, TrainConfig(epochs=epochs, batch_size=64, lr=0.05, seed=0), log=None)
+    save_model(folder, model.eval(), digits, load_config(None), {})
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits():
     from nasty.data import load_dataset

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import save_trained_teacher
 import torch
 import torch.nn as nn
 
@@ -43,16 +44,7 @@ class Shifted(nn.Module):
 @pytest.fixture(scope="module")
 def teacher_dir(digits, tmp_path_factory):
     """A small digits teacher saved as a checkpoint."""
-    from nasty.config import load_config
-    from nasty.models import create_model
-    from nasty.runs import save_model
-    from nasty.train import ce_objective, fit
-
-    model = create_model("cnn:width=0.25", digits.num_classes, digits.in_channels, digits.image_size)
-    fit(model, ce_objective(), digits, TrainConfig(epochs=3, batch_size=64, lr=0.05, seed=0), log=None)
-    out = tmp_path_factory.mktemp("teacher")
-    save_model(out, model.eval(), digits, load_config(None), {})
-    return out
+    return save_trained_teacher(digits, tmp_path_factory.mktemp("teacher"), "cnn:width=0.25", 3)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_trained_teacher
 
 TINY = ["--attacks", "kd,tllm", "--seeds", "2", "--epochs", "2", "--students", "mlp:hidden=16", "--batch-size", "128"]
 VOLATILE = {"runtime", "created", "versions"}  # wall times, the date, library versions
@@ -16,16 +17,8 @@ VOLATILE = {"runtime", "created", "versions"}  # wall times, the date, library v
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(digits, tmp_path_factory):
-    from nasty.config import load_config
-    from nasty.models import create_model
-    from nasty.runs import save_model
-    from nasty.train import TrainConfig, ce_objective, fit
-
-    model = create_model("mlp:hidden=64", digits.num_classes, digits.in_channels, digits.image_size)
-    fit(model, ce_objective(), digits, TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=0), log=None)
-    out = tmp_path_factory.mktemp("teacher")
-    save_model(out, model.eval(), digits, load_config(None), {})
-    return out
+    """A small digits teacher saved as a checkpoint."""
+    return save_trained_teacher(digits, tmp_path_factory.mktemp("teacher"), "mlp:hidden=64", 4)
 
 
 def _numbers(audit: dict):
