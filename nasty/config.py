@@ -86,6 +86,8 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "alpha": Param("float", 0.9, "Weight of the distillation term.", unit, "in [0, 1]"),
         "query": Param("str", "logits", "What the teacher exposes: logits, probs, topk:K, label, weights."),
         "queries": Param("int?", None, "Query budget: train on this many images (a fixed seeded subset).", at_least_1, ">= 1"),
+        "labelled": Param("int?", None, "The thief's regime: how many of its --queries images carry labels; the rest are unlabelled "
+                          "queries, and its validation split comes from the labelled ones.", at_least_1, ">= 1"),
         "surrogate": Param("str?", None, "Query the teacher on another dataset's images instead (unlabelled), e.g. mnist or npz:PATH."),
         "augment": Param("str", "none", "Distillation-time augmentation for soft-label attacks: none, mixup or cutmix (optionally :ALPHA)."),
         "options": Param("table", {}, flag=""),

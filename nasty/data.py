@@ -561,6 +561,7 @@ def load_dataset(
     augment: str = "auto",
     normalization: tuple[list[float], list[float]] | None = None,
     labelled: bool = True,
+    exclude_subset: int | None = None,
 ) -> DataBundle:
     """Load a dataset, carve a validation split from its training set, normalise.
 
@@ -569,7 +570,9 @@ def load_dataset(
     only, never on the training seed. ``normalization`` = (mean, std) overrides the statistics of
     the training split (an attacker feeds a teacher with the teacher's own normalisation).
     ``labelled=False``: images whose labels are never used (surrogate queries); their classes are
-    not checked.
+    not checked. ``exclude_subset=K`` leaves out the K training images that a run with
+    ``train_subset=K`` (same ``split_seed``) trained on and validated with: a thief's pool of images the
+    teacher never saw (it cannot be combined with ``train_subset``).
     """
     if name.startswith("npz:"):
         raw, augment_default = load_npz(name[4:]), "none"
@@ -592,6 +595,15 @@ def load_dataset(
     _check_raw(raw, name, labelled)
     x_pool, y_pool = raw.x_train, raw.y_train
     info: dict = {}
+    if exclude_subset is not None:
+        if train_subset is not None:
+            raise NastyError("train_subset and exclude_subset cannot be combined")
+        if isinstance(exclude_subset, bool) or not isinstance(exclude_subset, int) or not 0 < exclude_subset < len(y_pool):
+            raise NastyError(f"exclude_subset must be in 1..{len(y_pool) - 1}, got {exclude_subset!r}")
+        seen = np.zeros(len(y_pool), bool)
+        seen[stratified_indices(y_pool, int(exclude_subset), split_seed + 1)] = True
+        x_pool, y_pool = x_pool[~seen], y_pool[~seen]
+        info["excluded_subset"] = int(exclude_subset)
     if train_subset is not None:
         if not 0 < train_subset <= len(y_pool):
             raise NastyError(f"train_subset must be in 1..{len(y_pool)}, got {train_subset}")

@@ -30,6 +30,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch
 
     ``mask`` (bool per sample) keeps the KD term only where true (TLLM drops it for undistillable
     classes); the mean is still over the whole batch. Without labels, ``y=None`` and ``alpha`` is 1.
+    In a thief's mixed batch (``y = -1`` on its unlabelled queries) the KD term is the mean over every
+    sample and the CE term the mean over the labelled ones (:func:`labelled_ce`).
     """
     log_pt = tempered_log_softmax(teacher_logits, temperature)
     log_ps = tempered_log_softmax(student_logits, temperature)
@@ -39,10 +41,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch
         pt = log_pt.exp()
         per = (pt * (torch.where(pt > 0, log_pt, 0.0) - torch.where(pt > 0, log_ps, 0.0))).sum(1)
         kl = (per * mask.float()).mean()
-    ce = F.cross_entropy(student_logits, y) if y is not None else student_logits.new_zeros(())
+    ce = labelled_ce(student_logits, y) if y is not None else student_logits.new_zeros(())
     a = alpha if y is not None else 1.0
     loss = a * temperature**2 * kl + (1 - a) * ce
     return loss, {"kd_kl": kl.item(), "ce": ce.item()}
+
+
+def labelled_ce(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled samples of the batch; ``y = -1`` marks an unlabelled
+    query (a thief's image without a label), which adds nothing. 0 when no sample is labelled. On a
+    fully labelled batch this is exactly ``F.cross_entropy``."""
+    known = y >= 0
+    if bool(known.all()):
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    if not bool(known.any()):
+        return logits.sum() * 0.0  # keeps the graph (and the loop's finiteness check) intact
+    return F.cross_entropy(logits[known], y[known], label_smoothing=label_smoothing)
 
 
 def adversary_kl(teacher_logits: torch.Tensor, adversary_logits: torch.Tensor, tau: float,

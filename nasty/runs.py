@@ -183,12 +183,12 @@ def prepare_out_dir(out: str | Path | None, force: bool, default_name: str, inpu
     return path
 
 
-def data_from_config(cfg: dict, *, normalization=None, train_subset: Any = "config") -> DataBundle:
+def data_from_config(cfg: dict, *, normalization=None, train_subset: Any = "config", exclude_subset: int | None = None) -> DataBundle:
     d = cfg["data"]
     return load_dataset(
         d["dataset"], d["data_root"], val_fraction=d["val_fraction"], split_seed=d["split_seed"],
         train_subset=d["train_subset"] if train_subset == "config" else train_subset,
-        download=d["download"], augment=d["augment"], normalization=normalization,
+        download=d["download"], augment=d["augment"], normalization=normalization, exclude_subset=exclude_subset,
     )
 
 

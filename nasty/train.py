@@ -28,6 +28,7 @@ from .checkpoint import save_checkpoint
 from .data import Batch, DataBundle, iterate_batches
 from .errors import NastyError, TrainingDiverged
 from .frozen import Frozen, StepMemo
+from .losses import labelled_ce
 from .metrics import accuracy, predict_logits
 from .resume import FitState, data_fingerprint, load_fit_state, save_fit_state, state_path
 
@@ -188,6 +189,8 @@ class Member:
     y_train: torch.Tensor | None = None  # this member's labels of the shared images (default: the group's)
     data: DataBundle | None = None  # whose validation split scores this member (default: the group's)
     log: Callable[[str], None] | None = None  # default: the group's
+    explode: float | None = None  # stop (diverged) when an epoch's mean loss exceeds this many times the first epoch's
+    late_ties: bool = False  # an epoch as accurate on validation as the best so far replaces it (a small split saturates early)
 
 
 @dataclass
@@ -226,6 +229,8 @@ def fit(
     y_train: torch.Tensor | None = None,
     save_state: bool = False,
     resume: bool = False,
+    explode: float | None = None,
+    late_ties: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``objective``; keep the weights of the best validation epoch.
 
@@ -239,9 +244,14 @@ def fit(
     ``state``) is written atomically after every epoch to :func:`state_path`; with ``resume`` an
     existing state is checked against this run and training continues from it, bit-for-bit on CPU
     with ``deterministic``. A NaN/inf loss raises :class:`TrainingDiverged`; the best weights so far
-    are restored into ``model`` and saved in ``run_dir/last_good``.
+    are restored into ``model`` and saved in ``run_dir/last_good``. ``explode=F``: so does an epoch whose
+    mean loss exceeds ``F`` times the first epoch's (in absolute value, at least 1): a loss that climbs
+    by orders of magnitude without ever turning NaN/inf is a diverged run too. ``late_ties``: among
+    epochs equally accurate on validation the latest is kept (a small validation split saturates
+    early, long before the schedule ends).
     """
-    member = Member(model, objective, desc=desc, eval_model=eval_model, run_dir=run_dir, y_train=y_train)
+    member = Member(model, objective, desc=desc, eval_model=eval_model, run_dir=run_dir, y_train=y_train, explode=explode,
+                    late_ties=late_ties)
     out = fit_group([member], data, cfg, log=log, x_train=x_train, save_state=save_state, resume=resume)[0]
     assert isinstance(out, FitResult)
     return out
@@ -462,6 +472,12 @@ def _end_epoch(s: _Slot, epoch: int, cfg: TrainConfig, gen: torch.Generator, ddp
     row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}, "val_accuracy": val_acc,
            "lr": s.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
     st = s.st
+    if s.m.explode and st.history and "loss" in row and "loss" in st.history[0]:
+        first = st.history[0]["loss"]
+        if row["loss"] > s.m.explode * max(abs(first), 1.0):
+            _stop(s, f"{s.m.desc}: the loss exploded at epoch {epoch + 1} ({row['loss']:.4g}, more than {s.m.explode:g} times "
+                     f"the first epoch's {first:.4g}) without turning NaN/inf", main, errors)
+            return
     st.history.append(row)
     if s.metrics_file:
         s.metrics_file.write(json.dumps(row) + "\n")
@@ -469,7 +485,8 @@ def _end_epoch(s: _Slot, epoch: int, cfg: TrainConfig, gen: torch.Generator, ddp
     if s.log:
         terms_txt = " ".join(f"{k}={v / max(seen, 1):.4f}" for k, v in sums.items())
         s.log(f"[{s.m.desc}] epoch {epoch + 1}/{cfg.epochs} {terms_txt} val_acc={val_acc:.2f}")
-    if cfg.select == "last" or val_acc > st.best_val:
+    better = val_acc > st.best_val or (s.m.late_ties and val_acc == st.best_val)
+    if cfg.select == "last" or better:
         st.best_val, st.best_epoch = val_acc, epoch + 1
         st.best_state = copy.deepcopy(s.m.model.state_dict())
     if s.obj.end_of_epoch is not None:
@@ -550,6 +567,6 @@ def ce_objective(label_smoothing: float = 0.0) -> Objective:
     """Plain supervised training (optionally with label smoothing)."""
 
     def loss(model: nn.Module, batch: Batch, epoch: int):
-        return nn.functional.cross_entropy(model(batch.x), batch.y, label_smoothing=label_smoothing), {}
+        return labelled_ce(model(batch.x), batch.y, label_smoothing), {}
 
     return Objective(loss)

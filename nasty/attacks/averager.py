@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..errors import NastyError
 from ..losses import kd_loss
 from ..train import Objective
-from .base import Attack, check_temperature_alpha, register_attack
+from .base import TUNE, Attack, check_temperature_alpha, register_attack
 
 
 def class_mean_targets(teacher_logits: torch.Tensor, y: torch.Tensor, temperature: float, average: str = "probs") -> torch.Tensor:
@@ -42,7 +42,7 @@ class Averager(Attack):
     name = "averager"
     summary = "KD on the class-mean teacher output within each batch (Keser & Toreyin 2023)"
     accepts = ("weights", "logits", "probs", "topk")
-    params = {"temperature": 4.0, "alpha": 0.9, "average": "probs"}
+    params = {"temperature": 4.0, "alpha": 0.9, "average": "probs", "tune": TUNE}
 
     def validate(self):
         check_temperature_alpha(self.p)
@@ -54,7 +54,9 @@ class Averager(Attack):
         T, a, avg = self.p["temperature"], self.p["alpha"], self.p["average"]
 
         def loss(model, batch, epoch):
-            target = class_mean_targets(teacher(batch), batch.y, T, avg)
+            z = teacher(batch)
+            y = batch.y if not bool((batch.y < 0).any()) else torch.where(batch.y >= 0, batch.y, z.argmax(1))  # a query's class: the decision
+            target = class_mean_targets(z, y, T, avg)
             return kd_loss(model(batch.x), target, batch.y, T, a)
 
         return Objective(loss, frozen=[teacher])

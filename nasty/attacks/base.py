@@ -23,10 +23,18 @@ from ..registry import Registry, with_defaults
 from ..frozen import Frozen
 from ..models import create_model
 from ..resume import Checkpointing
-from ..train import TrainConfig, fit
+from ..metrics import predict_logits
+from ..train import Member, TrainConfig, fit, fit_group, seed_everything
+from ..errors import TrainingDiverged
 from .augment import Mixer
 
 ACCESS_LEVELS = ("weights", "logits", "probs", "topk", "label")  # most to least revealing
+
+EXPLODE = 10.0  # an attack's student whose epoch loss exceeds 10x its first epoch's has diverged: failed, never scored
+TUNE_ALPHAS = (0.3, 0.6, 0.9)  # with alpha 0 (labels only): the honest thief's grid, chosen on its validation split
+TUNE_TEMPERATURES = (1.0, 4.0, 10.0)
+TUNE = Param("bool", False, "Tune alpha (0, 0.3, 0.6, 0.9; 0 = labels only), the temperature (1, 4, 10) and the epoch on the "
+             "thief's own validation split, every candidate in one pass over the data (the audit and the probe always tune).")
 
 ATTACKS = Registry("attack")
 register_attack = ATTACKS.register
@@ -100,6 +108,9 @@ class AttackContext:
     augment: str = "none"  # distillation-time augmentation: none, mixup[:ALPHA], cutmix[:ALPHA]
     notes: list[str] = field(default_factory=list)  # caveats an attack reports (copied into the result)
     checkpointing: Checkpointing = field(default_factory=Checkpointing)  # save each training's state / resume from it
+    share_frozen: bool = False  # one Frozen per oracle for every objective built (a tuning grid's candidates share it)
+    late_ties: bool = False  # epoch selection: the latest of equally accurate epochs (thief's regime, tuning)
+    _frozen_memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def teacher(self) -> Oracle:
@@ -107,11 +118,17 @@ class AttackContext:
 
     def frozen_teacher(self, oracle: Oracle | None = None, n: int | None = None) -> Frozen:
         x = self.data.x_train
+        key = (id(oracle or self.teacher), n or len(x))
+        if self.share_frozen and key in self._frozen_memo:
+            return self._frozen_memo[key]
+        frozen = None
         if self.teacher_cache is not None and self.cache_teacher:
-            shared = self.teacher_cache.frozen(oracle or self.teacher, x, n or len(x))
-            if shared is not None:
-                return shared
-        return Frozen(oracle or self.teacher, n or len(x), cache=self.cache_teacher)
+            frozen = self.teacher_cache.frozen(oracle or self.teacher, x, n or len(x))
+        if frozen is None:
+            frozen = Frozen(oracle or self.teacher, n or len(x), cache=self.cache_teacher)
+        if self.share_frozen:
+            self._frozen_memo[key] = frozen
+        return frozen
 
     def train_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The images the student trains on and their labels (``-1`` where the attacker has none)."""
@@ -128,7 +145,7 @@ class AttackContext:
         x, y = self.train_split()
         run_dir = None if self.run_dir is None else (Path(self.run_dir) / subdir if subdir else self.run_dir)
         return fit(model, objective, self.data, cfg or self.train, eval_model=eval_model, run_dir=run_dir, desc=desc,
-                   x_train=x, y_train=y, **({"log": self.log} if self.log else {}), **self.checkpointing.fit_args())
+                   x_train=x, y_train=y, explode=EXPLODE, late_ties=self.late_ties, **({"log": self.log} if self.log else {}), **self.checkpointing.fit_args())
 
 
 class Attack:
@@ -167,9 +184,58 @@ class Attack:
 
     def train(self, ctx: AttackContext) -> tuple[nn.Module, dict]:
         """Train and return the student (the module evaluated on the test split) and extra results."""
+        if self.p.get("tune"):
+            return self.train_tuned(ctx)
         student = self.build_student(ctx)
         res = ctx.fit(student, self.objective(ctx, student), desc=f"{self.name}:{ctx.student}")
         return student, {"best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy}
+
+    def tuning_grid(self, labels: bool = True) -> list[dict[str, float]]:
+        """The honest thief's candidates: alpha 0 (labels only) and every alpha x temperature of the grid;
+        without labels (the KD term alone) only the temperatures."""
+        if not labels:
+            return [{"alpha": self.p["alpha"], "temperature": t} for t in TUNE_TEMPERATURES]
+        return [{"alpha": 0.0, "temperature": 1.0}] + [{"alpha": a, "temperature": t} for a in TUNE_ALPHAS for t in TUNE_TEMPERATURES]
+
+    def train_tuned(self, ctx: AttackContext) -> tuple[nn.Module, dict]:
+        """Every candidate of :meth:`tuning_grid` in one pass over the thief's data (the teacher answers
+        once for all), each with its own best epoch; the candidate with the best accuracy on the thief's
+        validation split wins (ties: the lower validation cross-entropy). Diverged candidates are left
+        out; when all diverge, the attack has failed (:class:`TrainingDiverged`)."""
+        grid = self.tuning_grid(ctx.labels_available)
+        x, y = ctx.train_split()
+        members, shared = [], ctx.share_frozen
+        ctx.share_frozen = True
+        try:
+            for g in grid:
+                sub = type(self)(**{**self.p, **g, "tune": False})
+                seed_everything(ctx.train.seed, ctx.train.deterministic)  # every candidate starts from the same weights
+                student = sub.build_student(ctx)
+                tag = f"alpha={g['alpha']:g},T={g['temperature']:g}"
+                run_dir = None if ctx.run_dir is None else Path(ctx.run_dir) / "tune" / tag.replace(",", "-")
+                members.append(Member(student, sub.objective(ctx, student), desc=f"{self.name}:{ctx.student}:{tag}", run_dir=run_dir,
+                                      y_train=y, explode=EXPLODE, late_ties=True))
+        finally:
+            ctx.share_frozen = shared
+        fits = fit_group(members, ctx.data, ctx.train, x_train=x, errors="collect", **({"log": ctx.log} if ctx.log else {}),
+                         **ctx.checkpointing.fit_args())
+        rows, best = [], None
+        for g, m, f in zip(grid, members, fits):
+            if isinstance(f, Exception):
+                rows.append({**g, "failed": str(f).splitlines()[0]})
+                continue
+            z = predict_logits(m.model, ctx.data.x_val)
+            nll = float(F.cross_entropy(z, ctx.data.y_val)) if len(ctx.data.y_val) else float("nan")
+            rows.append({**g, "val_accuracy": f.best_val_accuracy, "val_nll": nll, "best_epoch": f.best_epoch})
+            if best is None or (f.best_val_accuracy, -nll) > (rows[best[0]]["val_accuracy"], -rows[best[0]]["val_nll"]):
+                best = (len(rows) - 1, m.model, f)
+        if best is None:
+            raise TrainingDiverged(f"{self.name}: every tuning candidate diverged ({rows[0].get('failed', '')})")
+        i, model, f = best
+        chosen = {k: rows[i][k] for k in ("alpha", "temperature")}
+        if chosen["alpha"] == 0:
+            ctx.notes.append("tuning: the thief's validation split says labels alone win (alpha 0 chosen)")
+        return model, {"best_epoch": f.best_epoch, "val_accuracy": f.best_val_accuracy, "tuned": chosen, "tuning": rows}
 
 
 def check_temperature_alpha(p: dict) -> None:

@@ -15,7 +15,7 @@ import torch
 from ..losses import kd_loss
 from .augment import Mixed, mixed_ce
 from ..train import Objective
-from .base import Attack, check_temperature_alpha, register_attack
+from .base import TUNE, Attack, check_temperature_alpha, register_attack
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, m: Mixed, temperature: float, alpha: float,
@@ -35,7 +35,7 @@ class KD(Attack):
     accepts = ("weights", "logits", "probs", "topk", "label")  # label: alpha*T^2*CE at temperature T on the teacher's labels
     needs_labels = False  # with alpha = 1 it distils from the teacher alone
     supports_augment = True
-    params = {"temperature": 4.0, "alpha": 0.9}
+    params = {"temperature": 4.0, "alpha": 0.9, "tune": TUNE}
 
     def validate(self):
         check_temperature_alpha(self.p)

@@ -19,7 +19,7 @@ from ..data import Batch
 from ..errors import NastyError
 from ..losses import kd_loss
 from ..train import Objective
-from .base import Attack, check_temperature_alpha, register_attack
+from .base import TUNE, Attack, check_temperature_alpha, register_attack
 
 
 def _center(z: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class Rehead(Attack):
     name = "rehead"
     summary = "fit a correction (affine or small MLP) from the served logits to the thief's labels, then KD from the corrected outputs"
     accepts = ("weights", "logits", "probs")
-    params = {"temperature": 4.0, "alpha": 0.9, "corrector": "affine", "hidden": 64, "steps": 500}
+    params = {"temperature": 4.0, "alpha": 0.9, "corrector": "affine", "hidden": 64, "steps": 500, "tune": TUNE}
 
     def validate(self):
         check_temperature_alpha(self.p)

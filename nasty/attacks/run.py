@@ -20,7 +20,7 @@ from ..metrics import evaluate, predict_logits
 from ..resume import Checkpointing
 from ..train import Member, fit_group, seed_everything
 from .augment import parse_augment
-from .base import ATTACKS, Attack, AttackContext, Oracle, get_attack, parse_access
+from .base import ATTACKS, EXPLODE, Attack, AttackContext, Oracle, get_attack, parse_access
 
 
 def run_attack(method: str, **kwargs: Any) -> tuple[nn.Module, dict]:
@@ -67,6 +67,7 @@ class PreparedAttack:
     query_budget: int | None
     augment: str
     output_defense: Any
+    regime: dict | None = None  # the thief's regime (--labelled): how many labelled images, queries, validation images
 
     def finish(self, model: nn.Module, extra: dict, seconds: float, *, trained_with: int = 1) -> tuple[nn.Module, dict]:
         """Score the trained student on the test split; the result dict of :func:`run_attack`."""
@@ -95,6 +96,7 @@ class PreparedAttack:
                 "augment": self.augment or "none",
                 "teachers": len(ctx.teachers),
                 "output_defense": getattr(self.output_defense, "describe", lambda: None)() if self.output_defense else None,
+                **({"regime": self.regime} if self.regime else {}),
             },
             "seed": ctx.train.seed,
             "train_seconds": seconds,
@@ -127,6 +129,7 @@ def prepare_attack(
     x_val_queries: torch.Tensor | None = None,
     query_budget: int | None = None,
     checkpointing: Checkpointing | None = None,
+    labelled: int | None = None,
 ) -> PreparedAttack:
     """Everything :func:`run_attack` does before training: check the threat model, wrap the teachers
     in query oracles, build the attacker's view of the data (see :func:`run_attack`)."""
@@ -136,17 +139,32 @@ def prepare_attack(
                                unlabelled_queries=x_queries is not None)
     oracles = [Oracle(t, query, output_defense) for t in teachers] if cls.needs_teacher else []
     labels_used = bool(labels and cls.uses_labels and x_queries is None)
-    view, selection = _attacker_view(data, oracles, labels_used, x_queries, x_val_queries, query_budget)
+    if labelled is not None:
+        if x_queries is not None:
+            raise NastyError("--labelled splits the thief's own images into labelled ones and queries; it cannot be combined with --surrogate")
+        if not labels:
+            raise NastyError("--labelled gives the thief labels on some of its images; it cannot be combined with --no-labels")
+        view, selection = thief_view(data, labelled, query_budget, "labels" if not cls.needs_teacher else
+                                     "mixed" if cls.uses_labels else "queries")
+    else:
+        view, selection = _attacker_view(data, oracles, labels_used, x_queries, x_val_queries, query_budget)
     ctx = AttackContext(data=view, teachers=oracles, student=student, train=train, params=attack.p,
                         run_dir=out_dir, log=log, labels_available=labels_used, cache_teacher=cache_teacher,
-                        teacher_cache=teacher_cache, augment=augment or "none", checkpointing=checkpointing or Checkpointing())
-    return PreparedAttack(method, attack, ctx, data, list(teachers), notes, selection, labels_used, query, data_source,
+                        teacher_cache=teacher_cache, augment=augment or "none", checkpointing=checkpointing or Checkpointing(),
+                        late_ties=labelled is not None)
+    prep = PreparedAttack(method, attack, ctx, data, list(teachers), notes, selection, labels_used, query, data_source,
                           query_budget, augment or "none", output_defense)
+    if labelled is not None:
+        y = view.y_train
+        prep.regime = {"labelled": int(labelled), "queries": int(query_budget or len(data.y_train)),
+                       "labelled_train": int((y >= 0).sum()), "unlabelled_queries": int((y < 0).sum()), "validation": int(len(view.y_val))}
+    return prep
 
 
-def can_share_pass(method: str) -> bool:
-    """Whether the attack is a single run of the training loop (so it can share a pass with others)."""
-    return get_attack(method).train is Attack.train
+def can_share_pass(method: str, params: dict | None = None) -> bool:
+    """Whether the attack is a single run of the training loop (so it can share a pass with others); a
+    tuned attack trains its own grid in one pass."""
+    return get_attack(method).train is Attack.train and not (params or {}).get("tune")
 
 
 def run_attacks_together(runs: list[PreparedAttack], *, log: Callable[[str], None] | None = None
@@ -162,14 +180,15 @@ def run_attacks_together(runs: list[PreparedAttack], *, log: Callable[[str], Non
     members = []
     for r in runs:
         c = r.ctx
-        if not can_share_pass(r.method):
+        if not can_share_pass(r.method, r.attack.p):
             raise NastyError(f"attack {r.method} trains in several stages; it cannot share a pass")
         if c.train != first.train or c.train_split()[0] is not x or c.data.augment != first.data.augment:
             raise NastyError("runs trained together need the same images, augmentation, schedule and seed")
         seed_everything(c.train.seed, c.train.deterministic)  # as run_attack: the initial weights depend on the seed only
         student = r.attack.build_student(c)
         members.append(Member(student, r.attack.objective(c, student), desc=f"{r.method}:{c.student}", run_dir=c.run_dir,
-                              y_train=c.train_split()[1], data=c.data, log=c.log))
+                              y_train=c.train_split()[1], data=c.data, log=c.log, explode=EXPLODE,
+                              late_ties=c.late_ties))
     t0 = time.perf_counter()
     fits = fit_group(members, first.data, first.train, x_train=x, errors="collect", **({"log": log} if log else {}))
     share = (time.perf_counter() - t0) / len(runs)
@@ -253,3 +272,66 @@ def _attacker_view(data, oracles: list, labels_used: bool, x_queries: torch.Tens
     if x_train is data.x_train and y_train is data.y_train and x_val is data.x_val and y_val is data.y_val:
         return data, selection
     return dataclasses.replace(data, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val), selection
+
+
+THIEF_VAL_FRACTION = 0.2  # of the thief's labelled images: its validation split (at least one image per class)
+_VIEWS: dict[tuple, tuple[Any, Any, str]] = {}  # the same regime of the same bundle -> the same tensors (shared passes, caches)
+
+
+def thief_view(data, labelled: int, queries: int | None, kind: str):
+    """The thief's regime: ``queries`` images of ``data``'s training split (default: all), of which
+    ``labelled`` carry their labels and the rest are unlabelled queries. Its validation split is carved
+    from the labelled images only (:data:`THIEF_VAL_FRACTION`, stratified). ``kind``: what the attack may
+    train on: ``labels`` (the labelled images alone: the label-only floor), ``mixed`` (labelled images
+    and unlabelled queries, ``y = -1`` on the queries) or ``queries`` (all of them, labels hidden: a
+    label-free attack). Deterministic in the split seed; the same for every training seed and method."""
+    import dataclasses
+
+    import numpy as np
+
+    pool = len(data.y_train)
+    m = pool if queries is None else queries
+    if isinstance(labelled, bool) or not isinstance(labelled, int) or labelled < 1:
+        raise NastyError(f"--labelled must be a positive integer, got {labelled!r}")
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= pool:
+        raise NastyError(f"--queries {m} exceeds the {pool} training images the thief can draw from" if isinstance(m, int) and m > pool
+                         else f"--queries must be a positive integer, got {m!r}")
+    if labelled >= m:
+        raise NastyError(f"--labelled {labelled} must be smaller than --queries {m} (the rest are the unlabelled queries; "
+                         "for a thief whose every image is labelled, drop --labelled)")
+    c = data.num_classes
+    if labelled < 2 * c:
+        raise NastyError(f"--labelled {labelled} is too few for {c} classes: the thief needs at least {2 * c} labelled images "
+                         "(a training and a validation image per class)")
+    key = (id(data), labelled, m, kind)
+    hit = _VIEWS.get(key)
+    if hit is not None and hit[0] is data:
+        return hit[1], hit[2]
+    seed = int(data.info.get("split_seed", 0)) if isinstance(data.info, dict) else 0
+    y_all = data.y_train.numpy()
+    lab = stratified_indices(y_all, labelled, seed + 7919)
+    rest = np.setdiff1d(np.arange(pool), lab)
+    que = np.sort(np.random.default_rng(seed + 104729).permutation(rest)[: m - labelled])
+    n_val = max(c, int(round(THIEF_VAL_FRACTION * labelled)))
+    val = lab[stratified_indices(y_all[lab], n_val, seed)]
+    lab_train = np.setdiff1d(lab, val)
+    if kind == "labels":
+        idx = lab_train
+    else:
+        idx = np.sort(np.concatenate([lab_train, que]))
+    y = data.y_train[torch.from_numpy(idx)].clone()
+    if kind == "mixed":
+        y[torch.from_numpy(~np.isin(idx, lab_train))] = -1
+    elif kind == "queries":
+        y[:] = -1
+    v = torch.from_numpy(val)
+    xkey = (id(data), labelled, m, kind == "labels")  # mixed and label-free views share one image tensor (one shared pass)
+    xhit = _VIEWS.get(xkey)
+    x = xhit[1] if xhit is not None and xhit[0] is data else data.x_train[torch.from_numpy(idx)]
+    _VIEWS[xkey] = (data, x, "")
+    view = dataclasses.replace(data, x_train=x, y_train=y, x_val=data.x_train[v], y_val=data.y_train[v])
+    selection = f"the thief's {len(val)} labelled validation images"
+    if len(_VIEWS) > 64:
+        _VIEWS.clear()
+    _VIEWS[key] = (data, view, selection)
+    return view, selection

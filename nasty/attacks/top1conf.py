@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..losses import kd_loss
 from ..train import Objective
-from .base import Attack, check_temperature_alpha, register_attack
+from .base import TUNE, Attack, check_temperature_alpha, register_attack
 
 
 def top1_confidence_target(z: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ class Top1Confidence(Attack):
     name = "top1-confidence"
     summary = "KD on a target built from the served top-1 class and its probability only"
     accepts = ("weights", "logits", "probs", "topk")
-    params = {"temperature": 4.0, "alpha": 0.9}
+    params = {"temperature": 4.0, "alpha": 0.9, "tune": TUNE}
 
     def validate(self):
         check_temperature_alpha(self.p)

@@ -16,13 +16,14 @@ import torch.nn as nn
 
 from ..attacks import check_requirements, get_attack, run_attack
 from ..attacks.base import load_surrogate
+from ..attacks.run import thief_view
 from ..checkpoint import atomic_write_json
 from ..config import train_config
 from ..defenses.output import parse_output_defense
 from ..errors import NastyError
 from ..resume import Checkpointing
 from ..runs import data_from_config, save_model
-from .common import open_teacher, teacher_normalization
+from .common import open_teacher, teacher_normalization, thief_data
 
 
 @dataclass
@@ -66,9 +67,19 @@ def plan_attack(cfg: dict, *, output_defense: str | None = None, labels: bool | 
     check_requirements(cls, query=query, labels=labels, n_teachers=len(a["teacher"]), augment=a["augment"],
                        unlabelled_queries=bool(a["surrogate"]))
     norm = teacher_normalization(a["teacher"][0]) if a["teacher"] else None
-    data = data_from_config(cfg, normalization=norm)
+    notes = []
+    if a["labelled"] is not None:
+        if a["surrogate"]:
+            raise NastyError("--labelled splits the thief's own images into labelled ones and queries; it cannot be combined with --surrogate")
+        if labels is False:
+            raise NastyError("--labelled gives the thief labels on some of its images; it cannot be combined with --no-labels")
+        data, note = thief_data(cfg, a["teacher"], norm)
+        notes.append(note)
+        thief_view(data, a["labelled"], a["queries"], "labels")  # the regime's bounds, checked before anything trains
+    else:
+        data = data_from_config(cfg, normalization=norm)
     teachers = [open_teacher(path, data)[0] for path in a["teacher"]]
-    plan = AttackPlan(cfg, a["method"], params, query, labels, data, teachers, post)
+    plan = AttackPlan(cfg, a["method"], params, query, labels, data, teachers, post, notes=notes)
     if a["surrogate"]:
         sur = load_surrogate(a["surrogate"], cfg["data"]["data_root"], data, val_fraction=cfg["data"]["val_fraction"],
                              split_seed=cfg["data"]["split_seed"], download=cfg["data"]["download"])
@@ -84,8 +95,10 @@ def run_attack_plan(plan: AttackPlan, out: Path, log: Callable[[str], None], ck:
     student, result = run_attack(plan.method, data=plan.data, teachers=plan.teachers, student=a["student"], train=train_config(cfg),
                                  params=plan.params, query=plan.query, out_dir=out, log=log, output_defense=plan.output_defense,
                                  labels=plan.labels, x_queries=plan.x_queries, x_val_queries=plan.x_val_queries,
-                                 data_source=plan.data_source, augment=a["augment"], query_budget=a["queries"], checkpointing=ck)
+                                 data_source=plan.data_source, augment=a["augment"], query_budget=a["queries"], checkpointing=ck,
+                                 labelled=a["labelled"])
     result["teacher"] = list(a["teacher"])
+    result["notes"] = list(plan.notes or []) + result["notes"]
     save_model(out, student, plan.data, cfg, {"test": {k: result[k] for k in ("accuracy", "per_class_accuracy")}})
     atomic_write_json(out / "result.json", result)
     return result

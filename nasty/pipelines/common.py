@@ -7,6 +7,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..checkpoint import check_compatible, load_checkpoint, read_sidecar
+from ..runs import data_from_config
 
 
 def normalization(side: dict) -> tuple[list[float], list[float]]:
@@ -24,3 +25,30 @@ def open_teacher(path: str | Path, data, what: str = "teacher") -> tuple[nn.Modu
     model, side = load_checkpoint(path)
     check_compatible(side, data, f"{what} {path}")
     return model, side
+
+
+def teacher_subset(path: str | Path, cfg: dict) -> int | None:
+    """How many training images the checkpoint at ``path`` trained on when that was a ``train_subset`` of
+    the same dataset and split as ``cfg``'s (so a thief's images can be kept apart from them), else ``None``."""
+    side = read_sidecar(path)[1]
+    theirs = (side.get("config") or {}).get("data") or {}
+    d = cfg["data"]
+    k = theirs.get("train_subset")
+    if d["train_subset"] is not None or not isinstance(k, int) or isinstance(k, bool):
+        return None
+    if theirs.get("dataset") != d["dataset"] or theirs.get("split_seed", 0) != d["split_seed"]:
+        return None
+    return k
+
+
+def thief_data(cfg: dict, teachers: list[str | Path], norm, log=None):
+    """The thief's data (``--labelled``): the training split, minus the images the teacher trained on
+    when its checkpoint says it trained on a ``train_subset`` of the same split (the first teacher's);
+    otherwise the thief's images overlap the teacher's training images, and a note says so."""
+    k = teacher_subset(teachers[0], cfg) if teachers else None
+    if k is None:
+        return data_from_config(cfg, normalization=norm), ("the thief's images come from the training split the teacher trained on "
+                                                           "(train the teacher with --train-subset to keep them apart)")
+    data = data_from_config(cfg, normalization=norm, exclude_subset=k)
+    return data, f"the thief's images are the {len(data.y_train) + len(data.y_val)} training images the teacher never saw " \
+                 f"(it trained on a subset of {k})"

@@ -1,0 +1,40 @@
+"""The hard-label floor of a thief with a few labels and many queries: cross-entropy on its own labels
+where it has them and on the teacher's top-1 answer for every unlabelled query (Copycat's extraction,
+Correia-Silva et al. 2018, plus the thief's labelled images). A defense that keeps the teacher's
+decisions cannot lower this floor: a thief always gets at least this much from a decision-keeping
+teacher, so a defense's leakage is measured above the better of this floor and labels alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NastyError
+from ..train import Objective
+from .base import Attack, register_attack
+
+
+@register_attack
+class HardLabel(Attack):
+    name = "hard-label"
+    summary = "the decision floor: CE on the thief's labels and on the teacher's top-1 for its unlabelled queries"
+    accepts = ("weights", "logits", "probs", "topk", "label")
+    needs_labels = False  # without any label it is Copycat
+    params = {"label_smoothing": 0.0}
+
+    def validate(self):
+        if not 0 <= self.p["label_smoothing"] < 1:
+            raise NastyError(f"label_smoothing must be in [0, 1), got {self.p['label_smoothing']}")
+
+    def objective(self, ctx, student):
+        teacher = ctx.frozen_teacher()
+        ls = self.p["label_smoothing"]
+
+        def loss(model, batch, epoch):
+            y = batch.y
+            if bool((y < 0).any()):
+                y = torch.where(y >= 0, y, teacher(batch).argmax(1))
+            return F.cross_entropy(model(batch.x), y, label_smoothing=ls), {}
+
+        return Objective(loss, frozen=[teacher])
