@@ -191,6 +191,7 @@ class Member:
     log: Callable[[str], None] | None = None  # default: the group's
     explode: float | None = None  # stop (diverged) when an epoch's mean loss exceeds this many times the first epoch's
     late_ties: bool = False  # an epoch as accurate on validation as the best so far replaces it (a small split saturates early)
+    select_from: int = 1  # the first epoch (1-based) that model selection may keep (e.g. after a labels-only warm-up)
 
 
 @dataclass
@@ -231,6 +232,7 @@ def fit(
     resume: bool = False,
     explode: float | None = None,
     late_ties: bool = False,
+    select_from: int = 1,
 ) -> FitResult:
     """Train ``model`` on ``objective``; keep the weights of the best validation epoch.
 
@@ -248,10 +250,10 @@ def fit(
     mean loss exceeds ``F`` times the first epoch's (in absolute value, at least 1): a loss that climbs
     by orders of magnitude without ever turning NaN/inf is a diverged run too. ``late_ties``: among
     epochs equally accurate on validation the latest is kept (a small validation split saturates
-    early, long before the schedule ends).
+    early, long before the schedule ends). ``select_from``: epochs before it are never kept.
     """
     member = Member(model, objective, desc=desc, eval_model=eval_model, run_dir=run_dir, y_train=y_train, explode=explode,
-                    late_ties=late_ties)
+                    late_ties=late_ties, select_from=select_from)
     out = fit_group([member], data, cfg, log=log, x_train=x_train, save_state=save_state, resume=resume)[0]
     assert isinstance(out, FitResult)
     return out
@@ -485,7 +487,7 @@ def _end_epoch(s: _Slot, epoch: int, cfg: TrainConfig, gen: torch.Generator, ddp
     if s.log:
         terms_txt = " ".join(f"{k}={v / max(seen, 1):.4f}" for k, v in sums.items())
         s.log(f"[{s.m.desc}] epoch {epoch + 1}/{cfg.epochs} {terms_txt} val_acc={val_acc:.2f}")
-    better = val_acc > st.best_val or (s.m.late_ties and val_acc == st.best_val)
+    better = (val_acc > st.best_val or (s.m.late_ties and val_acc == st.best_val)) and epoch + 1 >= s.m.select_from
     if cfg.select == "last" or better:
         st.best_val, st.best_epoch = val_acc, epoch + 1
         st.best_state = copy.deepcopy(s.m.model.state_dict())

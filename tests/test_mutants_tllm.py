@@ -107,7 +107,7 @@ def scripted(monkeypatch):
     def fake(model, x, y, num_classes):
         if not first:
             first.append(model)
-        return list(CE_VAL if model is first[0] else KD_VAL)
+        return list(CE_VAL if model is first[0] else globals()["KD_VAL"])
 
     monkeypatch.setattr(tllm_mod, "class_accuracy", fake)
     flags_seen: list = []
@@ -129,7 +129,7 @@ def test_tllm_reports_its_identification(digits, small_teacher, scripted, mode):
     from nasty.metrics import predict_logits
     from nasty.train import TrainConfig
 
-    params = {"mode": mode, "delta": 2.0}
+    params = {"mode": mode, "delta": 2.0, "min_val": 1}  # per-class identification even on digits' 14 validation images a class
     params.update({"prelim_epochs": 1} if mode == "oneshot" else {"patience": 2, "eval_every": 1})
     cfg = TrainConfig(epochs=1 if mode == "oneshot" else 3, batch_size=256, seed=0)
     model, res = run_attack("tllm", data=digits, teachers=[small_teacher], student="mlp:hidden=16", train=cfg,
@@ -177,3 +177,34 @@ def test_tllm_preliminary_runs_are_named_and_kept_apart(digits, small_teacher, t
         n = len((tmp_path / sub / "metrics.jsonl").read_text().splitlines())
         assert n == (1 if mode == "oneshot" else 2), sub
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("kd_val, expected", [(KD_VAL, []), ([80.0] * 10, list(range(10)))])
+def test_tllm_falls_back_to_one_global_decision_on_a_thin_validation_split(digits, small_teacher, scripted, kd_val, expected,
+                                                                           monkeypatch):
+    """Fewer than min_val validation images in a class: per-class deltas are noise, so U is every class when KD
+    loses more than delta overall (n-weighted) on validation, else empty; the run says so."""
+    from nasty.attacks import run_attack
+    from nasty.train import TrainConfig
+
+    monkeypatch.setitem(globals(), "KD_VAL", kd_val)
+    per_class = torch.bincount(digits.y_val, minlength=10)
+    assert int(per_class.min()) < 20  # digits' validation split is thin: the default min_val applies
+    _, res = run_attack("tllm", data=digits, teachers=[small_teacher], student="mlp:hidden=16", log=lambda m: None,
+                        train=TrainConfig(epochs=1, batch_size=256, seed=0), params={"delta": 2.0, "prelim_epochs": 1})
+    fb = res["identification"]["global_fallback"]
+    n = per_class.tolist()
+    assert fb["overall_delta"] == pytest.approx(sum(k * (kv - 90.0) for k, kv in zip(n, kd_val)) / sum(n))
+    assert res["undistillable_classes"] == expected
+    assert any("one global decision" in note for note in res["notes"])
+
+
+def test_tllm_drop_of_every_class_is_a_failed_attack_not_a_result(digits, small_teacher, scripted, monkeypatch):
+    from nasty.attacks import run_attack
+    from nasty.errors import TrainingDiverged
+    from nasty.train import TrainConfig
+
+    monkeypatch.setitem(globals(), "KD_VAL", [50.0] * 10)
+    with pytest.raises(TrainingDiverged, match="nothing to train on"):
+        run_attack("tllm", data=digits, teachers=[small_teacher], student="mlp:hidden=16", log=lambda m: None,
+                   train=TrainConfig(epochs=1, batch_size=256, seed=0), params={"prelim_epochs": 1, "discard": "drop"})

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..losses import labelled_ce
+
 from ..errors import NastyError
 from ..frozen import Frozen
 from ..train import Objective
@@ -85,7 +87,7 @@ class Attention(Attack):
             zt, fts = feats.unpack(teacher(batch))
             ft = dict(zip(t_names, fts))
             at = sum(at_loss(model.tap[s], ft[t], p) for s, t in names)
-            ce = F.cross_entropy(z, batch.y)
+            ce = labelled_ce(z, batch.y)
             kd = kd_per_sample(z, zt, T).mean() if a > 0 else z.new_zeros(())
             return (1 - a) * ce + a * kd + beta / 2 * at, {"at": at.item(), "ce": ce.item()}
 

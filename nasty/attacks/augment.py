@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..losses import labelled_ce
+
 from ..data import Batch
 from ..errors import NastyError
 from ..registry import did_you_mean
@@ -106,7 +108,9 @@ class Mixer:
 
 def mixed_ce(logits: torch.Tensor, m: Mixed, reduction: str = "mean") -> torch.Tensor:
     """``lam * CE(z, y) + (1 - lam) * CE(z, y2)`` (plain CE when the batch is not mixed)."""
-    ce = F.cross_entropy(logits, m.y, reduction=reduction)
+    if m.lam == 1.0 and reduction == "mean":
+        return labelled_ce(logits, m.y)  # a thief's unlabelled queries (y = -1) add nothing
+    ce = F.cross_entropy(logits, m.y, reduction=reduction, ignore_index=-1)
     if m.lam == 1.0:
         return ce
     return m.lam * ce + (1 - m.lam) * F.cross_entropy(logits, m.y2, reduction=reduction)

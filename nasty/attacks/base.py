@@ -139,13 +139,13 @@ class AttackContext:
         return Mixer(self.augment, self.train.seed)
 
     def fit(self, model: nn.Module, objective, *, eval_model: nn.Module | None = None, desc: str = "", cfg: TrainConfig | None = None,
-            subdir: str | None = None):
+            subdir: str | None = None, select_from: int = 1):
         """The one training loop on the attacker's data (``nasty.train.fit``), logging through ``log``.
         ``subdir`` keeps an auxiliary run's metrics apart from the main run's (``run_dir/subdir``)."""
         x, y = self.train_split()
         run_dir = None if self.run_dir is None else (Path(self.run_dir) / subdir if subdir else self.run_dir)
         return fit(model, objective, self.data, cfg or self.train, eval_model=eval_model, run_dir=run_dir, desc=desc,
-                   x_train=x, y_train=y, explode=EXPLODE, late_ties=self.late_ties, **({"log": self.log} if self.log else {}), **self.checkpointing.fit_args())
+                   x_train=x, y_train=y, explode=EXPLODE, late_ties=self.late_ties, select_from=select_from, **({"log": self.log} if self.log else {}), **self.checkpointing.fit_args())
 
 
 class Attack:

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..losses import labelled_ce
+
 from ..errors import NastyError
 from ..frozen import Frozen
 from ..train import Objective
@@ -78,7 +80,7 @@ class Hint(Attack):
             hl = hint_loss(model.tap[s_name], ft, model.extra["adapter"])
             if epoch < warm:
                 return beta * hl, {"hint": hl.item()}
-            ce = F.cross_entropy(z, batch.y)
+            ce = labelled_ce(z, batch.y)
             kd = kd_per_sample(z, zt, T).mean() if a > 0 else z.new_zeros(())
             return (1 - a) * ce + a * kd + beta * hl, {"hint": hl.item(), "ce": ce.item()}
 

@@ -88,7 +88,9 @@ class Rehead(Attack):
         z_val = ctx.teacher(ctx.data.x_val)  # the thief's own validation images (counted as queries)
         if not (torch.isfinite(z).all() and torch.isfinite(z_val).all()):
             raise NastyError("rehead needs finite served scores (use --query logits or probs)")
-        net, facts = fit_corrector(z, y, z_val, ctx.data.y_val, self.p["corrector"], self.p["hidden"], self.p["steps"], ctx.train.seed)
+        known = y >= 0  # the thief's labelled images (its unlabelled queries carry no label to fit)
+        net, facts = fit_corrector(z[known], y[known], z_val, ctx.data.y_val, self.p["corrector"], self.p["hidden"], self.p["steps"],
+                                   ctx.train.seed)
         ctx.notes.append(f"corrector {self.p['corrector']}: validation accuracy {facts['corrector_val_accuracy']:.2f}% after "
                          f"{facts['corrector_step']} steps")
         T, a = self.p["temperature"], self.p["alpha"]

@@ -23,11 +23,14 @@ student's final width) on feature maps; linear-ReLU-linear on vectors.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
 from ..errors import NastyError
 from ..losses import kl_div
+from ..metrics import accuracy, predict_logits
 from .augment import mixed_ce
 from ..params import Param
 from ..train import Objective
@@ -109,7 +112,23 @@ class Skeptical(Attack):
             loss = a * kd + (1 - a) * mixed_ce(zh, m) + g * sd + (1 - g) * mixed_ce(zs, m) + ce_f
             return loss, {"kd_kl": kd.item() / T**2, "self_kl": sd.item(), "ce": ce_f.item()}
 
-        res = ctx.fit(wrapped, Objective(loss, frozen=[teacher]), eval_model=student, desc=f"skeptical:{ctx.student}")
+        warm_best: dict = {"val": -1.0, "epoch": 0, "state": None}
+
+        def keep_warm_best(model, done: int) -> None:  # the warm-up is labels only: its best epoch is the label-only answer
+            if done <= warm_epochs:
+                acc = accuracy(predict_logits(student, d.x_val).argmax(1), d.y_val)
+                if acc > warm_best["val"]:
+                    warm_best.update(val=acc, epoch=done, state=copy.deepcopy(student.state_dict()))
+
+        # the epoch is chosen after the warm-up: selecting inside it would return the label-only student
+        res = ctx.fit(wrapped, Objective(loss, frozen=[teacher], end_of_epoch=keep_warm_best), eval_model=student,
+                      desc=f"skeptical:{ctx.student}", select_from=warm_epochs + 1)
         wrapped.release()
-        return student, {"best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy,
+        best_epoch, best_val = res.best_epoch, res.best_val_accuracy
+        if warm_best["state"] is not None and warm_best["val"] > best_val:
+            student.load_state_dict(warm_best["state"])
+            ctx.notes.append(f"skeptical: the thief's validation split says labels win (warm-up epoch {warm_best['epoch']}: "
+                             f"{warm_best['val']:.2f}% vs {best_val:.2f}% after distilling); the label-only warm-up student is kept")
+            best_epoch, best_val = warm_best["epoch"], warm_best["val"]
+        return student, {"best_epoch": best_epoch, "val_accuracy": best_val,
                          "heads": {"teacher_head_stage": h, "self_distillation_stage": s}}

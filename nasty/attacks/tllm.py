@@ -15,12 +15,21 @@ attacker's own labelled data, never the test split), per class c
   (The identification state is not part of ``fit``'s resumable training state: a resumed online run
   re-identifies from the evaluations it still makes.)
 
+Per-class deltas need validation images of every class: with fewer than ``min_val`` (default 20)
+of some class, a per-class accuracy moves by 5 points or more with one image, so the oneshot
+identification falls back to one global decision (``U`` = every class when KD loses more than
+``delta`` points overall on validation, else none) and says so.
+
 ``prelim_epochs`` (oneshot) shortens the two preliminary runs; online mode uses the run's epochs.
 The preliminary runs log to ``run_dir/prelim-ce`` and ``run_dir/prelim-kd``.
 
-Discarding (``discard``): ``kd-term`` (default) drops the KD term for samples of classes in U,
-``(1-a) CE + a T^2 KL 1[y not in U]``; ``ce-full`` also gives those samples full-weight CE;
-``drop`` removes them from training. The teacher is queried once per training image across all
+Discarding (``discard``): ``ce-full`` (default) drops the KD term for samples of classes in U and
+gives them full-weight CE, so they are learned from labels as a label-only student would (the
+paper's aim: those classes learn *more* without the teacher); ``kd-term`` only drops the KD term,
+``(1-a) CE + a T^2 KL 1[y not in U]`` (with a = 0.9 those samples get a tenth of the label signal);
+``drop`` removes them from training (a run left with nothing to train on has failed, never scored).
+In a thief's mixed batch (``y = -1`` on unlabelled queries) a query counts for the teacher's
+decided class and adds no CE. The teacher is queried once per training image across all
 runs (one shared output cache).
 """
 
@@ -31,8 +40,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ..errors import NastyError
+from ..errors import NastyError, TrainingDiverged
 from ..params import Param
+from ..data import Batch
 from ..metrics import per_class_accuracy, predict_logits
 from ..train import Objective, ce_objective, seed_everything
 from .augment import Mixed
@@ -48,14 +58,19 @@ def tllm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, m: Mix
     A mixed sample counts ``lam`` for ``y`` and ``1 - lam`` for ``y2``. With no class flagged and
     ``discard = kd-term`` this equals :func:`nasty.losses.kd_loss`.
     """
+    known = m.y >= 0  # a thief's unlabelled query: the teacher's decision stands for its class, and it has no CE
+    y1 = m.y if bool(known.all()) else torch.where(known, m.y, teacher_logits.argmax(1))
+    y2 = y1 if m.y2 is m.y else m.y2
+    if y1 is not m.y:
+        m = Mixed(Batch(m.x, y1, m.batch.idx, m.batch.augmented), y2, m.lam)
     u1, u2 = undistillable[m.y].float(), undistillable[m.y2].float()
     lam = m.lam
     keep = lam * (1 - u1) + (1 - lam) * (1 - u2)  # share of the sample that is distillable
     kl = kd_per_sample(student_logits, teacher_logits, temperature)
     ce1 = F.cross_entropy(student_logits, m.y, reduction="none")
     ce2 = ce1 if lam == 1.0 else F.cross_entropy(student_logits, m.y2, reduction="none")
-    ce_keep = lam * (1 - u1) * ce1 + (1 - lam) * (1 - u2) * ce2
-    ce_u = lam * u1 * ce1 + (1 - lam) * u2 * ce2
+    ce_keep = (lam * (1 - u1) * ce1 + (1 - lam) * (1 - u2) * ce2) * known
+    ce_u = (lam * u1 * ce1 + (1 - lam) * u2 * ce2) * known
     kd_part = alpha * keep * kl
     if discard == "kd-term":
         loss = (kd_part + (1 - alpha) * (ce_keep + ce_u)).mean()
@@ -102,8 +117,10 @@ class TLLM(Attack):
               "mode": Param("str", "oneshot", "tllm: oneshot or online identification.", choices=("oneshot", "online")),
               "delta": Param("float", 0.0, "tllm: a class is undistillable when KD loses more than DELTA points on it.",
                              lambda v: v >= 0, "a number >= 0 (percentage points)"),
-              "discard": Param("str", "kd-term", "tllm: what to discard for undistillable classes: kd-term, ce-full or drop.",
-                               choices=DISCARD),
+              "discard": Param("str", "ce-full", "tllm: what to discard for undistillable classes: ce-full (their KD term, with "
+                               "full-weight CE instead), kd-term or drop.", choices=DISCARD),
+              "min_val": Param("int", 20, "tllm: validation images per class needed for per-class identification (fewer: one "
+                               "global decision).", lambda v: 1 <= v <= 100000, "in 1..100000"),
               "eval_every": 1, "patience": 2, "prelim_epochs": None}
 
     def validate(self):
@@ -155,12 +172,25 @@ class TLLM(Attack):
                     desc=f"tllm-kd:{ctx.student}", cfg=prelim_cfg, subdir="prelim-kd")
             kd_acc = val_acc(kd_model)
             delta = deltas(kd_acc, ce_acc)
-            U = [c for c, v in enumerate(delta) if v is not None and v < -delta_min]
+            per_class = torch.bincount(d.y_val, minlength=C)
+            if int(per_class.min()) >= self.p["min_val"]:
+                U = [c for c, v in enumerate(delta) if v is not None and v < -delta_min]
+            else:
+                n = per_class.tolist()
+                overall = sum(k * v for k, v in zip(n, delta) if v is not None) / max(1, sum(n))  # n-weighted: the overall delta
+                U = list(range(C)) if overall < -delta_min else []
+                info["global_fallback"] = {"overall_delta": overall, "min_val_per_class": int(per_class.min())}
+                ctx.notes.append(f"tllm: {int(per_class.min())} validation images in the rarest class (< min_val {self.p['min_val']}): "
+                                 f"one global decision (KD {overall:+.2f} points overall on validation -> "
+                                 f"{'every class' if U else 'no class'} undistillable)")
             info.update({"ce_val_per_class": ce_acc, "kd_val_per_class": kd_acc})
             flags = torch.zeros(C, dtype=torch.bool)
             flags[U] = True
             if ctx.log:
                 ctx.log(f"[tllm] undistillable classes {U} (delta < -{delta_min:g} on validation)")
+            if len(U) == C and self.p["discard"] == "drop":
+                raise TrainingDiverged("tllm: every class was found undistillable and discard=drop leaves nothing to train on; "
+                                       "the attack failed (use discard=ce-full)")
             final = self.build_student(ctx)
             res = ctx.fit(final, self._objective(teacher, ctx.mixer(), flags), desc=f"tllm:{ctx.student}")
         else:
