@@ -198,7 +198,7 @@ def train_teacher(**kw) -> None:
     _emit(result, kw["as_json"], lambda: click.echo(f"teacher test accuracy {result['accuracy']:.2f}% -> {out}"))
 
 
-DEFENSE_OPTIONS = _declared("defense") + _declared("probe", ("students", "train_subset"))
+DEFENSE_OPTIONS = _declared("defense") + _declared("probe", ("students", "train_subset", "labelled", "queries", "seeds", "attacks"))
 
 
 @cli.command("train-defended")

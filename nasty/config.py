@@ -97,6 +97,15 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "students": Param("list[str]", ["mlp", "cnn:width=0.25"], "Comma-separated student architectures for the KD probe.",
                           flag="--probe-students"),
         "train_subset": Param("int?", None, "Labelled images the probe's students train on.", at_least_1, ">= 1", flag="--probe-subset"),
+        "labelled": Param("int?", None, "The probe's thief regime: labelled images of its --probe-queries (the rest unlabelled); its "
+                          "leakage is measured against the floors (labels only, hard-label) with self-tuning attacks.", at_least_1, ">= 1",
+                          flag="--probe-labelled"),
+        "queries": Param("int?", None, "The probe's thief regime: images the thief holds (default: every image of its pool).",
+                         at_least_1, ">= 1", flag="--probe-queries"),
+        "seeds": Param("int", 3, "Student seeds of the probe and of the strength's choice in the thief regime (at least 2 for "
+                       "an interval; 3 by default).", lambda v: 1 <= v <= 100, "in 1..100", flag="--probe-seeds"),
+        "attacks": Param("list[str]", ["kd", "rehead", "top1-confidence", "skeptical"], "Attacks of the probe's thief regime "
+                         "(each tunes itself on the thief's validation split).", flag="--probe-attacks"),
         "temperature": Param("float", 4.0, check=pos, expect="positive", flag=""),
         "alpha": Param("float", 0.9, check=unit, expect="in [0, 1]", flag=""),
         "train": Param("train", {}, flag=""),
@@ -195,6 +204,14 @@ def validate(cfg: dict) -> None:
     if cfg["probe"]["enabled"] and not cfg["probe"]["students"]:
         raise NastyError("probe.students is empty; name at least one student or disable the probe")
     get_attack(cfg["attack"]["method"])
+    for a in cfg["probe"]["attacks"]:
+        cls = get_attack(a)
+        if not cls.needs_teacher or cls.accepts == ("weights",):
+            raise NastyError(f"probe.attacks: {a} is not a black-box attack on the served outputs (its floors are always trained)")
+    if cfg["probe"]["queries"] is not None and cfg["probe"]["labelled"] is None:
+        raise NastyError("probe.queries needs probe.labelled (the thief regime: how many of its images carry labels)")
+    if cfg["probe"]["labelled"] is not None and cfg["probe"]["queries"] is not None and cfg["probe"]["labelled"] >= cfg["probe"]["queries"]:
+        raise NastyError(f"probe.labelled {cfg['probe']['labelled']} must be smaller than probe.queries {cfg['probe']['queries']}")
     parse_access(cfg["attack"]["query"])
     check_defense_keys(get_defense(cfg["defense"]["name"]), cfg["defense"])
 

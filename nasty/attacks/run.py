@@ -307,19 +307,14 @@ def thief_view(data, labelled: int, queries: int | None, kind: str):
     hit = _VIEWS.get(key)
     if hit is not None and hit[0] is data:
         return hit[1], hit[2]
-    seed = int(data.info.get("split_seed", 0)) if isinstance(data.info, dict) else 0
-    y_all = data.y_train.numpy()
-    lab = stratified_indices(y_all, labelled, seed + 7919)
-    rest = np.setdiff1d(np.arange(pool), lab)
-    que = np.sort(np.random.default_rng(seed + 104729).permutation(rest)[: m - labelled])
-    n_val = max(c, int(round(THIEF_VAL_FRACTION * labelled)))
-    val = lab[stratified_indices(y_all[lab], n_val, seed)]
-    lab_train = np.setdiff1d(lab, val)
+    lab_train, que, val = thief_indices(data, labelled, m)
     if kind == "labels":
         idx = lab_train
     else:
         idx = np.sort(np.concatenate([lab_train, que]))
     y = data.y_train[torch.from_numpy(idx)].clone()
+    import numpy as np
+
     if kind == "mixed":
         y[torch.from_numpy(~np.isin(idx, lab_train))] = -1
     elif kind == "queries":
@@ -335,3 +330,18 @@ def thief_view(data, labelled: int, queries: int | None, kind: str):
         _VIEWS.clear()
     _VIEWS[key] = (data, view, selection)
     return view, selection
+
+
+def thief_indices(data, labelled: int, m: int):
+    """Indices into ``data``'s training split of the thief's labelled training images, its unlabelled
+    queries and its (labelled) validation images; the rest of the split is never the thief's."""
+    import numpy as np
+
+    seed = int(data.info.get("split_seed", 0)) if isinstance(data.info, dict) else 0
+    y_all = data.y_train.numpy()
+    lab = stratified_indices(y_all, labelled, seed + 7919)
+    rest = np.setdiff1d(np.arange(len(y_all)), lab)
+    que = np.sort(np.random.default_rng(seed + 104729).permutation(rest)[: m - labelled])
+    n_val = max(data.num_classes, int(round(THIEF_VAL_FRACTION * labelled)))
+    val = lab[stratified_indices(y_all[lab], n_val, seed)]
+    return np.setdiff1d(lab, val), que, val

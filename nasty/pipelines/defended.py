@@ -33,6 +33,7 @@ from ..resume import Checkpointing
 from ..runs import data_from_config, new_model, save_model, test_metrics, train_normal
 from ..train import Frozen, fit, seed_everything
 from .common import normalization, open_teacher
+from .leakage import best_attack, measure, thief_pool
 from .probe import run_probe, verdict_text
 
 
@@ -239,8 +240,11 @@ def tuning_data(data, n: int | None, split_seed: int):
 def choose_strength(candidates: list[tuple[float, nn.Module]], cfg: dict, data, out: Path | None,
                     log: Callable[[str], None], ck: Checkpointing) -> tuple[int, list[dict]]:
     """Index of the candidate whose KD probe on the validation split gains least over labels (worst
-    probe student), and the table behind the choice."""
+    probe student), and the table behind the choice. In the thief's regime (``probe.labelled``) the
+    choice is by leakage: :func:`choose_by_leakage`."""
     p = cfg["probe"]
+    if p["labelled"] is not None:
+        return choose_by_leakage(candidates, cfg, data, out, log, ck)
     tdata = tuning_data(data, p["train_subset"], cfg["data"]["split_seed"])
     tcfg = train_config(cfg, p["train"])
     params = {"temperature": p["temperature"], "alpha": p["alpha"]}
@@ -266,3 +270,60 @@ def choose_strength(candidates: list[tuple[float, nn.Module]], cfg: dict, data, 
             "; ".join(f"{m} " + ", ".join(f"{s} {g:+.2f}" for s, g in gm.items()) for m, gm in gains.items()))
     best = min(range(len(table)), key=lambda i: (table[i]["worst_gain"], table[i]["omega"]))
     return best, table
+
+
+def choose_by_leakage(candidates: list[tuple[float, nn.Module]], cfg: dict, data, out: Path | None, log: Callable[[str], None],
+                      ck: Checkpointing, normal: nn.Module | None = None) -> tuple[int, list[dict]]:
+    """The strength by leakage, not by harm: the thief's students (``probe.labelled`` of ``probe.queries``
+    images from the thief's pool, ``probe.seeds`` seeds, every probe attack tuning itself) are scored on
+    the owner's held-out images: the thief pool's images this thief does not hold (the teacher, the
+    defense and the thief never trained on them), else the teacher's validation split; never the test
+    split. A candidate's score is, for its worst probe student, the best
+    attack's mean gain over the better floor, clipped at 0; among the candidates whose score is within
+    noise of the best (1.96 standard errors of the difference) the smallest omega wins: the least
+    distortion that leaks no more."""
+    p = cfg["probe"]
+    pool, note = thief_pool(cfg, data)
+    log(f"[tune] {note}")
+    targets = {f"omega={o:g}": t for o, t in candidates}
+    res = measure(cfg, pool, targets, {k: list(p["attacks"]) for k in targets}, score_on=owner_holdout(cfg, pool, data),
+                  seeds=list(range(cfg["train"]["seed"], cfg["train"]["seed"] + p["seeds"])), out=None if out is None else out / "tune",
+                  log=log, ck=ck)
+    table = []
+    for (omega, _), key in zip(candidates, targets):
+        worst = None
+        for s in p["students"]:
+            name, b = best_attack(res["leakage"][key][s])
+            if b is None:
+                continue
+            score, se = max(0.0, b["mean"]), (b["sd"] / b["n"] ** 0.5 if b["n"] > 1 else float("inf"))
+            if worst is None or score > worst["score"]:
+                worst = {"score": score, "se": se, "student": s, "attack": name, "mean": b["mean"]}
+        table.append({"omega": omega, "leakage": res["leakage"][key], **(worst or {"score": float("inf"), "se": float("inf")})})
+        log(f"[tune] omega={omega:g}: score {table[-1]['score']:+.2f} (best attack {table[-1].get('attack')} on {table[-1].get('student')})")
+    best = min(range(len(table)), key=lambda i: (table[i]["score"], table[i]["omega"]))
+    near = [i for i, r in enumerate(table)
+            if r["score"] - table[best]["score"] <= 1.96 * (r["se"] ** 2 + table[best]["se"] ** 2) ** 0.5]
+    pick = min(near, key=lambda i: table[i]["omega"])
+    for i, r in enumerate(table):
+        r["within_noise_of_best"] = i in near
+    if res["failed"]:
+        log(f"[tune] {len(res['failed'])} runs failed (not scored); first: {res['failed'][0]}")
+    return pick, table
+
+
+def owner_holdout(cfg: dict, pool, data) -> tuple:
+    """Images the owner may score the strength's choice on: the thief pool's images outside the probe thief's
+    own (when the teacher trained on a subset, at least 200 of them), else the teacher's validation split."""
+    import numpy as np
+
+    from ..attacks.run import thief_indices
+
+    p = cfg["probe"]
+    if pool is not data:
+        m = p["queries"] or len(pool.y_train)
+        lab, que, val = thief_indices(pool, p["labelled"], m)
+        rest = torch.from_numpy(np.setdiff1d(np.arange(len(pool.y_train)), np.concatenate([lab, que, val])))
+        if len(rest) >= 200:
+            return torch.cat([pool.x_train[rest], pool.x_val]), torch.cat([pool.y_train[rest], pool.y_val])
+    return data.x_val, data.y_val

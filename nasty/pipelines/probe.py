@@ -16,10 +16,13 @@ from ..config import train_config
 from ..registry import slug
 from ..resume import Checkpointing
 from ..runs import data_from_config, save_model
+from .leakage import HOLDS_BELOW, best_attack, holds, measure, thief_pool
 
 
 def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str], None], ck: Checkpointing = Checkpointing()) -> dict:
     p = cfg["probe"]
+    if p["labelled"] is not None:
+        return run_leakage_probe(cfg, data, normal, defended, out, log, ck)
     pdata = data if p["train_subset"] is None else data_from_config(cfg, normalization=(data.mean, data.std), train_subset=p["train_subset"])
     tcfg = train_config(cfg, p["train"])
     params = {"temperature": p["temperature"], "alpha": p["alpha"]}
@@ -54,13 +57,59 @@ def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str],
     }
 
 
+def run_leakage_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str], None], ck: Checkpointing) -> dict:
+    """The probe in the thief's regime: floors, the normal teacher's KD leakage (the positive control) and every
+    probe attack against the defended teacher, over ``probe.seeds`` seeds, scored on the test split."""
+    p = cfg["probe"]
+    pool, note = thief_pool(cfg, data)
+    log(f"[probe] {note}")
+    res = measure(cfg, pool, {"normal": normal, "defended": defended}, {"normal": ["kd"], "defended": list(p["attacks"])},
+                  seeds=list(range(cfg["train"]["seed"], cfg["train"]["seed"] + p["seeds"])), out=out, log=log, ck=ck)
+    students = []
+    for s in p["students"]:
+        name, best = best_attack(res["leakage"]["defended"][s])
+        students.append({"student": s, "positive_control": res["leakage"]["normal"][s]["kd"], "best_attack": name, "best": best,
+                         "holds": holds(res["leakage"]["defended"][s])})
+    return {"regime": {"labelled": res["labelled"], "queries": res["queries"], "pool": note}, "seeds": res["seeds"],
+            "leakage": res["leakage"], "accuracy": res["accuracy"], "failed": res["failed"], "students": students,
+            "holds_below": HOLDS_BELOW}
+
+
+def _leakage_lines(probe: dict) -> list[str]:
+    lines = [f"thief: {probe['regime']['labelled']} labelled of {probe['regime']['queries'] or 'all'} images; {probe['regime']['pool']}; "
+             f"{len(probe['seeds'])} seeds; leakage = accuracy minus the better floor (labels only, hard-label)"]
+    held = 0
+    for r in probe["students"]:
+        pc, b = r["positive_control"], r["best"]
+        control = f"KD from normal {pc['mean']:+.2f} (95% CI {pc['ci_low']:+.2f}..{pc['ci_high']:+.2f})"
+        if b is None:
+            lines.append(f"student {r['student']}: {control}; no attack on the defended teacher could be scored")
+            continue
+        verdict = {True: "defense holds", False: "defense does NOT hold", None: "cannot tell (too few seeds)"}[r["holds"]]
+        held += r["holds"] is True
+        lines.append(f"student {r['student']}: {control}; best attack on defended: {r['best_attack']} {b['mean']:+.2f} "
+                     f"(95% upper bound {b['ci_high']:+.2f}) -> {verdict}")
+        if pc["n"] and pc["mean"] < 3.0:
+            lines.append(f"  note: the normal teacher leaks only {pc['mean']:+.2f} points to this thief: little for a defense to "
+                         "take away here (a positive control needs >= 3)")
+    lines.append(f"verdict: the best honest attack's 95% upper bound is <= {probe['holds_below']:g} point for {held} of "
+                 f"{len(probe['students'])} probe students")
+    if probe["failed"]:
+        lines.append(f"warning: {len(probe['failed'])} probe runs failed (diverged) and are not scored; first: {probe['failed'][0]}")
+    return lines
+
+
 def verdict_text(result: dict) -> str:
     lock = result.get("lock", "none")
     served = "" if lock in (None, "none") else f" (served; decisions locked to the normal model, {lock}, omega {result['omega']:g})"
     lines = [f"teacher accuracy: normal {result['normal_accuracy']:.2f}%, defended {result['defended_accuracy']:.2f}%{served} "
              f"({-result['accuracy_drop']:+.2f} points)"]
     probe = result.get("probe")
-    if probe:
+    if probe and "leakage" in probe:
+        lines += _leakage_lines(probe)
+        if lock not in (None, "none"):
+            lines.append("note: the locked artifact contains the normal model; it defends black-box serving, not its own weights")
+    elif probe:
         held = 0
         for r in probe["students"]:
             ok = r["kd_defended_accuracy"] < r["scratch_accuracy"]
