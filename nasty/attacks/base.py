@@ -217,8 +217,7 @@ class Attack:
                                       y_train=y, explode=EXPLODE, late_ties=True))
         finally:
             ctx.share_frozen = shared
-        fits = fit_group(members, ctx.data, ctx.train, x_train=x, errors="collect", **({"log": ctx.log} if ctx.log else {}),
-                         **ctx.checkpointing.fit_args())
+        fits = fit_group(members, ctx.data, ctx.train, x_train=x, errors="collect", log=None, **ctx.checkpointing.fit_args())
         rows, best = [], None
         for g, m, f in zip(grid, members, fits):
             if isinstance(f, Exception):
@@ -233,6 +232,10 @@ class Attack:
             raise TrainingDiverged(f"{self.name}: every tuning candidate diverged ({rows[0].get('failed', '')})")
         i, model, f = best
         chosen = {k: rows[i][k] for k in ("alpha", "temperature")}
+        if ctx.log:
+            ctx.log(f"[{self.name}:{ctx.student}] tuned on {len(ctx.data.y_val)} validation images: alpha {chosen['alpha']:g}, "
+                    f"T {chosen['temperature']:g}, epoch {f.best_epoch} (val {f.best_val_accuracy:.2f}%; {len(grid)} candidates, "
+                    f"{sum('failed' in r for r in rows)} failed)")
         if chosen["alpha"] == 0:
             ctx.notes.append("tuning: the thief's validation split says labels alone win (alpha 0 chosen)")
         return model, {"best_epoch": f.best_epoch, "val_accuracy": f.best_val_accuracy, "tuned": chosen, "tuning": rows}

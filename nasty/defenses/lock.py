@@ -126,12 +126,33 @@ def _with_decision(decision: nn.Module, x: torch.Tensor, batch: int = 1024) -> t
     return torch.cat(out)
 
 
+_FEATURES: dict[tuple, tuple] = {}  # one feature/logit cache per run: every strength candidate trains on the same cached features
+
+
+def _cached(fn, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``fn(model, x)``, computed once per (function, model, image tensor) while both are alive."""
+    key = (fn.__name__, id(model), id(x))
+    hit = _FEATURES.get(key)
+    if hit is not None and hit[0] is model and hit[1] is x:
+        return hit[2]
+    if len(_FEATURES) > 16:
+        _FEATURES.clear()
+    out = fn(model, x)
+    _FEATURES[key] = (model, x, out)
+    return out
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return predict_logits(model, x)
+
+
 def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data, dcfg: dict, seed: int, deterministic: bool,
                run_dir: Path | None, log: Callable[[str], None], ck: Checkpointing = Checkpointing()) -> tuple[nn.Module, dict]:
-    """Train a nasty head on ``decision``'s frozen features with ``defense``'s objective."""
+    """Train a nasty head on ``decision``'s frozen features with ``defense``'s objective (the backbone's
+    features and the adversaries' logits are computed once per run, shared by every strength candidate)."""
 
-    f_train, f_val = (_with_decision(decision, x) for x in (data.x_train, data.x_val))
-    adv = [Frozen.from_outputs(predict_logits(a, data.x_train)) for a in adversaries]
+    f_train, f_val = (_cached(_with_decision, decision, x) for x in (data.x_train, data.x_val))
+    adv = [Frozen.from_outputs(_cached(_logits, a, data.x_train)) for a in adversaries]
     fdata = dataclasses.replace(data, x_train=f_train[:, :, None, None], x_val=f_val[:, :, None, None],
                                 x_test=f_val[:, :, None, None], y_test=data.y_val, augment="none")
     batch = 256
