@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from nasty.attacks import run_attack
+from nasty.attacks import get_attack, run_attack
+from nasty.errors import TrainingDiverged
 from nasty.config import load_config, train_config
 from nasty.frozen import TeacherOutputCache
 from nasty.pipelines.common import open_teacher, teacher_normalization, thief_data
@@ -60,10 +61,15 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="KD tunes alpha, T and its epoch on the thief's validation split")
     ap.add_argument("--epochs", type=int, default=None, help="student epochs (default: the config's [probe.train])")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--defended", default=None, help="a defended checkpoint (e.g. train-defended --adversary TEACHER_DIR): "
+                    "--attacks run against it too, each minus the same floors")
+    ap.add_argument("--attacks", default="kd,rehead,top1-confidence,skeptical,averager,tllm",
+                    help="attacks against --defended (tunable ones tune themselves with --tune)")
     args = ap.parse_args()
 
     over = {"data": {"data_root": args.data_root}} if args.data_root else {}
     cfg = load_config(args.config, over)
+    cfg = {**cfg, "data": {**cfg["data"], "train_subset": None}}  # the thief's side: the teacher's subset is --teacher-subset
     name = cfg["data"]["dataset"]
     out = Path(args.out or f"bench_runs/positive-control/{name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -91,19 +97,29 @@ def main() -> None:
                   "torch": torch.__version__})
     runs = store.setdefault("runs", {})
     cache = TeacherOutputCache()
+    defended = open_teacher(args.defended, data)[0] if args.defended else None
+    def_attacks = args.attacks.split(",") if defended is not None else []
+    if defended is not None:
+        store["defended"] = args.defended
     for regime in args.regimes.split(","):
         n, m = (int(v) for v in regime.split(":"))
         for student in students:
             for seed in args.seeds:
                 tc = train_config(cfg, ptrain, seed=seed)
-                for method in (*FLOORS, "kd"):
-                    key = f"{n}:{m}/{student}/{seed}/{method}" + ("/tuned" if method == "kd" and args.tune else "")
+                for method, target in [*((f, teacher) for f in (*FLOORS, "kd")), *((a, defended) for a in def_attacks)]:
+                    tuned = args.tune and "tune" in get_attack(method).params
+                    key = f"{n}:{m}/{student}/{seed}/" + ("defended:" if target is defended else "") + method + ("/tuned" if tuned else "")
                     if key in runs:
                         continue
-                    params = {"tune": True} if method == "kd" and args.tune else {}
+                    params = {"tune": True} if tuned else {}
                     t0 = time.perf_counter()
-                    _, r = run_attack(method, data=data, teachers=[] if method in FLOORS[:2] else [teacher], student=student, train=tc,
-                                      params=params, labelled=n, query_budget=m, teacher_cache=cache, log=lambda msg: None)
+                    try:
+                        _, r = run_attack(method, data=data, teachers=[] if method in FLOORS[:2] else [target], student=student, train=tc,
+                                          params=params, labelled=n, query_budget=m, teacher_cache=cache, log=lambda msg: None)
+                    except TrainingDiverged as e:
+                        runs[key] = {"failed": str(e).splitlines()[0]}
+                        print(f"{key}: FAILED {runs[key]['failed']}", flush=True)
+                        continue
                     runs[key] = {"accuracy": r["accuracy"], "seconds": time.perf_counter() - t0, "best_epoch": r.get("best_epoch"),
                                  **({"tuned": r["tuned"]} if "tuned" in r else {})}
                     print(f"{key}: {r['accuracy']:.2f} ({runs[key]['seconds']:.0f} s)" + (f" tuned {r['tuned']}" if "tuned" in r else ""),
@@ -122,6 +138,16 @@ def main() -> None:
                                               "leakage_mean": mean, "leakage_sd": sd, "ci95": [lo, hi]}
             print(f"| {regime} | {student} | " + " | ".join(f"{statistics.fmean(acc[k]):.2f}" for k in (*FLOORS, "kd"))
                   + f" | **{mean:+.2f} ± {sd:.2f}** [{lo:+.2f}, {hi:+.2f}] |")
+            for a in def_attacks:
+                tuned = args.tune and "tune" in get_attack(a).params
+                vals = [runs.get(f"{regime}/{student}/{s}/defended:{a}" + ("/tuned" if tuned else ""), {}) for s in args.seeds]
+                ok = [(i, v["accuracy"]) for i, v in enumerate(vals) if "accuracy" in v]
+                dl = [acc_v - max(acc[f][i] for f in FLOORS) for i, acc_v in ok]
+                dm, dsd, dlo, dhi = ci(dl) if dl else (math.nan,) * 4
+                summary[f"{regime}/{student}/defended:{a}"] = {"leakage": dl, "leakage_mean": dm, "leakage_sd": dsd, "ci95": [dlo, dhi],
+                                                                 "failed": len(vals) - len(ok)}
+                print(f"|  | defended: {a} | | | | {statistics.fmean(v for _, v in ok) if ok else math.nan:.2f} | "
+                      f"{dm:+.2f} ± {dsd:.2f} [{dlo:+.2f}, {dhi:+.2f}]" + (f" ({len(vals) - len(ok)} failed)" if len(ok) < len(vals) else "") + " |")
     store["summary"] = summary
     store["seeds"] = args.seeds
     res_file.write_text(json.dumps(store, indent=1))

@@ -142,8 +142,6 @@ def prepare_attack(
     if labelled is not None:
         if x_queries is not None:
             raise NastyError("--labelled splits the thief's own images into labelled ones and queries; it cannot be combined with --surrogate")
-        if not labels:
-            raise NastyError("--labelled gives the thief labels on some of its images; it cannot be combined with --no-labels")
         view, selection = thief_view(data, labelled, query_budget, "labels" if not cls.needs_teacher else
                                      "mixed" if cls.uses_labels else "queries")
     else:

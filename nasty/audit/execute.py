@@ -87,6 +87,8 @@ class Runner:
             if label_free and p.x_sur is not None else {}
         if label_free and s.queries:
             queries["query_budget"] = s.queries
+        if s.labelled is not None:  # the thief's regime: every run holds the same labelled images and queries
+            queries = {"labelled": s.labelled, "query_budget": s.queries}
         try:
             return prepare_attack(job.method, data=p.data, teachers=teachers, student=job.student, train=tc,
                                   params=p.params[job.method], query=s.query, labels=p.labels_of.get(job.method, True),
@@ -163,7 +165,7 @@ class Runner:
         unit = [(j, k) for j, k in unit if j.student not in self.ex.skipped_students.get((j.group, j.method), {})]
         if not unit:
             return
-        if len(unit) == 1 and not (self.plan.s.fuse and can_share_pass(unit[0][0].method)):
+        if len(unit) == 1 and not (self.plan.s.fuse and can_share_pass(unit[0][0].method, self.plan.params[unit[0][0].method])):
             self.run_alone(*unit[0])
             return
         groups: dict[int, list] = {}
@@ -226,10 +228,12 @@ def pending_units(plan: AuditPlan, out: Path, ex: Execution) -> tuple[list[list[
             pending.append((job, key))
     units: list[list[tuple[Job, str]]] = []
     for seed in s.seed_list:
-        shared = [(j, k) for j, k in pending if j.seed == seed and s.fuse and can_share_pass(j.method)]
-        if shared:
+        shared = [(j, k) for j, k in pending if j.seed == seed and s.fuse and can_share_pass(j.method, plan.params[j.method])]
+        if s.labelled is not None:  # the thief's regime: baselines see its labelled images, attacks all its images (two passes)
+            units += [u for u in ([x for x in shared if x[0].group == "baselines"], [x for x in shared if x[0].group != "baselines"]) if u]
+        elif shared:
             units.append(shared)
-        units += [[(j, k)] for j, k in pending if j.seed == seed and not (s.fuse and can_share_pass(j.method))]
+        units += [[(j, k)] for j, k in pending if j.seed == seed and not (s.fuse and can_share_pass(j.method, plan.params[j.method]))]
     return units, twins
 
 

@@ -29,6 +29,8 @@ from ..models import create_model
 from ..params import Param
 from ..pipelines.common import normalization
 from ..registry import slug
+from ..attacks.run import thief_view
+from ..pipelines.common import thief_data
 from ..runs import data_from_config
 from . import stats
 from .analyse import describe_defense
@@ -47,8 +49,12 @@ AUDIT_PARAMS: dict[str, Param] = {  # the request's knobs; ranges of the statist
     "reference": Param("str?", None, "An undefended teacher of the same task, attacked the same way."),
     "query": Param("str", "logits", "What the teacher exposes: logits, probs, topk:K, label, weights."),
     "surrogate": Param("str?", None, "Label-free attacks (copycat, knockoff) query the teacher on this dataset's images."),
-    "queries": Param("int?", None, "Query budget of the label-free attacks (a fixed seeded subset of their images).",
-                     lambda v: v >= 1, "at least 1"),
+    "queries": Param("int?", None, "Query budget of the label-free attacks (a fixed seeded subset of their images); with "
+                     "--labelled, the images every thief holds.", lambda v: v >= 1, "at least 1"),
+    "labelled": Param("int?", None, "The thief's regime: LABELLED of the --queries images carry labels, the rest are unlabelled "
+                      "queries (every attack and baseline; validation from the labelled ones; images the teacher never saw when "
+                      "its checkpoint says it trained on a subset). Soft-output attacks tune alpha, T and their epoch.",
+                      lambda v: v >= 1, "at least 1"),
     "output_defense": Param("str?", None, "The teacher answers through this output defense, e.g. topk:2 or reverse-sigmoid "
                             "(not the reference)."),
     "first_seed": Param("int", 0, "Training seeds are FIRST..FIRST+SEEDS-1.", lambda v: v >= 0, ">= 0"),
@@ -91,6 +97,7 @@ class AuditSettings:
     params: dict[str, dict] = field(default_factory=dict)  # attack -> parameter overrides
     surrogate: str | None = _default("surrogate")
     queries: int | None = _default("queries")
+    labelled: int | None = _default("labelled")
     output_defense: str | None = _default("output_defense")
     fuse: bool = _default("fuse")
     first_seed: int = _default("first_seed")
@@ -151,6 +158,7 @@ class AuditPlan:
                       c["reference_sha256"] if job.group == "reference" else None, c["data"], c["train"],
                       c["query"] if job.group != "baselines" else None, self.params[job.method], job.student, job.seed,
                       lab, s.surrogate if not lab else None, *([s.queries] if s.queries and not lab else []),
+                      *([("thief", s.labelled, s.queries)] if s.labelled is not None else []),
                       *([c["output_defense"]] if job.group == "teacher" and c["output_defense"] else [])])
 
 
@@ -161,14 +169,22 @@ def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
     unknown = set(s.params) - set(attacks_) - set(stats.BASELINES)
     if unknown:
         raise NastyError(f"--param given for {sorted(unknown)[0]}, which is not among the audited attacks ({', '.join(attacks_)})")
-    params = {a: attack_params(a, s.params) for a in [*stats.BASELINES, *attacks_]}
+    params = {a: attack_params(a, s.params, tune=s.labelled is not None) for a in [*stats.BASELINES, *attacks_]}
     norm = normalization(read_sidecar(s.teacher)[1])
     for src in s.baselines_from:
         theirs = _normalization_of_audit(Path(src))
         if theirs != [list(norm[0]), list(norm[1])]:
             raise NastyError(f"--baselines-from {src}: its students saw inputs normalised differently (its teacher's "
                              f"normalization: {theirs or 'unknown'}); its baselines do not apply here")
-    data = data_from_config(s.cfg, normalization=norm)
+    if s.labelled is not None:
+        if s.surrogate:
+            raise NastyError("--labelled splits the thief's own images into labelled ones and queries; it cannot be combined with --surrogate")
+        data, note = thief_data(s.cfg, [s.teacher], norm)
+        thief_view(data, s.labelled, s.queries, "labels")  # the regime's bounds, before anything trains
+        s.reuse_label_only = False  # TLLM's label-only run sees the thief's mixed batches, the baseline its labelled images only
+        regime_notes = [note]
+    else:
+        data, regime_notes = data_from_config(s.cfg, normalization=norm), []
     teacher, side, teacher_sha = _load_teacher(s.teacher, data)
     targets, sides, ref_sha = {"teacher": teacher}, {"teacher": side}, None
     if s.reference:
@@ -193,6 +209,7 @@ def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
         "reference": s.reference, "reference_sha256": ref_sha,
         "data": _data_fingerprint(s.cfg), "data_sha256": data_sha256(data), "train": {k: v for k, v in tcfg.to_dict().items() if k != "seed"},
         "query": s.query, "surrogate": s.surrogate, "queries": s.queries, "params": params,
+        **({"labelled": s.labelled} if s.labelled is not None else {}),
         "output_defense": post.describe() if post is not None else None,
     }
     for src in s.baselines_from:
@@ -203,6 +220,7 @@ def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
         if theirs is not None and theirs != config["data_sha256"]:
             raise NastyError(f"--baselines-from {src}: its students were trained on other data (dataset SHA-256 "
                              f"{theirs[:12]}..., here {config['data_sha256'][:12]}...); its baselines do not apply here")
+    notes = notes + regime_notes
     plan = AuditPlan(s, data, attacks_, notes, params, targets, teacher_sha, ref_sha, post, defenses, config,
                      {a: bool(get_attack(a).uses_labels) for a in attacks_}, {}, [], tcfg=tcfg)
     if s.surrogate:
@@ -261,10 +279,14 @@ def resolve_attacks(names: list[str]) -> tuple[list[str], list[str]]:
     return out, notes
 
 
-def attack_params(name: str, overrides: dict[str, dict]) -> dict:
-    """Defaults of the attack class with the user's overrides, validated by the class."""
+def attack_params(name: str, overrides: dict[str, dict], tune: bool = False) -> dict:
+    """Defaults of the attack class with the user's overrides, validated by the class; ``tune``: a
+    self-tuning thief where the attack can tune (the thief's regime), unless the user says otherwise."""
     cls = get_attack(name)
-    return dict(cls(**overrides.get(name, {})).p)
+    given = dict(overrides.get(name, {}))
+    if tune and "tune" in cls.params:
+        given.setdefault("tune", True)
+    return dict(cls(**given).p)
 
 
 def access_problem(name: str, query: str, *, surrogate: bool = False, n_teachers: int = 1) -> str | None:
@@ -337,7 +359,7 @@ def check_resume(out: Path, config: dict, force: bool) -> None:
 
 def _config_diff(old: dict, new: dict) -> str | None:
     for k in ("format", "teacher_sha256", "reference_sha256", "data", "data_sha256", "train", "query", "surrogate",
-              "output_defense"):
+              "output_defense", "labelled"):
         a, b = old.get(k), new.get(k)
         if k == "data_sha256" and a is None:  # written before audits fingerprinted their data: trust the path
             continue
