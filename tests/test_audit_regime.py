@@ -1,0 +1,57 @@
+"""``nasty audit --labelled N --queries M``: every run in the thief's regime."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def subset_teacher(digits, tmp_path_factory):
+    """A small teacher trained on a 700-image subset: the thief draws from the training images it never saw."""
+    from nasty.config import load_config
+    from nasty.data import load_dataset
+    from nasty.models import create_model
+    from nasty.runs import save_model
+    from nasty.train import TrainConfig, ce_objective, fit
+
+    cfg = load_config(None, {"data": {"train_subset": 700}})
+    data = load_dataset("digits", train_subset=700)
+    model = create_model("mlp:hidden=64", data.num_classes, data.in_channels, data.image_size)
+    fit(model, ce_objective(), data, TrainConfig(epochs=5, batch_size=64, lr=0.05, seed=0), log=None)
+    out = tmp_path_factory.mktemp("subset-teacher")
+    save_model(out, model, data, cfg, {})
+    return out
+
+
+def test_audit_in_the_thiefs_regime(run_cli, subset_teacher, tmp_path):
+    out = tmp_path / "a"
+    rc, stdout, err = run_cli("audit", subset_teacher, "--attacks", "kd,hard-label,copycat", "--students", "mlp:hidden=16",
+                              "--seeds", "1", "--labelled", "30", "--queries", "150", "--epochs", "2", "--batch-size", "64", "--out", out)
+    assert rc in (0, 1), err
+    config = json.loads((out / "audit-config.json").read_text())
+    assert config["labelled"] == 30 and config["queries"] == 150 and config["params"]["kd"]["tune"] is True
+    runs = out / "runs"
+    kd = json.loads(next((runs / "teacher" / "kd").rglob("result.json")).read_text())
+    assert kd["resources"]["regime"] == {"labelled": 30, "queries": 150, "labelled_train": 20, "unlabelled_queries": 120, "validation": 10}
+    assert len(kd["tuning"]) == 10 and "tuned" in kd
+    base = json.loads(next((runs / "baselines" / "scratch").rglob("result.json")).read_text())
+    assert base["resources"]["train_images"] == 20  # the label-only floor trains on the labelled images alone
+    cc = json.loads(next((runs / "teacher" / "copycat").rglob("result.json")).read_text())
+    assert cc["resources"]["train_images"] == 140 and cc["resources"]["labels"] is False
+    assert any("never saw" in n for n in json.loads((out / "audit.json").read_text())["notes"])
+    # the regime is part of every run's key: another regime in the same folder is refused, not mixed in
+    rc, _, err = run_cli("audit", subset_teacher, "--attacks", "kd", "--students", "mlp:hidden=16", "--seeds", "1", "--labelled", "40",
+                         "--queries", "150", "--epochs", "2", "--batch-size", "64", "--out", out)
+    assert rc == 2 and "labelled" in err
+
+
+@pytest.mark.parametrize("extra, message", [(["--labelled", "30", "--queries", "30"], "smaller than"),
+                                            (["--labelled", "30", "--queries", "100000"], "exceeds"),
+                                            (["--labelled", "0"], "--labelled must be at least 1"),
+                                            (["--labelled", "3", "--queries", "100"], "too few")])
+def test_audit_refuses_impossible_regimes_before_training(run_cli, subset_teacher, tmp_path, extra, message):
+    rc, _, err = run_cli("audit", subset_teacher, "--attacks", "kd", "--seeds", "1", "--out", tmp_path / "a", *extra)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "a" / "runs").exists()
