@@ -31,6 +31,7 @@ def register():
         name = "null-label-only"
         summary = "the label-only student again, on its own seeds (a true null for calibrating the audit)"
         needs_teacher = True
+        labels_view = True  # in the thief's regime (--labelled) it sees exactly the label-only baseline's images
 
         def train(self, ctx):
             cfg = dataclasses.replace(ctx.train, seed=ctx.train.seed + 100003)

@@ -161,6 +161,7 @@ class Attack:
     min_teachers: ClassVar[int] = 1
     max_teachers: ClassVar[int | None] = 1  # None: any number (ensemble)
     supports_augment: ClassVar[bool] = False  # mixup/cutmix of the distillation batches (soft-label attacks)
+    labels_view: ClassVar[bool] = False  # in the thief's regime, train on its labelled images alone (as the label-only floors)
     params: ClassVar[dict[str, Any]] = {}  # name -> default, or -> Param (checked, with a help text and a CLI flag)
 
     @classmethod

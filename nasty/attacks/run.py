@@ -142,8 +142,8 @@ def prepare_attack(
     if labelled is not None:
         if x_queries is not None:
             raise NastyError("--labelled splits the thief's own images into labelled ones and queries; it cannot be combined with --surrogate")
-        view, selection = thief_view(data, labelled, query_budget, "labels" if not cls.needs_teacher else
-                                     "mixed" if cls.uses_labels else "queries")
+        kind = "labels" if not cls.needs_teacher or cls.labels_view else "mixed" if cls.uses_labels else "queries"
+        view, selection = thief_view(data, labelled, query_budget, kind)
     else:
         view, selection = _attacker_view(data, oracles, labels_used, x_queries, x_val_queries, query_budget)
     ctx = AttackContext(data=view, teachers=oracles, student=student, train=train, params=attack.p,
