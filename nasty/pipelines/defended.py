@@ -275,7 +275,8 @@ def choose_strength(candidates: list[tuple[float, nn.Module]], cfg: dict, data, 
 def choose_by_leakage(candidates: list[tuple[float, nn.Module]], cfg: dict, data, out: Path | None, log: Callable[[str], None],
                       ck: Checkpointing, normal: nn.Module | None = None) -> tuple[int, list[dict]]:
     """The strength by leakage, not by harm: the thief's students (``probe.labelled`` of ``probe.queries``
-    images from the thief's pool, ``probe.seeds`` seeds, every probe attack tuning itself) are scored on
+    images from the thief's pool, ``probe.seeds`` seeds; plain KD and the adaptive re-head attack, each
+    tuning itself: :data:`TUNING_ATTACKS`; the probe afterwards runs every probe attack) are scored on
     the owner's held-out images: the thief pool's images this thief does not hold (the teacher, the
     defense and the thief never trained on them), else the teacher's validation split; never the test
     split. A candidate's score is, for its worst probe student, the best
@@ -286,7 +287,7 @@ def choose_by_leakage(candidates: list[tuple[float, nn.Module]], cfg: dict, data
     pool, note = thief_pool(cfg, data)
     log(f"[tune] {note}")
     targets = {f"omega={o:g}": t for o, t in candidates}
-    res = measure(cfg, pool, targets, {k: list(p["attacks"]) for k in targets}, score_on=owner_holdout(cfg, pool, data),
+    res = measure(cfg, pool, targets, {k: list(TUNING_ATTACKS) for k in targets}, score_on=owner_holdout(cfg, pool, data),
                   seeds=list(range(cfg["train"]["seed"], cfg["train"]["seed"] + p["seeds"])), out=None if out is None else out / "tune",
                   log=log, ck=ck)
     table = []
