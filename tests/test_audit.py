@@ -83,10 +83,17 @@ def test_audit_outputs_cache_and_resume(run_cli, teacher_ckpt, digits, tmp_path)
     assert rc == 0, err
     assert "of 10 classes transferable" in stdout
     a = validate(_audit(out))
-    assert a["status"] == "complete" and a["config"]["seeds"] == [0, 1] and a["schema_version"] == 2
+    assert a["status"] == "complete" and a["config"]["seeds"] == [0, 1] and a["schema_version"] == 3
     kd = a["targets"]["teacher"]["attacks"]["kd"]
     assert kd["rule"] == "gain" and kd["transferred_count"] == len(kd["transferred_classes"])
-    assert kd["correction"] == "holm" and kd["family_size"] == 10 and "Holm-adjusted p < 0.025" in kd["threshold"]
+    # one family over the whole audit: 2 attacks x (10 classes + 1 pooled test) x 1 student
+    assert kd["correction"] == "holm" and kd["family_size"] == 22 and "Holm-adjusted p < 0.025" in kd["threshold"]
+    pl = kd["pooled"]
+    assert pl["student"] == "mlp" and pl["ci_low"] <= pl["gain"] <= pl["ci_high"] and 0 <= pl["p"] <= pl["p_adjusted"] <= 1
+    assert pl["transferred"] == (pl["p_adjusted"] < 0.025) and pl["detectable_gain"] > 0
+    assert pl["resolution"] == 3.0 and pl["resolution_ok"] == (pl["detectable_gain"] <= 3.0)
+    assert pl["gain"] == pytest.approx(kd["students"]["mlp"]["accuracy"] - max(
+        a["baselines"][b]["mlp"]["accuracy"] for b in ("scratch", "label-smoothing")))
     sc = a["config"]["statistics"]
     assert sc["correction"] == "holm" and sc["intervals"] == "approximate" and sc["power"] == 0.8
     assert any("2 seeds: intervals and detectable gains are approximate" in n for n in a["notes"])
