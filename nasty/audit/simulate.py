@@ -19,6 +19,7 @@ against the population gain (over training seeds and the test distribution), the
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,13 +151,10 @@ def calibrate(m: Model, reps: int, seed: int = 0, **kw) -> dict:
             "detectable_median": float(np.median(det_gain)) if det_gain else None}
 
 
-def gate_once(m: Model, rng: np.random.Generator, n_attacks: int, *, scheme: str = "audit", correction: str = "holm",
-              margin: float = 0.0) -> bool:
+def null_attacks(m: Model, rng: np.random.Generator, n_attacks: int, *, margin: float = 0.0) -> list[dict]:
     """One synthetic audit of ``n_attacks`` attacks sharing the two baselines (arms ``attack0``, ``attack1``, ...;
-    plant gains with ``m.shift[("attackK", c)]``), decided as ``nasty audit`` decides it; returns whether the
-    gate ``--fail-on 0`` fails (any transferred class or pooled transfer). ``scheme="audit"``: one family over
-    every test (:func:`stats.decide_audit`); ``"per-attack"``: the correction of schema 2, per attack over its
-    classes only (no pooled test), kept to show what the joint family fixes."""
+    plant gains with ``m.shift[("attackK", c)]``): per attack ``{"rule", "students": {st: {"classes", "pooled"}}}``,
+    the rows not yet decided, as :func:`stats.decide_audit` takes them."""
     arms = ("scratch", "label-smoothing", *(f"attack{k}" for k in range(n_attacks)))
     y, studs, teacher = draw(m, rng, arms)
     attacks = []
@@ -165,14 +163,24 @@ def gate_once(m: Model, rng: np.random.Generator, n_attacks: int, *, scheme: str
         for j, a in enumerate(studs):
             base = {b: a[b] for b in stats.BASELINES}
             per[f"s{j}"] = {"classes": stats.class_decisions(y, a[f"attack{k}"], base, teacher, num_classes=m.classes,
-                                                              margin=margin, correction=correction, decide=False)}
-            if scheme == "audit":
-                per[f"s{j}"]["pooled"] = stats.pooled_test(a[f"attack{k}"], base, teacher, margin=margin)
+                                                              margin=margin, decide=False),
+                            "pooled": stats.pooled_test(a[f"attack{k}"], base, teacher, margin=margin)}
         attacks.append({"rule": "gain", "students": per})
+    return attacks
+
+
+def gate_fails(attacks: list[dict], *, scheme: str = "audit", correction: str = "holm", margin: float = 0.0) -> bool:
+    """Decide the rows of :func:`null_attacks` (a copy) and say whether the gate ``--fail-on 0`` fails (any
+    transferred class, or a pooled transfer). ``scheme="audit"``: one family over every test, as ``nasty audit``
+    decides (:func:`stats.decide_audit`); ``"per-attack"``: the correction of schema 2, per attack over its
+    classes only (no pooled test), kept to show what the joint family fixes."""
+    attacks = copy.deepcopy(attacks)
     if scheme == "audit":
         stats.decide_audit(attacks, correction=correction, margin=margin, detectable=False)
     elif scheme == "per-attack":
         for att in attacks:
+            for st in att["students"].values():
+                st.pop("pooled")
             stats.decide_family([st["classes"] for st in att["students"].values()], rule="gain", correction=correction,
                                 margin=margin, detectable=False)
     else:
