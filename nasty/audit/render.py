@@ -296,7 +296,7 @@ def _intro(audit: dict, k: dict) -> list[str]:
                      f"{cfg['margin']:g} points, {corr} {family} (alpha {sc['alpha']:g}); detectable gains at "
                      f"{sc['power']:.0%} power" + (f"; safe below {sc['safe_below']:g} points" if sc.get("safe_below") is not None
                                                      else "") + (f"; resolution {sc['resolution']:g} points (pooled)"
-                                                                 if sc.get("resolution") is not None else "") + ".")
+                                                                 if _has_pooled(audit) and sc.get("resolution") is not None else "") + ".")
         if sc["intervals"] == "unreliable":
             lines.append(f"{b('Every interval is UNRELIABLE')}: one seed captures no training noise (use --seeds {t(sc['recommended_seeds'])}).")
         elif sc["intervals"] == "approximate":
