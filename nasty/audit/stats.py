@@ -46,19 +46,27 @@ Fidelity interval
     ``r +/- t(df) * se(mean(a - r t)) / acc(t)`` (delta method). The test of ``r > f`` uses
     ``D = a - f t`` exactly (Fieller's construction): ``p = P(T_df > mean D / se(mean D))``.
 
+Pooled test
+    Per attack and student, the same test with every test image as one class (:func:`pooled_test`):
+    the overall gain over the better baseline (fidelity rule: overall fidelity), which finds a gain
+    spread thinly over all classes.
+
 Multiple comparisons
-    All (student, class) tests of one attack against one target are one family of ``m`` tests.
-    ``holm`` (default) controls the family-wise error rate, ``bh`` (Benjamini-Hochberg) the false
-    discovery rate, ``none`` tests each class at ``alpha`` (what the lower end of the 95% interval
-    shows). A class is **transferred** when its adjusted p-value is below ``alpha = 0.025``
-    (one-sided; with ``none`` this is exactly "the lower 95% bound is above the margin").
+    Every per-class and pooled test of every attack against one target is one family of ``m`` tests
+    (:func:`decide_audit`; the gate reads all of them). The pooled tests share a weight of
+    :data:`POOLED_SHARE`, the class tests the rest. ``holm`` (default; weighted Holm) controls the
+    family-wise error rate over the whole audit, ``bh`` (weighted Benjamini-Hochberg) the false
+    discovery rate, ``none`` tests each at ``alpha`` (what the lower end of the 95% interval shows).
+    A test is **transferred** when its adjusted p-value is below ``alpha = 0.025`` (one-sided; with
+    ``none`` this is exactly "the lower 95% bound is above the margin").
 
 Detectable gain (power)
     For a class that is not transferred: the smallest gain over the better baseline that the
     audit would call transferred with probability ``power`` (default 0.8), given the class's
     ``se`` and ``df`` (the noncentral t: ``P(T_{df, delta/se} > t_{1-alpha*, df}) = power``, solved
-    for ``delta``; ``detectable = margin + delta``). ``alpha* = alpha / m`` for ``holm`` and ``bh``
-    (the strictest step: the class is the only transferable one) and ``alpha`` for ``none``. With
+    for ``delta``; ``detectable = margin + delta``). ``alpha* = alpha * w`` (the test's weight, the
+    weights summing to 1) for ``holm`` and ``bh`` (the strictest step: the only true effect of the
+    family) and ``alpha`` for ``none``. With
     two baselines the class must clear both: the power is the product of the two comparisons'
     powers (a lower bound, as both share the attack's students), the weaker baseline starting
     ``h = d_k - g`` points behind, credited only beyond two standard errors of the baselines'
