@@ -16,6 +16,7 @@ from typing import Any, Callable
 import click
 
 from . import config, distributed
+from . import escape as esc
 from .attacks import ATTACKS
 from .audit.plan import AUDIT_PARAMS
 from .audit.ray_executor import RayExecutor
@@ -39,7 +40,7 @@ from .runs import check_replaceable, clean_leftovers, data_from_config, has_cont
 
 def _log(msg: str) -> None:
     if distributed.is_main():  # under torchrun only rank 0 talks
-        click.echo(msg, err=True)
+        click.echo(esc.term(msg), err=True)  # a log message is one line: data in it cannot forge another
 
 
 def _emit(obj: Any, as_json: bool, human: Callable[[], None]) -> None:
@@ -195,7 +196,7 @@ def train_teacher(**kw) -> None:
     result = {"accuracy": metrics["test"]["accuracy"], "per_class_accuracy": metrics["test"]["per_class_accuracy"],
               "val_accuracy": metrics["val_accuracy"], "best_epoch": metrics["best_epoch"], "checkpoint": str(out)}
     atomic_write_json(out / "result.json", result)
-    _emit(result, kw["as_json"], lambda: click.echo(f"teacher test accuracy {result['accuracy']:.2f}% -> {out}"))
+    _emit(result, kw["as_json"], lambda: click.echo(esc.term(f"teacher test accuracy {result['accuracy']:.2f}% -> {out}")))
 
 
 DEFENSE_OPTIONS = _declared("defense") + _declared("probe", ("students", "train_subset", "labelled", "queries", "seeds", "attacks"))
@@ -222,7 +223,7 @@ def train_defended_cmd(**kw) -> None:
     out, ck = _run_dir(kw, cfg, f"defended-{slug(cfg['data']['dataset'])}")
     result = train_defended(cfg, out, log=_log, ck=ck)
     result["out_dir"] = str(out)
-    _emit(result, kw["as_json"], lambda: click.echo(result["verdict"] + f"\nrun saved in {out}"))
+    _emit(result, kw["as_json"], lambda: click.echo(result["verdict"] + f"\nrun saved in {esc.term(out)}"))
 
 
 ATTACK_OPTIONS = _declared("attack") + _attack_flags()
@@ -248,10 +249,10 @@ def attack_cmd(**kw) -> None:
     a = cfg["attack"]
     out, ck = _run_dir(kw, cfg, f"attack-{a['method']}")
     result = run_attack_plan(plan, out, _log, ck)
-    _emit(result, kw["as_json"], lambda: click.echo(f"{a['method']} student {a['student']}: test accuracy {result['accuracy']:.2f}%"
+    _emit(result, kw["as_json"], lambda: click.echo(esc.term(f"{a['method']} student {a['student']}: test accuracy {result['accuracy']:.2f}%"
                                                      + (f", agreement with teacher {result['teacher_agreement']:.2f}%" if "teacher_agreement" in result else "")
                                                      + (f", undistillable classes {result['undistillable_classes']}" if "undistillable_classes" in result else "")
-                                                     + f" -> {out}"))
+                                                     + f" -> {out}")))
 
 
 def _explicit_query(kw: dict) -> bool:
@@ -274,7 +275,7 @@ def _explicit_query(kw: dict) -> bool:
 def lock_cmd(decision: str, nasty_part: str, lock_rule: str, lock_margin: float, out: str, force: bool, as_json: bool) -> None:
     """Lock an existing nasty network to a normal model's decisions (one two-net artifact)."""
     res = lock_job(decision, nasty_part, out, rule=lock_rule, margin=lock_margin, force=force)
-    _emit(res, as_json, lambda: click.echo(f"locked teacher -> {res['checkpoint']} (decisions from {decision}, soft outputs from {nasty_part})"))
+    _emit(res, as_json, lambda: click.echo(esc.term(f"locked teacher -> {res['checkpoint']} (decisions from {decision}, soft outputs from {nasty_part})")))
 
 
 @cli.command("eval")
@@ -288,9 +289,10 @@ def eval_cmd(checkpoint: str, dataset: str | None, data_root: str | None, split:
     res, data = eval_job(checkpoint, dataset, data_root, split)
 
     def human() -> None:
-        click.echo(f"{res['dataset']} {split}: accuracy {res['accuracy']:.2f}% on {res['n']} images")
-        width = max(len(c) for c in data.classes)
-        for c, acc in zip(data.classes, res["per_class_accuracy"]):
+        click.echo(f"{esc.term(res['dataset'])} {split}: accuracy {res['accuracy']:.2f}% on {res['n']} images")
+        names = [esc.term(c) for c in data.classes]  # class names come from the data (folder names): one line each
+        width = max(len(c) for c in names)
+        for c, acc in zip(names, res["per_class_accuracy"]):
             click.echo(f"  {c:<{width}}  {'n/a' if acc is None else f'{acc:6.2f}%'}")
         click.echo("confusion matrix (rows: true class, columns: predicted):")
         for row in res["confusion_matrix"]:
@@ -318,7 +320,7 @@ def convert_cmd(source: str, model_spec: str, dataset: str, data_root: str | Non
     call code; this is the one place nasty reads a pickle-based file.
     """
     result, data = convert_job(source, model_spec, out, dataset=dataset, data_root=data_root, key=key, mean=mean, std=std, force=force)
-    _emit(result, as_json, lambda: click.echo(f"converted {source} -> {result['checkpoint']} (test accuracy {result['accuracy']:.2f}% on {data.name})"))
+    _emit(result, as_json, lambda: click.echo(esc.term(f"converted {source} -> {result['checkpoint']} (test accuracy {result['accuracy']:.2f}% on {data.name})")))
 
 
 @cli.command("models")
@@ -419,9 +421,10 @@ def audit_cmd(**kw) -> int:
     lock_out_dir(out, beside=True)  # one audit at a time in a folder
     audit = run_audit(settings, out, force=kw["force"], log=_log, verbose=kw["verbose"], executor=executor)
     headline = {"out_dir": str(out), "status": audit["status"], "gate": audit["gate"],
-                "targets": {g: {a: {k: v[k] for k in ("method", "rule", "status", "reason", "transferred_classes", "transferred_count")}
+                "targets": {g: {a: {k: v.get(k) for k in ("method", "rule", "status", "reason", "transferred_classes", "transferred_count",
+                                                          "pooled")}
                                 for a, v in t["attacks"].items()} for g, t in audit["targets"].items()}}
-    _emit(headline, kw["as_json"], lambda: click.echo(terminal_table(audit) + f"\nreport: {out / 'audit.html'}"))
+    _emit(headline, kw["as_json"], lambda: click.echo(terminal_table(audit) + f"\nreport: {esc.term(out / 'audit.html')}"))
     return 1 if audit["gate"]["failed"] else 0
 
 
@@ -445,7 +448,7 @@ def report_cmd(audit_json: str, out: str | None, formats: str) -> None:
         raise NastyError(f"{audit_json}: malformed audit ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     written = write_reports(audit, folder, fmts)
     click.echo(table)
-    click.echo("wrote " + ", ".join(str(p) for p in written))
+    click.echo(esc.term("wrote " + ", ".join(str(p) for p in written)))
 
 
 cli.add_command(export_cmd)
@@ -498,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         rv = cli.main(args=args, prog_name="nasty", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except click.UsageError as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        click.echo(f"error: {esc.term(e.format_message())}", err=True)
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -506,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("error: aborted", err=True)
         return 130
     except NastyError as e:
-        click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        click.echo(f"error: {esc.term(str(e).splitlines()[0]) if str(e) else type(e).__name__}", err=True)
         return e.exit_code
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
@@ -518,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line, the traceback only on request
         if os.environ.get("NASTY_DEBUG"):
             raise
-        click.echo(f"error: internal error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set NASTY_DEBUG=1 for the traceback)", err=True)
+        click.echo(f"error: internal error {type(e).__name__}: {esc.term(str(e).splitlines()[0]) if str(e) else ''} (set NASTY_DEBUG=1 for the traceback)", err=True)
         return 3
 
 

@@ -91,6 +91,8 @@ RULES = [  # (who, may not import, why)
     (("audit.render", "audit.analyse", "audit.stats", "audit.schema"), ("audit.run", "audit.execute", "cli"),
      "the report and the analysis do not import the runner"),
     (("pipelines", "audit", "config", "runs", "checkpoint", "export"), ("cli",), "only the CLI parses options and prints"),
+    (("escape",), ("models", "train", "data", "defenses", "attacks", "audit", "pipelines", "config", "checkpoint", "cli", "runs"),
+     "the escaping functions are a leaf every sink may import"),
 ]
 
 

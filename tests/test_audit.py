@@ -83,10 +83,17 @@ def test_audit_outputs_cache_and_resume(run_cli, teacher_ckpt, digits, tmp_path)
     assert rc == 0, err
     assert "of 10 classes transferable" in stdout
     a = validate(_audit(out))
-    assert a["status"] == "complete" and a["config"]["seeds"] == [0, 1] and a["schema_version"] == 2
+    assert a["status"] == "complete" and a["config"]["seeds"] == [0, 1] and a["schema_version"] == 3
     kd = a["targets"]["teacher"]["attacks"]["kd"]
     assert kd["rule"] == "gain" and kd["transferred_count"] == len(kd["transferred_classes"])
-    assert kd["correction"] == "holm" and kd["family_size"] == 10 and "Holm-adjusted p < 0.025" in kd["threshold"]
+    # one family over the whole audit: 2 attacks x (10 classes + 1 pooled test) x 1 student
+    assert kd["correction"] == "holm" and kd["family_size"] == 22 and "Holm-adjusted p < 0.025" in kd["threshold"]
+    pl = kd["pooled"]
+    assert pl["student"] == "mlp" and pl["ci_low"] <= pl["gain"] <= pl["ci_high"] and 0 <= pl["p"] <= pl["p_adjusted"] <= 1
+    assert pl["transferred"] == (pl["p_adjusted"] < 0.025) and pl["detectable_gain"] > 0
+    assert pl["resolution"] == 3.0 and pl["resolution_ok"] == (pl["detectable_gain"] <= 3.0)
+    assert pl["gain"] == pytest.approx(kd["students"]["mlp"]["accuracy"] - max(
+        a["baselines"][b]["mlp"]["accuracy"] for b in ("scratch", "label-smoothing")))
     sc = a["config"]["statistics"]
     assert sc["correction"] == "holm" and sc["intervals"] == "approximate" and sc["power"] == 0.8
     assert any("2 seeds: intervals and detectable gains are approximate" in n for n in a["notes"])
@@ -153,6 +160,7 @@ def test_exit_codes_and_report(run_cli, teacher_ckpt, tmp_path):
     rc, stdout, err = run_cli("report", out / "audit.json")
     assert rc == 0 and (out / "audit.md").read_text() == md and (out / "audit.html").is_file()
     assert "10 of 10 classes transferable" in stdout
+    assert "pooled: transfers" in md and "pooled: transfers" in stdout
     rc, _, err = run_cli("report", out / "audit.json", "--out", tmp_path / "r", "--format", "md")
     assert rc == 0 and (tmp_path / "r" / "audit.md").is_file() and not (tmp_path / "r" / "audit.html").exists()
 
@@ -195,6 +203,9 @@ def test_exit_codes_and_report(run_cli, teacher_ckpt, tmp_path):
     (["--safe-below", "0"], "--safe-below"),
     (["--safe-below", "inf"], "--safe-below"),
     (["--correction", "bonferroni"], "--correction"),
+    (["--resolution", "0"], "--resolution"),
+    (["--resolution", "101"], "--resolution"),
+    (["--resolution", "nan"], "--resolution"),
 ])
 def test_usage_errors_exit_2(run_cli, teacher_ckpt, tmp_path, extra, message):
     rc, _, err = run_cli("audit", teacher_ckpt, "--out", tmp_path / "u", *TINY, *extra)
@@ -419,3 +430,36 @@ def test_tllm_reuses_the_label_only_baseline(teacher_ckpt, tmp_path):
     assert ra["identification"]["ce_val_per_class"] == rb["identification"]["ce_val_per_class"]
     assert "label_only_run" in ra["identification"] and "label_only_run" not in rb["identification"]
     assert not (tmp_path / "True" / run / "prelim-ce").exists() and (tmp_path / "False" / run / "prelim-ce").is_dir()
+
+
+def test_pooled_verdict_resolution_and_older_schemas(run_cli, teacher_ckpt, tmp_path):
+    """An attack whose pooled test cannot find a leak of --resolution points says so in every report and in
+    audit.json; an audit.json of schema 2 (no pooled test) still renders; a schema-3 one without it is refused."""
+    out = tmp_path / "p"
+    rc, stdout, err = run_cli("audit", teacher_ckpt, "--attacks", "kd", "--seeds", "2", "--out", out, *TINY,
+                              "--margin", "50", "--resolution", "0.01")
+    assert rc == 0, err
+    a = _audit(out)
+    pl = a["targets"]["teacher"]["attacks"]["kd"]["pooled"]
+    assert not pl["transferred"] and pl["resolution_ok"] is False and pl["resolution"] == 0.01 and pl["detectable_gain"] > 0.01
+    assert a["config"]["statistics"]["resolution"] == 0.01 and a["config"]["statistics"]["pooled_share"] == 0.5
+    line = "this audit cannot show protection at this size: use more seeds or queries"
+    md, html = (out / "audit.md").read_text(), (out / "audit.html").read_text()
+    assert line in md and line in html and line in stdout and "pooled: not shown" in md
+    # schema 2: no pooled test, the correction per attack; still rendered, without the pooled column
+    old = json.loads(json.dumps(a))
+    old["schema_version"] = 2
+    for att in old["targets"]["teacher"]["attacks"].values():
+        att.pop("pooled")
+        for row in att["students"].values():
+            row.pop("pooled")
+    (tmp_path / "v2.json").write_text(json.dumps(old))
+    rc, stdout, err = run_cli("report", tmp_path / "v2.json", "--out", tmp_path / "v2")
+    assert rc == 0, err
+    md2 = (tmp_path / "v2" / "audit.md").read_text()
+    assert "pooled (all classes)" not in md2 and "pooled: " not in md2 and line not in md2
+    assert "over the classes and students of each attack" in md2
+    old["schema_version"] = 3
+    (tmp_path / "v3.json").write_text(json.dumps(old))
+    rc, _, err = run_cli("report", tmp_path / "v3.json", "--out", tmp_path / "v3")
+    assert rc == 2 and "pooled" in err and err.strip().count("\n") == 0

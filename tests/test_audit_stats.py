@@ -151,3 +151,50 @@ def test_absent_class_has_no_decision():
     y = np.zeros(20, int)
     rows = stats.class_decisions(y, _ones(1, 20, 1.0), {"scratch": _ones(1, 20, 0.0)}, np.ones(20), num_classes=2)
     assert rows[0]["transferred"] and rows[1] == {**rows[1], "n": 0, "gain": None, "transferred": False}
+
+
+def _method(**kw):
+    from nasty.audit.analyse import method_text
+    from nasty.audit.plan import AuditSettings
+
+    return method_text(AuditSettings(teacher="t", cfg={}, **kw))
+
+
+@pytest.mark.parametrize("item_sd, seed_sd", [(0.0, 5.0), (3.0, 5.0), (3.0, 0.0)])
+def test_method_text_is_the_variance_the_code_computes(item_sd, seed_sd):
+    """The interval text of audit.json names every term of the variance and gives the formulas of crossed();
+    evaluated on a matrix, the text's formulas give crossed()'s variance and df (with and without a shared
+    test-image effect, i.e. both df branches, and with seeds that agree exactly, where the rejected variance floor
+    max(MS_S, MS_E) would differ). The floor is not described."""
+    text = _method()["interval"]
+    for term, definition in stats.VARIANCE_TERMS.items():
+        assert f"{term} = {definition}" in text
+    assert f"V = {stats.VARIANCE_FORMULA}" in text and f"df = {stats.DF_FORMULA} when V_I > V_E" in text
+    assert f"else df = {stats.DF_OTHERWISE}" in text and "max(MS_S, MS_E)" not in text
+    rng = np.random.default_rng(11)
+    S, n = 5, 60
+    noise = rng.normal(size=(S, n))
+    if not item_sd:
+        noise -= noise.mean(0)  # no shared test-image effect at all: V_I = 0 < V_E
+    if not seed_sd:
+        noise -= noise.mean(1, keepdims=True)  # every seed gains exactly the same: MS_S = 0 < MS_E
+    D = 10 * noise + seed_sd * rng.normal(size=(S, 1)) + 10 * item_sd * rng.normal(size=(1, n))
+    r, c, g = D.mean(1), D.mean(0), D.mean()
+    ms_s, ms_i = n * r.var(ddof=1), S * c.var(ddof=1)
+    ms_e = ((D - r[:, None] - c[None, :] + g) ** 2).sum() / ((S - 1) * (n - 1))
+    env = {"V_S": ms_s / (S * n), "V_I": ms_i / (S * n), "V_E": ms_e / (S * n), "S": S, "n": n, "max": max}
+    env["V"] = eval(stats.VARIANCE_FORMULA, env)  # noqa: S307 (our own constant)
+    df = eval(stats.DF_FORMULA if env["V_I"] > env["V_E"] else stats.DF_OTHERWISE, env)  # noqa: S307
+    assert (env["V_I"] > env["V_E"]) == (item_sd > 0)
+    assert stats.crossed(D)[1:] == (pytest.approx(env["V"]), pytest.approx(df))
+
+
+def test_method_text_follows_the_constants(monkeypatch):
+    """The pooled share, alpha and level in the text are the ones the code uses: change one, the text changes."""
+    before = _method()
+    assert f"weight of {stats.POOLED_SHARE:g}" in before["correction"] and f"below {stats.ALPHA:g}" in before["decision"]
+    assert "--resolution (3 points)" in before["power"] and "pooled" in before
+    monkeypatch.setattr(stats, "POOLED_SHARE", 0.3)
+    monkeypatch.setattr(stats, "ALPHA", 0.01)
+    after = _method(resolution=1.5)
+    assert "weight of 0.3" in after["correction"] and "below 0.01" in after["decision"] and "(1.5 points)" in after["power"]

@@ -27,7 +27,7 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
     an = _Analysis(s, data, runs, config)
     targets = {g: an.target(g, tp, attacks, skipped, failed, skipped_students or {}) for g, tp in teacher_pred.items()}
     failing = [a for a, v in targets["teacher"]["attacks"].items() if v["status"] == "ok" and s.fail_on is not None
-               and v["transferred_count"] > s.fail_on]
+               and gate_count(v) > s.fail_on]
     seeds, y = s.seed_list, an.y
     return {
         "schema": SCHEMA,
@@ -42,7 +42,8 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
                                   "level": stats.LEVEL, "alpha": stats.ALPHA, "correction": s.correction,
                                   "correction_name": CORRECTION_TEXT[s.correction], "power": s.power,
                                   "safe_below": s.safe_below, "intervals": stats.reliability(len(seeds)),
-                                  "recommended_seeds": stats.DEFAULT_SEEDS}},
+                                  "recommended_seeds": stats.DEFAULT_SEEDS, "family": "target",
+                                  "pooled_share": stats.POOLED_SHARE, "resolution": s.resolution}},
         "method": method_text(s),
         "dataset": {"name": data.name, "classes": list(data.classes), "test_size": int(len(y)),
                     "test_per_class": [int(v) for v in np.bincount(y, minlength=an.C)], "train_images": int(len(data.y_train))},
@@ -103,9 +104,8 @@ class _Analysis:
                 self.problems.append(f"{a} vs {g} failed ({failed[(g, a)][0]})")
             else:
                 self.attack_students(att, g, a, tp, t_corr, skipped_students.get((g, a), {}))
-                if att["status"] == "ok":
-                    self.decide(att)
             entry["attacks"][a] = att
+        self.decide([att for att in entry["attacks"].values() if att["status"] == "ok"])
         return entry
 
     def attack_header(self, a: str) -> dict:
@@ -135,19 +135,27 @@ class _Analysis:
             rows = stats.class_decisions(self.y, stats.correctness(m, self.y), self.base_corr[st], t_corr, num_classes=self.C,
                                          rule=att["rule"], margin=s.margin, fidelity=s.fidelity, correction=s.correction,
                                          power=s.power, safe_below=s.safe_below, decide=False)
-            row = {**self.summary(g, a, st, tp), "classes": rows}
+            row = {**self.summary(g, a, st, tp), "classes": rows,
+                   "pooled": stats.pooled_test(stats.correctness(m, self.y), self.base_corr[st], t_corr, rule=att["rule"],
+                                               margin=s.margin, fidelity=s.fidelity)}
             extra = _extra(self.runs, g, a, st, s.seed_list)
             if extra:
                 row["extra"] = extra
             att["students"][st] = row
 
-    def decide(self, att: dict) -> None:
-        """One family: every class of every student of this attack (against this target)."""
+    def decide(self, atts: list[dict]) -> None:
+        """One family per target, the one the gate reads: every per-class and pooled test of every attack."""
         s = self.s
-        att["correction"] = s.correction
-        att["family_size"] = stats.decide_family([r["classes"] for r in att["students"].values()], rule=att["rule"],
-                                                 correction=s.correction, margin=s.margin, fidelity=s.fidelity,
-                                                 power=s.power, safe_below=s.safe_below)
+        m = stats.decide_audit(atts, correction=s.correction, margin=s.margin, fidelity=s.fidelity, power=s.power,
+                               safe_below=s.safe_below)
+        for att in atts:
+            att["correction"] = s.correction
+            att["family_size"] = m
+            self.collect(att)
+
+    def collect(self, att: dict) -> None:
+        """An attack's transferred classes (the union over its students) and its pooled verdict, once decided."""
+        att["pooled"] = pooled_summary(att, self.s.resolution)
         union: set[int] = set()
         for r in att["students"].values():
             r["transferred_classes"] = [x["class"] for x in r["classes"] if x["transferred"]]
@@ -158,6 +166,41 @@ class _Analysis:
         found = [set(v) for st_row in att["students"].values() for v in st_row.get("extra", {}).get("undistillable_classes", [])]
         if found:
             att["undistillable_classes"] = sorted(set.union(*found))
+
+
+def gate_count(att: dict) -> int:
+    """What the gate compares with ``--fail-on``: the transferred classes, and at least one when the pooled test
+    transfers (an overall gain means some class gains)."""
+    pooled = att.get("pooled") or {}
+    return max(att["transferred_count"], 1 if pooled.get("transferred") else 0)
+
+
+def pooled_summary(att: dict, resolution: float) -> dict | None:
+    """The attack's pooled verdict: transferred when any student's pooled test is (the thief keeps the best student);
+    the numbers of the student with the smallest adjusted p-value; the detectable gain of the least sensitive
+    student (a leak of that size would be found with every student at the configured power)."""
+    per = {st: r["pooled"] for st, r in att["students"].items() if r.get("pooled")}
+    if not per:
+        return None
+    order = list(per)
+    st = min(order, key=lambda k: (2.0 if per[k].get("p_adjusted") is None else per[k]["p_adjusted"], order.index(k)))
+    b = per[st]
+    dets = [r.get("detectable") for r in per.values()]
+    det = max(dets) if dets and all(d is not None for d in dets) else None
+    gain_rule = att["rule"] == "gain"
+    out = {"student": st, "rule": att["rule"], "gain": b["gain"], "ci_low": b["gain_ci"][0], "ci_high": b["gain_ci"][1],
+           "p": b["p_value"], "p_adjusted": b["p_adjusted"], "transferred": any(r["transferred"] for r in per.values()),
+           "detectable_gain": det if gain_rule else None, "resolution": resolution,
+           "resolution_ok": (det <= resolution) if gain_rule and det is not None else None}
+    if not gain_rule:
+        out.update(fidelity=b["fidelity"], fidelity_ci=b["fidelity_ci"], detectable_fidelity=det)
+    return out
+
+
+def resolution_text(resolution: float) -> str:
+    """The line the reports print when an attack's pooled test cannot find a leak of ``resolution`` points."""
+    return (f"this audit cannot show protection at this size: use more seeds or queries (a pooled gain of "
+            f"{resolution:g} points would not be found with the configured power)")
 
 
 def _defense_effect(targets: dict, attacks: list[str]) -> dict | None:
@@ -266,33 +309,46 @@ CORRECTION_TEXT = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "un"}
 
 
 def method_text(s: AuditSettings) -> dict:
-    """The statistical method in words, as recorded in audit.json (see :mod:`nasty.audit.stats` for the formulas)."""
-    corr = {"holm": "Holm's step-down procedure over every (student, class) test of one attack: the chance that an attack "
-                    "shows any false 'transferred' class is at most alpha (family-wise error rate).",
-            "bh": "Benjamini-Hochberg over every (student, class) test of one attack: the expected share of false "
-                  "'transferred' classes among those reported is at most alpha (false discovery rate).",
-            "none": "none: each class is tested at alpha on its own; with 10 classes x 2 students an attack that transfers "
-                    "nothing shows a false 'transferred' class far more often than alpha."}[s.correction]
+    """The statistical method in words, as recorded in audit.json, built from the constants and formulas the
+    code uses (:mod:`nasty.audit.stats`; tests/test_audit_stats.py ties the two)."""
+    share = stats.POOLED_SHARE
+    family = ("every test the gate reads is one family: the per-class tests of every (attack, student, class) and the "
+              "pooled test of every (attack, student) against one target; the pooled tests hold a weight of "
+              f"{share:g} of the family, shared equally, the per-class tests {1 - share:g}, shared equally")
+    corr = {"holm": f"weighted Holm (step-down on p/w) over {family}: the chance that the audit shows any false "
+                    "'transferred' class or pooled transfer, over all its attacks, is at most alpha (family-wise error rate).",
+            "bh": f"weighted Benjamini-Hochberg (BH on p/w, weights at mean 1) over {family}: the expected share of false "
+                  "transfers among those reported is at most alpha (false discovery rate).",
+            "none": "none: each test at alpha on its own; with several attacks, classes and students an audit in which "
+                    "nothing transfers shows a false transfer far more often than alpha."}[s.correction]
+    terms = "; ".join(f"{k} = {v}" for k, v in stats.VARIANCE_TERMS.items())
     return {
         "gain": "gain g_c = acc(attack, c) - acc(better baseline, c), percentage points on test class c, averaged over seeds; "
                 "the better baseline is the label-only (scratch) or label-smoothing student with the higher accuracy on c.",
         "fidelity": "for attacks that never read the labels: r_c = acc(attack, c) / acc(teacher, c).",
-        "interval": "95% t-interval with the seed as the unit of replication: for D = attack - baseline (per seed and test "
-                    "image), Var(mean D) = V_S + V_I with V_S = max(MS_S, MS_E)/(S n) (seed-to-seed variance of the per-seed "
-                    "gains) and V_I = max(MS_I - MS_E, 0)/(S n) (test-image variance shared by all seeds), two-way ANOVA mean "
-                    "squares over S seeds x n test images; Satterthwaite df = V^2 / (V_S^2/(S-1) + V_I^2/(n-1)). The gain's "
-                    "interval is the smaller of the bounds against the two baselines. With one seed only test-set noise is "
-                    "captured (unreliable).",
-        "test": f"one-sided p-value of 'gain > {s.margin:g} points' (fidelity rule: 'r_c > {s.fidelity:g}', tested as "
+        "pooled": "per attack and student, the same test with every test image together as one class: the overall "
+                  "accuracy gain over the better of the two baselines (fidelity rule: overall accuracy / teacher's), "
+                  "intersection-union test, crossed variance, seed as the unit. The attack's pooled verdict: transferred "
+                  "when any student's pooled test is.",
+        "interval": f"{stats.LEVEL:.0%} t-interval with the seed as the unit of replication: for D = 100 (attack - baseline) "
+                    "correct (S seeds x n test images), two-way ANOVA mean squares; "
+                    f"Var(mean D) = V = {stats.VARIANCE_FORMULA}, where {terms}; df = {stats.DF_FORMULA} when V_I > V_E "
+                    f"(Satterthwaite), else df = {stats.DF_OTHERWISE}. Against two baselines the interval is "
+                    f"[min_k(d_k - t_(1-(1-{stats.LEVEL:g})/2)(df_k) se_k), min_k(d_k + t_(1-(1-{stats.LEVEL:g})/(2K))(df_k) se_k)]. "
+                    "With one seed V = var_i(D)/n, df n-1: only test-set noise is captured (unreliable).",
+        "test": f"one-sided p-value of 'gain > {s.margin:g} points' (fidelity rule: 'r > {s.fidelity:g}', tested as "
                 f"mean(attack - {s.fidelity:g} x teacher) > 0); against two baselines the larger of the two p-values "
                 "(intersection-union test).",
         "correction": corr,
         "decision": f"transferred when the adjusted p-value is below {stats.ALPHA:g} (with no correction: exactly when the "
-                    "lower end of the 95% interval is above the margin). An attack's transferred classes are the union "
-                    "over its students (the thief keeps the best student per class).",
-        "power": f"for a class that is not transferred, 'detectable' is the smallest gain over the better baseline (fidelity "
-                 f"rule: the smallest fidelity) that this audit would call transferred with probability {s.power:g}, given "
-                 "the class's standard error and df, when it is the only transferable class of the attack (noncentral t)."
+                    "lower end of the interval is above the margin). An attack's transferred classes are the union "
+                    "over its students (the thief keeps the best student per class). The gate (--fail-on N) fails an "
+                    "attack with more than N transferred classes, a pooled transfer counting as at least one.",
+        "power": f"'detectable' is the smallest gain over the better baseline (fidelity rule: the smallest fidelity) that "
+                 f"this audit would call transferred with probability {s.power:g}, given the test's standard error and df, "
+                 "when it is the only true effect of the family (noncentral t at the strictest step, alpha x its weight)."
                  + (f" 'Safe at this power' means detectable < {s.safe_below:g} points." if s.safe_below is not None else
-                    " Not transferred means not shown to transfer: a class is only as safe as its detectable gain is small."),
+                    " Not transferred means not shown to transfer: a class is only as safe as its detectable gain is small.")
+                 + f" When an attack's pooled detectable gain is above --resolution ({s.resolution:g} points), the audit "
+                   "cannot show protection at that size.",
     }

@@ -69,6 +69,9 @@ AUDIT_PARAMS: dict[str, Param] = {  # the request's knobs; ranges of the statist
     "power": Param("float", 0.8, "Power at which the detectable gain of an untransferred class is reported."),
     "safe_below": Param("float?", None, "A class not transferred is 'safe at this power' only when its detectable gain is "
                         "below this (points)."),
+    "resolution": Param("float", 3.0, "Smallest pooled leak (points of overall gain) the audit must be able to find at "
+                        "--power; above it the report says the audit cannot show protection at this size.",
+                        lambda v: 0 < v <= 100, "a number of points in (0, 100]"),
 }
 
 
@@ -94,6 +97,7 @@ class AuditSettings:
     correction: str = _default("correction")
     power: float = _default("power")
     safe_below: float | None = _default("safe_below")
+    resolution: float = _default("resolution")
     params: dict[str, dict] = field(default_factory=dict)  # attack -> parameter overrides
     surrogate: str | None = _default("surrogate")
     queries: int | None = _default("queries")

@@ -1,16 +1,20 @@
 """Render an audit object (``audit.json``) as Markdown, as one self-contained HTML page (inline CSS,
 the heatmap embedded as a base64 PNG), and as a short terminal table. Rendering reads only the
-audit object, so ``nasty report audit.json`` reproduces the files of ``nasty audit``."""
+audit object, so ``nasty report audit.json`` reproduces the files of ``nasty audit``.
+
+Every string taken from the audit object is escaped for its sink (:mod:`nasty.escape`): an audit.json, a
+class folder name or a checkpoint path may be hostile. Row builders return plain text; the table writers
+escape every cell (:class:`Md` marks the few cells of trusted Markdown)."""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from pathlib import Path
 
+from .. import escape as esc
 from ..checkpoint import atomic_write_bytes
-from .analyse import defense_text
+from .analyse import defense_text, resolution_text
 
 TARGET_TITLES = {"teacher": "Audited teacher", "reference": "Reference (undefended) teacher"}
 
@@ -73,6 +77,11 @@ def _ok_attacks(target: dict) -> list[tuple[str, dict]]:
 # heatmap
 
 
+def _mpl(s) -> str:
+    """Text for a matplotlib label: one line, and a ``$`` is a dollar sign, not the start of math text."""
+    return esc.one_line(s).replace("$", r"\$")
+
+
 def heatmap_png(audit: dict, target: str) -> bytes | None:
     """Gain per (attack, student) x class, transferred cells framed; ``None`` when nothing ran."""
     import matplotlib
@@ -93,7 +102,7 @@ def heatmap_png(audit: dict, target: str) -> bytes | None:
                 texts.append(["" if r["fidelity"] is None else f"×{r['fidelity']:.2f}" for r in row["classes"]])
             else:
                 texts.append(["" if r["gain"] is None else f"{r['gain']:+.1f}" for r in row["classes"]])
-            labels.append(f"{a} · {st}" + (" (fidelity rule)" if att["rule"] == "fidelity" else ""))
+            labels.append(_mpl(f"{a} · {st}") + (" (fidelity rule)" if att["rule"] == "fidelity" else ""))
     if not rows:
         return None
     g = np.array(rows, dtype=float)
@@ -113,7 +122,7 @@ def heatmap_png(audit: dict, target: str) -> bytes | None:
             if marks[i][j]:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.2))
     ax.set_xticks(range(C))
-    ticks = [f"{j}: {n}" if n != str(j) else n for j, n in enumerate(names)]
+    ticks = [_mpl(f"{j}: {n}" if n != str(j) else n) for j, n in enumerate(names)]
     turn = C > 6 and max(len(t) for t in ticks) > 3
     ax.set_xticklabels(ticks, rotation=35 if turn else 0, ha="right" if turn else "center", fontsize=8)
     ax.set_yticks(range(len(rows)))
@@ -144,6 +153,8 @@ def _summary_rows(audit: dict, target: str) -> list[list[str]]:
         agr = "; ".join(f"{st} {_f(r.get('teacher_agreement'), '{:.1f}')}" for st, r in studs.items()) or "–"
         row = [a, headline(att, C), att["threshold"] if att["status"] == "ok" else "–",
                _classes(att["transferred_classes"], names) if att["status"] == "ok" else "–"]
+        if _has_pooled(audit):
+            row.append(pooled_cell(att))
         if _stats_cfg(audit):
             row.append(_power_cell(att))
         out.append(row + [acc, agr])
@@ -154,7 +165,41 @@ def _summary_head(audit: dict) -> list[str]:
     if not _stats_cfg(audit):
         return SUMMARY_HEAD
     p = _stats_cfg(audit)["power"]
-    return SUMMARY_HEAD[:4] + [f"not transferred: detectable at {p:.0%} power"] + SUMMARY_HEAD[4:]
+    pooled = ["pooled (all classes): gain [95% CI], adjusted p"] if _has_pooled(audit) else []
+    return SUMMARY_HEAD[:4] + pooled + [f"not transferred: detectable at {p:.0%} power"] + SUMMARY_HEAD[4:]
+
+
+def _has_pooled(audit: dict) -> bool:
+    """Schema 3 audits carry a pooled test per attack."""
+    return audit.get("schema_version", 1) >= 3
+
+
+def pooled_cell(att: dict) -> str:
+    """The attack's pooled verdict in one cell: "pooled: transfers" or "not shown", its numbers and resolution."""
+    pl = att.get("pooled")
+    if att["status"] != "ok" or not pl:
+        return "–"
+    if pl.get("rule") == "fidelity":
+        nums = f"fidelity {_f(pl.get('fidelity'), '{:.2f}')} {_ci(pl.get('fidelity_ci'), '{:.2f}')}"
+    else:
+        nums = f"{_f(pl['gain'], '{:+.1f}')} {_ci([pl['ci_low'], pl['ci_high']])} pts"
+    out = f"pooled: {'transfers' if pl['transferred'] else 'not shown'}: {nums}, p {_p(pl['p_adjusted'])}"
+    if not pl["transferred"] and pl.get("detectable_gain") is not None:
+        out += f"; detectable {pl['detectable_gain']:.1f} pts"
+    if not pl["transferred"] and pl.get("resolution_ok") is False:
+        out += f"; cannot show protection at {pl['resolution']:g} pts"
+    return out
+
+
+def resolution_lines(audit: dict, target: str) -> list[str]:
+    """One line per attack whose pooled test could not find a leak of ``--resolution`` points (plain text)."""
+    out = []
+    for a, att in _ok_attacks(audit["targets"][target]):
+        pl = att.get("pooled") or {}
+        if pl.get("resolution_ok") is False and not pl.get("transferred"):
+            out.append(f"{a}: {resolution_text(pl['resolution'])}; its pooled detectable gain is "
+                       f"{pl['detectable_gain']:.1f} points")
+    return out
 
 
 SUMMARY_HEAD = ["attack", "result", "rule (threshold)", "transferred classes", "student accuracy % (mean ± sd)", "teacher agreement %"]
@@ -191,7 +236,7 @@ def _detail_rows(audit: dict, att: dict, st: str) -> tuple[list[str], list[list[
             det = r.get("detectable")
             row.append("–" if det is None else (f"{det:.2f}" if att["rule"] == "fidelity" else f"{det:.1f}")
                        + ("" if r.get("safe") is None else (" (safe)" if r["safe"] else " (not safe)")))
-        row.append("**yes**" if r["transferred"] else "no")
+        row.append(Md("**yes**") if r["transferred"] else "no")
         rows.append(row)
     return head, rows
 
@@ -218,34 +263,50 @@ def _defense_sentence(target: dict) -> str:
     return f" Defense: {defense_text(target['defense'])}." if "defense" in target else ""
 
 
-def _intro(audit: dict) -> list[str]:
+class Md(str):
+    """A table cell that is trusted Markdown (static text), written as it is; every other cell is escaped."""
+
+
+MD_SINK = {"t": esc.md, "code": esc.md, "b": lambda s: f"**{s}**"}  # code: a data path as literal text, not a code span
+HTML_SINK = {"t": esc.html, "code": lambda s: f"<code>{esc.html(s)}</code>", "b": lambda s: f"<b>{s}</b>"}
+
+
+def _intro(audit: dict, k: dict) -> list[str]:
+    """The intro lines for one sink ``k``: ``t`` escapes data as text, ``code`` as code, ``b`` bolds static text."""
+    t, code, b = k["t"], k["code"], k["b"]
     cfg = audit["config"]
     ds = audit["dataset"]
-    lines = [f"Teacher `{cfg['teacher']}` (SHA-256 {cfg['teacher_sha256'][:12]}…)"
-             + (f", reference `{cfg['reference']}`" if cfg.get("reference") else "")
-             + f"; dataset {ds['name']} ({len(ds['classes'])} classes, {ds['test_size']} test images; "
-             f"the thief trains on {ds['train_images']} images).",
-             f"Teacher access: `--query {cfg['query']}`. Students: {', '.join(cfg['students'])}; seeds: "
-             f"{', '.join(map(str, cfg['seeds']))}; {cfg['train'].get('epochs')} epochs each.",
-             f"Status: **{audit['status']}**" + (f" ({'; '.join(audit['problems'])})" if audit["problems"] else "") + "."]
+    lines = [f"Teacher {code(cfg['teacher'])} (SHA-256 {t(str(cfg['teacher_sha256'])[:12])}…)"
+             + (f", reference {code(cfg['reference'])}" if cfg.get("reference") else "")
+             + f"; dataset {t(ds['name'])} ({len(ds['classes'])} classes, {t(ds['test_size'])} test images; "
+             f"the thief trains on {t(ds['train_images'])} images).",
+             f"Teacher access: {code('--query ' + str(cfg['query']))}. Students: {t(', '.join(map(str, cfg['students'])))}; seeds: "
+             f"{t(', '.join(map(str, cfg['seeds'])))}; {t(cfg['train'].get('epochs'))} epochs each.",
+             f"Status: {b(t(audit['status']))}" + (f" ({t('; '.join(map(str, audit['problems'])))})" if audit["problems"] else "") + "."]
     sc = _stats_cfg(audit)
     if sc:
         n_seeds = len(cfg["seeds"])
+        corr = b(t(sc["correction_name"] if sc["correction"] != "none" else "no") + " correction")
+        if _has_pooled(audit):
+            family = (f"over every test of the audit (all attacks' per-class and pooled tests, the pooled ones holding "
+                      f"{sc.get('pooled_share', 0.5):g} of the weight)")
+        else:
+            family = "over the classes and students of each attack"
         lines.append(f"Statistics: 95% t-intervals with the seed as the unit of replication; one-sided tests of gain > "
-                     f"{cfg['margin']:g} points, **{sc['correction_name'] if sc['correction'] != 'none' else 'no'} correction** "
-                     f"over the classes and students of each attack (alpha {sc['alpha']:g}); detectable gains at "
+                     f"{cfg['margin']:g} points, {corr} {family} (alpha {sc['alpha']:g}); detectable gains at "
                      f"{sc['power']:.0%} power" + (f"; safe below {sc['safe_below']:g} points" if sc.get("safe_below") is not None
-                                                     else "") + ".")
+                                                     else "") + (f"; resolution {sc['resolution']:g} points (pooled)"
+                                                                 if _has_pooled(audit) and sc.get("resolution") is not None else "") + ".")
         if sc["intervals"] == "unreliable":
-            lines.append(f"**Every interval is UNRELIABLE**: one seed captures no training noise (use --seeds {sc['recommended_seeds']}).")
+            lines.append(f"{b('Every interval is UNRELIABLE')}: one seed captures no training noise (use --seeds {t(sc['recommended_seeds'])}).")
         elif sc["intervals"] == "approximate":
-            lines.append(f"Intervals are **approximate** with {n_seeds} seeds ({sc['recommended_seeds']} or more recommended).")
+            lines.append(f"Intervals are {b('approximate')} with {n_seeds} seeds ({t(sc['recommended_seeds'])} or more recommended).")
     else:
         lines.append("Statistics: schema-1 audit (percentile bootstrap intervals, no multiple-comparison correction).")
     gate = audit["gate"]
     if gate["fail_on"] is not None:
-        lines.append(f"Gate `--fail-on {gate['fail_on']}`: " + (f"**FAILED** by {', '.join(gate['failing_attacks'])}" if gate["failed"]
-                                                               else "passed") + ".")
+        lines.append(f"Gate {code('--fail-on ' + str(gate['fail_on']))}: "
+                     + (f"{b('FAILED')} by {t(', '.join(map(str, gate['failing_attacks'])))}" if gate["failed"] else "passed") + ".")
     return lines
 
 
@@ -253,21 +314,26 @@ def _intro(audit: dict) -> list[str]:
 # Markdown
 
 
+def _md_cell(s) -> str:
+    return str(s) if isinstance(s, Md) else esc.md(s)
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    return "\n".join(["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
-                     + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
+    return "\n".join(["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows])
 
 
 def render_markdown(audit: dict) -> str:
+    e = esc.md
     names = audit["dataset"]["classes"]
     md = ["# nasty audit: which classes can a thief copy?", ""]
-    md += [f"- {line}" for line in _intro(audit)] + [""]
+    md += [f"- {line}" for line in _intro(audit, MD_SINK)] + [""]
     for target in audit["targets"]:
-        md += [f"## {TARGET_TITLES.get(target, target)}: summary",
-               f"Teacher test accuracy {audit['targets'][target]['accuracy']:.2f}%." + _defense_sentence(audit["targets"][target]), "",
+        notes = _found_lines(audit, target) + resolution_lines(audit, target)
+        md += [f"## {e(TARGET_TITLES.get(target, target))}: summary",
+               f"Teacher test accuracy {audit['targets'][target]['accuracy']:.2f}%." + e(_defense_sentence(audit["targets"][target])), "",
                _md_table(_summary_head(audit), _summary_rows(audit, target)), ""]
-        md += [f"- {line}" for line in _found_lines(audit, target)] + ([""] if _found_lines(audit, target) else [])
+        md += [f"- {e(line)}" for line in notes] + ([""] if notes else [])
     if audit.get("defense_effect"):
         md += ["## What the defense bought", "Classes transferred from the reference but not from the audited teacher "
                "are protected by the defense.", "",
@@ -276,21 +342,21 @@ def render_markdown(audit: dict) -> str:
                            _classes(v["newly_transferred"], names)] for a, v in audit["defense_effect"].items()]), ""]
     for target in audit["targets"]:
         head, rows = _class_rows(audit, target)
-        md += [f"## Per-class accuracy: {TARGET_TITLES.get(target, target).lower()} and baselines", "", _md_table(head, rows), ""]
+        md += [f"## Per-class accuracy: {e(TARGET_TITLES.get(target, target).lower())} and baselines", "", _md_table(head, rows), ""]
     md += ["## Details per attack and student", ""]
     for target in audit["targets"]:
         for a, att in _ok_attacks(audit["targets"][target]):
             for st in att["students"]:
                 head, rows = _detail_rows(audit, att, st)
-                md += [f"### {a} vs {target}, student {st} ({att['rule']} rule)", "", _md_table(head, rows), ""]
-            md += [f"- {line}" for line in _extra_lines(att, names)] + [""]
+                md += [f"### {e(a)} vs {e(target)}, student {e(st)} ({e(att['rule'])} rule)", "", _md_table(head, rows), ""]
+            md += [f"- {e(line)}" for line in _extra_lines(att, names)] + [""]
     md += ["## What each attack assumes of the thief", ""]
     for a, att in audit["targets"]["teacher"]["attacks"].items():
-        md.append(f"- **{a}**: {att['assumes']}" + (f" *Not run: {att['reason']}*" if att["status"] != "ok" else ""))
-    md += ["", "## Method", ""] + [f"- **{k}**: {v}" for k, v in audit["method"].items()]
-    md += [f"- {_method_tail(audit)}", ""]
+        md.append(f"- **{e(a)}**: {e(att['assumes'])}" + (f" *Not run: {e(att['reason'])}*" if att["status"] != "ok" else ""))
+    md += ["", "## Method", ""] + [f"- **{e(k)}**: {e(v)}" for k, v in audit["method"].items()]
+    md += [f"- {e(_method_tail(audit))}", ""]
     if audit.get("notes"):
-        md += ["## Notes", ""] + [f"- {n}" for n in audit["notes"]] + [""]
+        md += ["## Notes", ""] + [f"- {e(n)}" for n in audit["notes"]] + [""]
     return "\n".join(md)
 
 
@@ -313,8 +379,7 @@ details summary{cursor:pointer;font-weight:600;margin:6px 0}
 """
 
 
-def _h(s) -> str:
-    return html.escape(str(s))
+_h = esc.html
 
 
 def _is_number(v: str) -> bool:
@@ -331,20 +396,11 @@ def _html_table(head: list[str], rows: list[list[str]], yes_col: int | None = No
         cls = ' class="yes"' if yes_col is not None and "yes" in r[yes_col] else ""
         cells = []
         for i, v in enumerate(r):
-            v = str(v).replace("**", "")
+            v = str(v).replace("**", "") if isinstance(v, Md) else str(v)
             num = i not in text_cols and _is_number(v)
             cells.append(f'<td class="num">{_h(v)}</td>' if num else f"<td>{_h(v)}</td>")
         out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     return "\n".join(out) + "</table>"
-
-
-def _md_inline(s: str) -> str:
-    """The two bits of Markdown the intro lines use (``code`` and **bold**), as HTML."""
-    import re
-
-    s = _h(s)
-    s = re.sub(r"`([^`]*)`", r"<code>\1</code>", s)
-    return re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", s)
 
 
 def render_html(audit: dict) -> str:
@@ -352,7 +408,7 @@ def render_html(audit: dict) -> str:
     C = len(names)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>nasty audit</title><style>{CSS}</style></head><body>",
              "<h1>nasty audit: which classes can a thief copy?</h1>",
-             '<div class="box">' + "<br>".join(_md_inline(x) for x in _intro(audit)) + "</div>"]
+             '<div class="box">' + "<br>".join(_intro(audit, HTML_SINK)) + "</div>"]
     for target in audit["targets"]:
         t = audit["targets"][target]
         parts.append(f"<h2>{_h(TARGET_TITLES.get(target, target))}</h2><p>Teacher test accuracy <b>{t['accuracy']:.2f}%</b>."
@@ -364,6 +420,7 @@ def render_html(audit: dict) -> str:
         parts.append("<p>" + " ".join(chips) + "</p>")
         parts.append(_html_table(_summary_head(audit), _summary_rows(audit, target), text_cols=tuple(range(len(_summary_head(audit))))))
         parts += [f"<p>{_h(line)}.</p>" for line in _found_lines(audit, target)]
+        parts += [f'<p class="box"><b>{_h(line)}</b>.</p>' for line in resolution_lines(audit, target)]
         png = heatmap_png(audit, target)
         if png:
             parts.append(f'<img alt="gain heatmap, {_h(target)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
@@ -406,26 +463,30 @@ def render_html(audit: dict) -> str:
 
 
 def terminal_table(audit: dict) -> str:
+    """A short table for the terminal; every line passes through :func:`nasty.escape.term` (one line each)."""
     C = len(audit["dataset"]["classes"])
     lines = []
     for target, t in audit["targets"].items():
         lines.append(f"{TARGET_TITLES.get(target, target)} (accuracy {t['accuracy']:.2f}%):")
-        width = max([len(a) for a in t["attacks"]] + [6])
+        width = max([len(esc.term(a)) for a in t["attacks"]] + [6])
         for a, att in t["attacks"].items():
             tail = f"  [{att['threshold']}] classes {att['transferred_classes']}" if att["status"] == "ok" else ""
+            if att["status"] == "ok" and _has_pooled(audit):
+                tail += f"; {pooled_cell(att)}"
             if att["status"] == "ok" and _stats_cfg(audit) and _power_cell(att) != "–":
                 tail += f"; not transferred: detectable {_power_cell(att)}"
-            lines.append(f"  {a:<{width}}  {headline(att, C)}{tail}")
+            lines.append(f"  {esc.term(a):<{width}}  {headline(att, C)}{tail}")
+        lines += [f"  {line}" for line in resolution_lines(audit, target)]
     sc = _stats_cfg(audit)
     if sc and sc["intervals"] != "ok":
         lines.append(f"intervals {sc['intervals'].upper()} with {len(audit['config']['seeds'])} seed(s); "
                      f"{sc['recommended_seeds']} or more recommended")
     g = audit["gate"]
     if g["fail_on"] is not None:
-        lines.append(f"gate --fail-on {g['fail_on']}: " + (f"FAILED ({', '.join(g['failing_attacks'])})" if g["failed"] else "passed"))
+        lines.append(f"gate --fail-on {g['fail_on']}: " + (f"FAILED ({', '.join(map(str, g['failing_attacks']))})" if g["failed"] else "passed"))
     if audit["status"] != "complete":
-        lines.append(f"audit INCOMPLETE: {'; '.join(audit['problems'])}")
-    return "\n".join(lines)
+        lines.append(f"audit INCOMPLETE: {'; '.join(map(str, audit['problems']))}")
+    return "\n".join(esc.term(line) for line in lines)
 
 
 def _method_tail(audit: dict) -> str:

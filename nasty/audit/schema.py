@@ -1,7 +1,7 @@
 """``audit.json``: the versioned, public result of ``nasty audit`` (the Markdown and HTML are rendered from it).
 
-Schema ``nasty-audit``, version 2 (version 1, with bootstrap intervals and no p-values, is still read
-and rendered). Top-level fields:
+Schema ``nasty-audit``, version 3 (versions 2, with the correction per attack and no pooled test, and 1,
+with bootstrap intervals and no p-values, are still read and rendered). Top-level fields:
 
 - ``schema`` = ``"nasty-audit"``, ``schema_version`` = 2, ``created``, ``versions`` (package versions);
 - ``status``: ``"complete"`` or ``"incomplete"`` (then ``problems`` lists why); ``notes``;
@@ -10,9 +10,10 @@ and rendered). Top-level fields:
   ``data_sha256`` (the dataset's contents), ``attacks``, ``students``, ``seeds``, ``margin``, ``fidelity``, ``fail_on``,
   ``statistics`` (v2: ``method``, ``level``, ``alpha``, ``correction`` = ``holm`` | ``bh`` | ``none``,
   ``correction_name``, ``power``, ``safe_below``, ``intervals`` = ``ok`` | ``approximate`` | ``unreliable``,
-  ``recommended_seeds``; v1 had ``bootstrap`` instead);
-- ``method``: the statistical method in words (``gain``, ``fidelity``, ``interval``, ``test``, ``correction``,
-  ``decision``, ``power``);
+  ``recommended_seeds``; v3 adds ``family`` = ``"target"`` (one correction over every test of a target),
+  ``pooled_share`` and ``resolution``; v1 had ``bootstrap`` instead);
+- ``method``: the statistical method in words (``gain``, ``fidelity``, ``pooled`` (v3), ``interval``, ``test``,
+  ``correction``, ``decision``, ``power``);
 - ``dataset``: ``name``, ``classes``, ``test_size``, ``test_per_class``, ``train_images``;
 - ``baselines``: ``{"scratch"|"label-smoothing": {student: {accuracy, accuracy_sd, accuracy_per_seed,
   per_class_accuracy}}}``;
@@ -23,11 +24,15 @@ and rendered). Top-level fields:
 - ``A`` (one attack, **the stable interface**): ``method`` (attack name), ``rule`` (``"gain"`` or
   ``"fidelity"``), ``threshold`` (text), ``status`` (``"ok"``, ``"skipped"``, ``"failed"``), ``reason``,
   ``transferred_classes`` (class indices, union over students), ``transferred_count``, ``num_classes``,
-  ``assumes`` (text), ``params``, ``correction`` and ``family_size`` (v2: the tests the correction ran over),
+  ``assumes`` (text), ``params``, ``correction`` and ``family_size`` (v2: the tests the correction ran over; v3: every
+  test of the target), ``pooled`` (v3, required when ``status`` is ``ok``: ``student``, ``rule``, ``gain``, ``ci_low``,
+  ``ci_high``, ``p``, ``p_adjusted``, ``transferred``, ``detectable_gain`` (points; null under the fidelity rule, which
+  gives ``fidelity``, ``fidelity_ci``, ``detectable_fidelity``), ``resolution`` and ``resolution_ok`` (the pooled
+  detectable gain is at most ``resolution``; null under the fidelity rule)),
   ``undistillable_classes`` (TLLM only), ``skipped_students``
   (``{student: reason}`` for students the attack cannot use) and ``students``:
   ``{student: {accuracy, accuracy_sd, accuracy_per_seed, teacher_agreement, per_class_accuracy,
-  transferred_classes, transferred_count, classes: [per-class rows]}}``;
+  transferred_classes, transferred_count, classes: [per-class rows], pooled: a row over all test images (v3)}}``;
 - a per-class row: ``class``, ``n``, ``accuracy``, ``baseline`` (``scratch`` or ``label-smoothing``: the
   better one for that class), ``baseline_accuracy``, ``baseline_accuracies``, ``gain``, ``gain_ci`` ([lo, hi]),
   ``teacher_accuracy``, ``fidelity``, ``fidelity_ci``, ``transferred``; v2 adds ``p_value`` (one-sided, of
@@ -39,13 +44,15 @@ and rendered). Top-level fields:
   (points); fidelity is a ratio;
 - ``defense_effect`` (with a reference): per attack ``protected_classes`` (transferred from the reference,
   not from the teacher), ``still_transferred``, ``newly_transferred``;
-- ``gate``: ``fail_on``, ``failed``, ``failing_attacks``;
+- ``gate``: ``fail_on``, ``failed``, ``failing_attacks`` (v3: an attack fails with more than ``fail_on`` transferred
+  classes, a pooled transfer counting as at least one);
 - ``runtime``: ``seconds``, ``runs_trained``, ``runs_reused``, ``teacher_samples_run`` (every sample the
   teachers processed), ``teacher_samples_cached`` (of which through the shared cache), ``teacher_cache_hits``,
   ``label_only_runs_reused`` (TLLM preliminary label-only runs taken from the label-only baseline, v2).
 
 Readers must check ``schema_version``; fields are only ever added within a version. Version 2 changed the
-meaning of ``gain_ci`` (t-interval, see :mod:`nasty.audit.stats`) and of ``transferred`` (after the correction).
+meaning of ``gain_ci`` (t-interval, see :mod:`nasty.audit.stats`) and of ``transferred`` (after the correction);
+version 3 that of ``p_adjusted`` and ``transferred`` (one correction over every attack's tests, pooled tests included).
 """
 
 from __future__ import annotations
@@ -56,13 +63,14 @@ from pathlib import Path
 from ..errors import NastyError
 
 SCHEMA = "nasty-audit"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _TOP = {"schema": str, "schema_version": int, "status": str, "config": dict, "dataset": dict, "baselines": dict,
         "targets": dict, "gate": dict, "method": dict}
 _ATTACK = {"method": str, "rule": str, "status": str, "transferred_classes": list, "transferred_count": int, "students": dict}
 _ROW = ("class", "accuracy", "baseline", "gain", "gain_ci", "teacher_accuracy", "fidelity", "fidelity_ci", "transferred")
 _ROW_V2 = ("p_value", "p_adjusted", "detectable", "safe", "interval")
+_POOLED = ("gain", "ci_low", "ci_high", "p", "p_adjusted", "transferred", "detectable_gain", "resolution_ok")
 
 
 def validate(obj: object, where: str = "audit.json") -> dict:
@@ -94,6 +102,10 @@ def validate(obj: object, where: str = "audit.json") -> dict:
                     raise NastyError(f"{w}.{k} missing or not a {t.__name__}")
             if att["status"] not in ("ok", "skipped", "failed"):
                 raise NastyError(f"{w}.status must be ok, skipped or failed")
+            if ver >= 3 and att["status"] == "ok":
+                pooled = att.get("pooled")
+                if not isinstance(pooled, dict) or any(k not in pooled for k in _POOLED):
+                    raise NastyError(f"{w}.pooled missing or incomplete (schema 3 needs {', '.join(_POOLED)})")
             if att["transferred_count"] != len(att["transferred_classes"]):
                 raise NastyError(f"{w}: transferred_count disagrees with transferred_classes")
             if not all(isinstance(c, int) and 0 <= c < len(classes) for c in att["transferred_classes"]):

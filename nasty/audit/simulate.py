@@ -19,6 +19,7 @@ against the population gain (over training seeds and the test distribution), the
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,7 +68,7 @@ def _mu_and_mean(m: Model, c: int) -> tuple[float, float]:
     return _MEAN_CACHE[key]
 
 
-def draw(m: Model, rng: np.random.Generator) -> tuple[np.ndarray, list[dict[str, np.ndarray]], np.ndarray]:
+def draw(m: Model, rng: np.random.Generator, arms: tuple[str, ...] = ARMS) -> tuple[np.ndarray, list[dict[str, np.ndarray]], np.ndarray]:
     """One synthetic audit: test labels ``y``, per student ``{arm: (S, N) correctness}``, teacher ``(N,)``."""
     C, n, S = m.classes, m.n_per_class, m.seeds
     y = np.repeat(np.arange(C), n)
@@ -77,8 +78,8 @@ def draw(m: Model, rng: np.random.Generator) -> tuple[np.ndarray, list[dict[str,
     teacher = (rng.random(C * n) < m.teacher_accuracy).astype(np.uint8)
     out = []
     for _ in range(m.students):
-        arms = {}
-        for arm in ARMS:
+        drawn = {}
+        for arm in arms:
             seed_eff = np.repeat(rng.standard_normal((S, C)) * m.sd_seed, n, axis=1)
             logit = mu + item + rng.standard_normal(C * n) * m.sd_arm_item + seed_eff + rng.standard_normal((S, C * n)) * m.sd_noise
             correct = rng.random((S, C * n)) < 1 / (1 + np.exp(-logit))
@@ -92,8 +93,8 @@ def draw(m: Model, rng: np.random.Generator) -> tuple[np.ndarray, list[dict[str,
                     else:
                         flip = rng.random((S, n)) < -g / (100 * pbar[c * n])
                         correct[:, sl] &= ~flip
-            arms[arm] = correct.astype(np.uint8)
-        out.append(arms)
+            drawn[arm] = correct.astype(np.uint8)
+        out.append(drawn)
     return y, out, teacher
 
 
@@ -148,3 +149,41 @@ def calibrate(m: Model, reps: int, seed: int = 0, **kw) -> dict:
             "claimed_power": float(np.mean(claimed)) if claimed else None,
             "coverage_lower": float(np.mean(cover_lo)), "coverage": float(np.mean(cover)),
             "detectable_median": float(np.median(det_gain)) if det_gain else None}
+
+
+def null_attacks(m: Model, rng: np.random.Generator, n_attacks: int, *, margin: float = 0.0) -> list[dict]:
+    """One synthetic audit of ``n_attacks`` attacks sharing the two baselines (arms ``attack0``, ``attack1``, ...;
+    plant gains with ``m.shift[("attackK", c)]``): per attack ``{"rule", "students": {st: {"classes", "pooled"}}}``,
+    the rows not yet decided, as :func:`stats.decide_audit` takes them."""
+    arms = ("scratch", "label-smoothing", *(f"attack{k}" for k in range(n_attacks)))
+    y, studs, teacher = draw(m, rng, arms)
+    attacks = []
+    for k in range(n_attacks):
+        per = {}
+        for j, a in enumerate(studs):
+            base = {b: a[b] for b in stats.BASELINES}
+            per[f"s{j}"] = {"classes": stats.class_decisions(y, a[f"attack{k}"], base, teacher, num_classes=m.classes,
+                                                              margin=margin, decide=False),
+                            "pooled": stats.pooled_test(a[f"attack{k}"], base, teacher, margin=margin)}
+        attacks.append({"rule": "gain", "students": per})
+    return attacks
+
+
+def gate_fails(attacks: list[dict], *, scheme: str = "audit", correction: str = "holm", margin: float = 0.0) -> bool:
+    """Decide the rows of :func:`null_attacks` (a copy) and say whether the gate ``--fail-on 0`` fails (any
+    transferred class, or a pooled transfer). ``scheme="audit"``: one family over every test, as ``nasty audit``
+    decides (:func:`stats.decide_audit`); ``"per-attack"``: the correction of schema 2, per attack over its
+    classes only (no pooled test), kept to show what the joint family fixes."""
+    attacks = copy.deepcopy(attacks)
+    if scheme == "audit":
+        stats.decide_audit(attacks, correction=correction, margin=margin, detectable=False)
+    elif scheme == "per-attack":
+        for att in attacks:
+            for st in att["students"].values():
+                st.pop("pooled")
+            stats.decide_family([st["classes"] for st in att["students"].values()], rule="gain", correction=correction,
+                                margin=margin, detectable=False)
+    else:
+        raise ValueError(f"unknown scheme {scheme!r}")
+    return any(r["transferred"] for att in attacks for st in att["students"].values()
+               for r in [*st["classes"], *([st["pooled"]] if st.get("pooled") else [])])

@@ -46,19 +46,27 @@ Fidelity interval
     ``r +/- t(df) * se(mean(a - r t)) / acc(t)`` (delta method). The test of ``r > f`` uses
     ``D = a - f t`` exactly (Fieller's construction): ``p = P(T_df > mean D / se(mean D))``.
 
+Pooled test
+    Per attack and student, the same test with every test image as one class (:func:`pooled_test`):
+    the overall gain over the better baseline (fidelity rule: overall fidelity), which finds a gain
+    spread thinly over all classes.
+
 Multiple comparisons
-    All (student, class) tests of one attack against one target are one family of ``m`` tests.
-    ``holm`` (default) controls the family-wise error rate, ``bh`` (Benjamini-Hochberg) the false
-    discovery rate, ``none`` tests each class at ``alpha`` (what the lower end of the 95% interval
-    shows). A class is **transferred** when its adjusted p-value is below ``alpha = 0.025``
-    (one-sided; with ``none`` this is exactly "the lower 95% bound is above the margin").
+    Every per-class and pooled test of every attack against one target is one family of ``m`` tests
+    (:func:`decide_audit`; the gate reads all of them). The pooled tests share a weight of
+    :data:`POOLED_SHARE`, the class tests the rest. ``holm`` (default; weighted Holm) controls the
+    family-wise error rate over the whole audit, ``bh`` (weighted Benjamini-Hochberg) the false
+    discovery rate, ``none`` tests each at ``alpha`` (what the lower end of the 95% interval shows).
+    A test is **transferred** when its adjusted p-value is below ``alpha = 0.025`` (one-sided; with
+    ``none`` this is exactly "the lower 95% bound is above the margin").
 
 Detectable gain (power)
     For a class that is not transferred: the smallest gain over the better baseline that the
     audit would call transferred with probability ``power`` (default 0.8), given the class's
     ``se`` and ``df`` (the noncentral t: ``P(T_{df, delta/se} > t_{1-alpha*, df}) = power``, solved
-    for ``delta``; ``detectable = margin + delta``). ``alpha* = alpha / m`` for ``holm`` and ``bh``
-    (the strictest step: the class is the only transferable one) and ``alpha`` for ``none``. With
+    for ``delta``; ``detectable = margin + delta``). ``alpha* = alpha * w`` (the test's weight, the
+    weights summing to 1) for ``holm`` and ``bh`` (the strictest step: the only true effect of the
+    family) and ``alpha`` for ``none``. With
     two baselines the class must clear both: the power is the product of the two comparisons'
     powers (a lower bound, as both share the attack's students), the weaker baseline starting
     ``h = d_k - g`` points behind, credited only beyond two standard errors of the baselines'
@@ -82,6 +90,18 @@ CORRECTIONS = ("holm", "bh", "none")
 ALPHA = 0.025  # one-sided; the lower end of a two-sided 95% interval
 LEVEL = 0.95
 DEFAULT_SEEDS = 5  # below this the report calls its intervals approximate (see docs/statistics.md)
+POOLED_SHARE = 0.5  # the share of alpha the pooled tests (one per attack and student) hold in the gate's family
+
+# The variance of a mean over seeds x test images, as :func:`crossed` computes it. The method text written into
+# audit.json is built from these strings, and tests/test_audit_stats.py evaluates them against ``crossed``.
+VARIANCE_TERMS = {
+    "V_S": "MS_S/(S*n) with MS_S = n*var_s(per-seed mean of D), df S-1: the seed-to-seed variance of the per-seed gains",
+    "V_I": "MS_I/(S*n) with MS_I = S*var_i(per-image mean of D), df n-1",
+    "V_E": "MS_E/(S*n) with MS_E the residual mean square of the two-way ANOVA, df (S-1)*(n-1)",
+}
+VARIANCE_FORMULA = "V_S + max(V_I - V_E, 0)"
+DF_FORMULA = "V**2 / (V_S**2/(S-1) + V_I**2/(n-1) + V_E**2/((S-1)*(n-1)))"
+DF_OTHERWISE = "S-1"
 
 
 def _t():
@@ -217,8 +237,10 @@ def reliability(n_seeds: int) -> str:
 # multiple comparisons
 
 
-def adjust(p: list[float | None], method: str) -> list[float | None]:
-    """Adjusted p-values (``None`` entries are not tests and stay ``None``)."""
+def adjust(p: list[float | None], method: str, weights: list[float | None] | None = None) -> list[float | None]:
+    """Adjusted p-values (``None`` entries are not tests and stay ``None``). ``weights`` (default equal): weighted
+    Holm (step-down on ``p / w``, each step at ``alpha w / (sum of the weights left)``) and weighted BH (BH on
+    ``p / w`` with the weights scaled to mean 1); equal weights give the plain procedures."""
     if method not in CORRECTIONS:
         raise NastyError(f"unknown correction {method!r} (choose {', '.join(CORRECTIONS)})")
     idx = [i for i, v in enumerate(p) if v is not None]
@@ -227,16 +249,23 @@ def adjust(p: list[float | None], method: str) -> list[float | None]:
     if not m:
         return out
     vals = np.array([p[i] for i in idx], float)
+    w = np.ones(m) if weights is None else np.array([weights[i] for i in idx], float)
+    if not np.all(w > 0):
+        raise NastyError("every test of a family needs a positive weight")
+    w = w / w.sum()
+    q = vals / w
     if method == "none":
         adj = vals
     elif method == "holm":
-        order = np.argsort(vals, kind="stable")
-        steps = (m - np.arange(m)) * vals[order]
+        order = np.argsort(q, kind="stable")
+        left = np.cumsum(w[order][::-1])[::-1]  # the weight of the hypotheses not yet rejected at each step
+        steps = q[order] * left
         adj = np.empty(m)
         adj[order] = np.minimum(np.maximum.accumulate(steps), 1.0)
-    else:  # Benjamini-Hochberg step-up
-        order = np.argsort(vals, kind="stable")
-        steps = vals[order] * m / np.arange(1, m + 1)
+    else:  # Benjamini-Hochberg step-up (on p / w, the weights at mean 1)
+        q = q / m
+        order = np.argsort(q, kind="stable")
+        steps = q[order] * m / np.arange(1, m + 1)
         adj = np.empty(m)
         adj[order] = np.minimum(np.minimum.accumulate(steps[::-1])[::-1], 1.0)
     for j, i in enumerate(idx):
@@ -447,44 +476,98 @@ def _rows(pre: list[dict | None], names: list[str], g: dict[str, np.ndarray], fd
     return rows
 
 
+def gate_weights(n_pooled: int, n_class: int, share: float | None = None) -> tuple[float, float]:
+    """The weight of one pooled test and of one per-class test in the gate's family (the weights sum to 1):
+    the pooled tests share ``share`` (default :data:`POOLED_SHARE`), the per-class tests the rest."""
+    share = POOLED_SHARE if share is None else share
+    if not n_pooled:
+        return 0.0, 1.0 / max(n_class, 1)
+    if not n_class:
+        return 1.0 / n_pooled, 0.0
+    return share / n_pooled, (1.0 - share) / n_class
+
+
 def decide_family(families: list[list[dict]], *, rule: str, correction: str = "holm", margin: float = 0.0,
                   fidelity: float = 0.9, power: float = 0.8, safe_below: float | None = None, alpha: float = ALPHA,
                   detectable: bool = True) -> int:
-    """Apply ``correction`` across every row of ``families`` (the students of one attack), in place:
-    sets ``p_adjusted``, ``transferred``, ``detectable`` and ``safe``. Returns the family size ``m``."""
-    rows = [r for fam in families for r in fam]
-    adj = adjust([r.get("p_value") for r in rows], correction)
+    """Apply ``correction`` across every row of ``families`` with equal weights, in place: sets ``p_adjusted``,
+    ``transferred``, ``detectable`` and ``safe``. Returns the family size ``m``. (An audit decides all its
+    attacks at once with :func:`decide_audit`.)"""
+    return decide_tests([(rule, r, 1.0, False) for fam in families for r in fam], correction=correction, margin=margin,
+                        fidelity=fidelity, power=power, safe_below=safe_below, alpha=alpha, detectable=detectable)
+
+
+def decide_audit(attacks: list[dict], *, correction: str = "holm", margin: float = 0.0, fidelity: float = 0.9,
+                 power: float = 0.8, safe_below: float | None = None, alpha: float = ALPHA, detectable: bool = True,
+                 share: float | None = None) -> int:
+    """The gate's family: every per-class test and every pooled test of every attack of one target, decided
+    together (in place), so that the chance that the audit shows *any* false transfer is at most ``alpha``
+    (``holm``) however many attacks it runs. ``attacks``: ``[{"rule": ..., "students": {st: {"classes": rows,
+    "pooled": row}}}]``. The pooled tests share :data:`POOLED_SHARE` of the weight (weighted Holm / BH).
+    Returns the family size ``m``."""
+    pooled = [(a["rule"], st["pooled"]) for a in attacks for st in a["students"].values() if st.get("pooled")]
+    classes = [(a["rule"], r) for a in attacks for st in a["students"].values() for r in st["classes"]]
+    n_p = sum(r.get("p_value") is not None for _, r in pooled)
+    n_c = sum(r.get("p_value") is not None for _, r in classes)
+    w_p, w_c = gate_weights(n_p, n_c, share)
+    tests = [(rule, r, w_p, True) for rule, r in pooled] + [(rule, r, w_c, False) for rule, r in classes]
+    return decide_tests(tests, correction=correction, margin=margin, fidelity=fidelity, power=power, safe_below=safe_below,
+                        alpha=alpha, detectable=detectable)
+
+
+def decide_tests(tests: list[tuple[str, dict, float, bool]], *, correction: str = "holm", margin: float = 0.0,
+                 fidelity: float = 0.9, power: float = 0.8, safe_below: float | None = None, alpha: float = ALPHA,
+                 detectable: bool = True) -> int:
+    """One family of ``(rule, row, weight, pooled)`` tests, decided in place (weighted ``correction``): sets each
+    row's ``p_adjusted``, ``transferred``, ``detectable`` and ``safe``. A pooled row keeps its detectable gain
+    when it is transferred (it is the audit's resolution); a per-class row's is null then. Returns ``m``."""
+    rows = [t[1] for t in tests]
+    ps = [r.get("p_value") for r in rows]
+    weights = [w if p is not None else None for (_, _, w, _), p in zip(tests, ps)]
+    adj = adjust(ps, correction, weights)
     m = sum(v is not None for v in adj)
-    a_star = per_test_alpha(correction, m, alpha)
-    gain_rows, fid_rows = [], []
-    for j, (r, pa) in enumerate(zip(rows, adj)):
+    total = sum(w for w in weights if w is not None) or 1.0
+    groups: dict[tuple, list[int]] = {}
+    for j, ((rule, r, w, pooled), pa) in enumerate(zip(tests, adj)):
         r["p_adjusted"] = pa
         r["transferred"] = bool(pa is not None and pa < alpha)
         r["detectable"] = None
         r["safe"] = None
-        if r["transferred"] or pa is None or not detectable:
+        if (r["transferred"] and not pooled) or pa is None or not detectable:
             continue
+        a_star = alpha if correction == "none" else alpha * w / total  # the strictest step: the only true effect
         if rule == "gain":
             pp = power_parts(r)
             if pp is not None:
-                gain_rows.append((j, pp))
+                groups.setdefault(("gain", len(pp), a_star), []).append(j)
         elif r.get("se") is not None and r.get("df") is not None:
-            fid_rows.append(j)
-    for k in sorted({len(pp) for _, pp in gain_rows}):  # rows with the same number of baselines together
-        sel = [(j, pp) for j, pp in gain_rows if len(pp) == k]
-        parts = [tuple(np.array([pp[i][q] for _, pp in sel]) for q in range(3)) for i in range(k)]
-        delta = detectable_iut(parts, a_star, power)
-        for (j, _), d in zip(sel, np.atleast_1d(delta)):
-            rows[j]["detectable"] = float(margin + d)
-    if fid_rows:
-        delta = np.atleast_1d(detectable_delta([rows[j]["se"] for j in fid_rows], [rows[j]["df"] for j in fid_rows], a_star, power))
-        for j, d in zip(fid_rows, delta):
-            rows[j]["detectable"] = float(fidelity + d)
-    if rule == "gain" and safe_below is not None:
-        for r in rows:
-            if r["detectable"] is not None:
+            groups.setdefault(("fidelity", 0, a_star), []).append(j)
+    for (rule, k, a_star), sel in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        if rule == "gain":  # rows with the same number of baselines and level together (vectorised)
+            pps = [power_parts(rows[j]) for j in sel]
+            parts = [tuple(np.array([pp[i][q] for pp in pps]) for q in range(3)) for i in range(k)]
+            for j, d in zip(sel, np.atleast_1d(detectable_iut(parts, a_star, power))):
+                rows[j]["detectable"] = float(margin + d)
+        else:
+            delta = detectable_delta([rows[j]["se"] for j in sel], [rows[j]["df"] for j in sel], a_star, power)
+            for j, d in zip(sel, np.atleast_1d(delta)):
+                rows[j]["detectable"] = float(fidelity + d)
+    if safe_below is not None:
+        for rule, r, _, _ in tests:
+            if rule == "gain" and r["detectable"] is not None:
                 r["safe"] = bool(r["detectable"] < safe_below)
     return m
+
+
+def pooled_test(attack: np.ndarray, baselines: dict[str, np.ndarray], teacher: np.ndarray, *, rule: str = "gain",
+                margin: float = 0.0, fidelity: float = 0.9) -> dict:
+    """The pooled test of one attack and student: every test image together, as one class (the same
+    intersection-union test over both baselines, crossed variance and rule as a class's; not yet decided)."""
+    attack = np.asarray(attack)
+    row = class_decisions(np.zeros(attack.shape[-1], int), attack, baselines, teacher, num_classes=1, rule=rule,
+                          margin=margin, fidelity=fidelity, decide=False)[0]
+    row.pop("class", None)
+    return row
 
 
 def correctness(pred: np.ndarray, y: np.ndarray) -> np.ndarray:

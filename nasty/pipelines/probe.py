@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from .. import escape as esc
 from ..attacks import run_attack
 from ..checkpoint import atomic_write_json
 from ..config import train_config
@@ -114,7 +115,7 @@ def verdict_text(result: dict) -> str:
         for r in probe["students"]:
             ok = r["kd_defended_accuracy"] < r["scratch_accuracy"]
             held += ok
-            lines.append(f"student {r['student']}: scratch {r['scratch_accuracy']:.2f}, KD from normal {r['kd_normal_accuracy']:.2f} "
+            lines.append(f"student {esc.term(r['student'])}: scratch {r['scratch_accuracy']:.2f}, KD from normal {r['kd_normal_accuracy']:.2f} "
                          f"({r['kd_gain_normal']:+.2f}), KD from defended {r['kd_defended_accuracy']:.2f} ({r['kd_gain_defended']:+.2f}) -> "
                          + ("defense holds (KD worse than labels alone)" if ok else "defense does NOT hold (KD helps the thief)"))
         lines.append(f"verdict: KD from the defended teacher is worse than labels alone for {held} of {len(probe['students'])} probe students")
