@@ -77,18 +77,18 @@ def run_leakage_probe(cfg: dict, data, normal, defended, out: Path, log: Callabl
 
 
 def _leakage_lines(probe: dict) -> list[str]:
-    lines = [f"thief: {probe['regime']['labelled']} labelled of {probe['regime']['queries'] or 'all'} images; {probe['regime']['pool']}; "
+    lines = [f"thief: {probe['regime']['labelled']} labelled of {probe['regime']['queries'] or 'all'} images; {esc.term(probe['regime']['pool'])}; "
              f"{len(probe['seeds'])} seeds; leakage = accuracy minus the better floor (labels only, hard-label)"]
     held = 0
     for r in probe["students"]:
         pc, b = r["positive_control"], r["best"]
         control = f"KD from normal {pc['mean']:+.2f} (95% CI {pc['ci_low']:+.2f}..{pc['ci_high']:+.2f})"
         if b is None:
-            lines.append(f"student {r['student']}: {control}; no attack on the defended teacher could be scored")
+            lines.append(f"student {esc.term(r['student'])}: {control}; no attack on the defended teacher could be scored")
             continue
         verdict = {True: "defense holds", False: "defense does NOT hold", None: "cannot tell (too few seeds)"}[r["holds"]]
         held += r["holds"] is True
-        lines.append(f"student {r['student']}: {control}; best attack on defended: {r['best_attack']} {b['mean']:+.2f} "
+        lines.append(f"student {esc.term(r['student'])}: {control}; best attack on defended: {r['best_attack']} {b['mean']:+.2f} "
                      f"(95% upper bound {b['ci_high']:+.2f}) -> {verdict}")
         if pc["n"] and pc["mean"] < 3.0:
             lines.append(f"  note: the normal teacher leaks only {pc['mean']:+.2f} points to this thief: little for a defense to "
@@ -96,7 +96,7 @@ def _leakage_lines(probe: dict) -> list[str]:
     lines.append(f"verdict: the best honest attack's 95% upper bound is <= {probe['holds_below']:g} point for {held} of "
                  f"{len(probe['students'])} probe students")
     if probe["failed"]:
-        lines.append(f"warning: {len(probe['failed'])} probe runs failed (diverged) and are not scored; first: {probe['failed'][0]}")
+        lines.append(f"warning: {len(probe['failed'])} probe runs failed (diverged) and are not scored; first: {esc.term(probe['failed'][0])}")
     return lines
 
 
