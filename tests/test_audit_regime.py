@@ -40,7 +40,17 @@ def test_audit_in_the_thiefs_regime(run_cli, subset_teacher, tmp_path):
     assert base["resources"]["train_images"] == 20  # the label-only floor trains on the labelled images alone
     cc = json.loads(next((runs / "teacher" / "copycat").rglob("result.json")).read_text())
     assert cc["resources"]["train_images"] == 140 and cc["resources"]["labels"] is False
-    assert any("never saw" in n for n in json.loads((out / "audit.json").read_text())["notes"])
+    audit = json.loads((out / "audit.json").read_text())
+    assert any("never saw" in n for n in audit["notes"])
+    t = audit["targets"]["teacher"]
+    # hard-label is the floor of the thief's regime: reported beside the baselines, never gated as an attack
+    assert "hard-label" not in t["attacks"] and "mlp:hidden=16" in t["floors"]["hard-label"]
+    assert "every floor" in t["attacks"]["kd"]["threshold"]
+    hl = t["floors"]["hard-label"]["mlp:hidden=16"]["per_class_accuracy"]
+    base = {b: audit["baselines"][b]["mlp:hidden=16"]["per_class_accuracy"] for b in ("scratch", "label-smoothing")}
+    for c, row in enumerate(t["attacks"]["kd"]["students"]["mlp:hidden=16"]["classes"]):  # the better floor of each class
+        best = max([("hard-label", hl[c]), *((b, v[c]) for b, v in base.items())], key=lambda kv: kv[1])
+        assert row["baseline"] == best[0] or [v for _, v in [("hard-label", hl[c]), *((b, v[c]) for b, v in base.items())]].count(best[1]) > 1
     # the regime is part of every run's key: another regime in the same folder is refused, not mixed in
     rc, _, err = run_cli("audit", subset_teacher, "--attacks", "kd", "--students", "mlp:hidden=16", "--seeds", "1", "--labelled", "40",
                          "--queries", "150", "--epochs", "2", "--batch-size", "64", "--out", out)

@@ -73,6 +73,16 @@ class _Analysis:
                 self.base_corr[st][b] = stats.correctness(m, self.y)
                 self.baselines[b][st] = self.summary("baselines", b, st, None)
 
+    def floors(self, g: str, a: str, student: str) -> dict[str, np.ndarray]:
+        """What an attack on target ``g`` is judged against: the label-only baselines, and in the thief's regime
+        (``--labelled``) also hard-label extraction from the same target (the floor no decision-keeping defense lowers)."""
+        out = dict(self.base_corr[student])
+        if self.s.labelled is not None and a != "hard-label":
+            m = self.pred_matrix(g, "hard-label", student)
+            if m is not None:
+                out["hard-label"] = stats.correctness(m, self.y)
+        return out
+
     def pred_matrix(self, group: str, method: str, student: str) -> np.ndarray | None:
         rows = [self.runs.get((group, method, student, k)) for k in self.s.seed_list]
         if any(r is None for r in rows):
@@ -95,6 +105,10 @@ class _Analysis:
         t_corr = stats.correctness(tp, self.y)
         entry = {"checkpoint": s.teacher if g == "teacher" else s.reference,
                  "accuracy": float(100.0 * t_corr.mean()), "per_class_accuracy": _per_class(t_corr, self.y, self.C), "attacks": {}}
+        if s.labelled is not None and "hard-label" in attacks:  # the thief's regime: a floor, reported beside the baselines, never gated
+            attacks = [a for a in attacks if a != "hard-label"]
+            entry["floors"] = {"hard-label": {st: self.summary(g, "hard-label", st, tp) for st in s.students
+                                              if self.pred_matrix(g, "hard-label", st) is not None}}
         for a in attacks:
             att = self.attack_header(a)
             if (g, a) in skipped:
@@ -112,7 +126,8 @@ class _Analysis:
         s, cls = self.s, get_attack(a)
         rule = "gain" if cls.uses_labels else "fidelity"
         return {"method": a, "summary": cls.summary, "rule": rule,
-                "threshold": (f"gain > {s.margin:g} points over both baselines" if rule == "gain"
+                "threshold": (f"gain > {s.margin:g} points over " + ("every floor (label-only baselines, hard-label)" if s.labelled is not None
+                                                                      else "both baselines") if rule == "gain"
                               else f"fidelity: accuracy / teacher's > {s.fidelity:g}")
                 + f", one-sided, {CORRECTION_TEXT[s.correction]}-adjusted p < {stats.ALPHA:g}",
                 "assumes": assumptions(a, s.query, self.data, s.surrogate), "params": self.config["params"][a],
@@ -132,11 +147,12 @@ class _Analysis:
                 att.update(status="failed", reason=f"runs missing for {st}")
                 self.problems.append(f"{a} vs {g}: runs missing for {st}")
                 break
-            rows = stats.class_decisions(self.y, stats.correctness(m, self.y), self.base_corr[st], t_corr, num_classes=self.C,
+            floors = self.floors(g, a, st)
+            rows = stats.class_decisions(self.y, stats.correctness(m, self.y), floors, t_corr, num_classes=self.C,
                                          rule=att["rule"], margin=s.margin, fidelity=s.fidelity, correction=s.correction,
                                          power=s.power, safe_below=s.safe_below, decide=False)
             row = {**self.summary(g, a, st, tp), "classes": rows,
-                   "pooled": stats.pooled_test(stats.correctness(m, self.y), self.base_corr[st], t_corr, rule=att["rule"],
+                   "pooled": stats.pooled_test(stats.correctness(m, self.y), floors, t_corr, rule=att["rule"],
                                                margin=s.margin, fidelity=s.fidelity)}
             extra = _extra(self.runs, g, a, st, s.seed_list)
             if extra:
@@ -324,7 +340,10 @@ def method_text(s: AuditSettings) -> dict:
     terms = "; ".join(f"{k} = {v}" for k, v in stats.VARIANCE_TERMS.items())
     return {
         "gain": "gain g_c = acc(attack, c) - acc(better baseline, c), percentage points on test class c, averaged over seeds; "
-                "the better baseline is the label-only (scratch) or label-smoothing student with the higher accuracy on c.",
+                "the better baseline is the label-only (scratch) or label-smoothing student with the higher accuracy on c"
+                + ("; in the thief's regime (labelled images plus unlabelled queries) also the hard-label student (the thief's labels "
+                   "and the teacher's top-1 on its queries), trained against the same target: the tests run against every floor."
+                   if s.labelled is not None else "."),
         "fidelity": "for attacks that never read the labels: r_c = acc(attack, c) / acc(teacher, c).",
         "pooled": "per attack and student, the same test with every test image together as one class: the overall "
                   "accuracy gain over the better of the two baselines (fidelity rule: overall accuracy / teacher's), "

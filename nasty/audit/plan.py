@@ -224,6 +224,10 @@ def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
         if theirs is not None and theirs != config["data_sha256"]:
             raise NastyError(f"--baselines-from {src}: its students were trained on other data (dataset SHA-256 "
                              f"{theirs[:12]}..., here {config['data_sha256'][:12]}...); its baselines do not apply here")
+    if s.labelled is not None and "hard-label" not in attacks_:
+        attacks_.append("hard-label")  # the floor every attack of the thief's regime is judged against
+        params["hard-label"] = attack_params("hard-label", s.params)
+        regime_notes.append("hard-label is audited as the decision floor of the thief's regime")
     notes = notes + regime_notes
     plan = AuditPlan(s, data, attacks_, notes, params, targets, teacher_sha, ref_sha, post, defenses, config,
                      {a: bool(get_attack(a).uses_labels) for a in attacks_}, {}, [], tcfg=tcfg)

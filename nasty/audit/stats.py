@@ -339,7 +339,7 @@ def class_decisions(
     n = len(y)
     attack = _check("attack", attack, None, n)
     n_seeds = attack.shape[0]
-    names = [b for b in BASELINES if b in baselines] or sorted(baselines)
+    names = [b for b in BASELINES if b in baselines] + sorted(b for b in baselines if b not in BASELINES)  # e.g. the hard-label floor
     if not names:
         raise NastyError("the gain rule needs at least one baseline")
     base = {b: _check(b, baselines[b], n_seeds, n) for b in names}
