@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from . import config, distributed
+from . import config, distributed, safe_io
 from .attacks import ATTACKS
 from .audit.plan import AUDIT_PARAMS
 from .audit.ray_executor import RayExecutor
@@ -25,7 +25,7 @@ from .audit.schema import load_audit
 from .checkpoint import atomic_write_json, load_checkpoint, read_sidecar, split_settings
 from .data import list_datasets
 from .defenses import list_defenses
-from .errors import NastyError
+from .errors import USER_PATH_ERRNOS, NastyError
 from .export import export_cmd
 from .models import list_models, model_doc, model_prefixes
 from .params import Param, click_option, option_value
@@ -486,8 +486,23 @@ def _finite_floats(group: click.Group) -> None:
 _finite_floats(cli)  # here for every command defined above; main() repeats it for any added later
 
 
+def _os_error_line(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename is not None else ""
+    if len(where) > 200:
+        where = f"{str(e.filename)[:80]}...{str(e.filename)[-40:]} ({len(str(e.filename))} characters): "
+    return f"{where}{e.strerror or e}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: one-line errors, documented exit codes (0 ok, 1 gate failed, 2 bad input, 3 could not complete)."""
+    """Entry point: one-line errors, documented exit codes (0 ok, 1 gate failed, 2 bad input, 3 could not complete).
+    A run folder replaced with ``--force`` is deleted only when the command succeeded (exit 0), and put
+    back otherwise (:func:`nasty.safe_io.settle`)."""
+    rc = _main(argv)
+    safe_io.settle(rc == 0)
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     _finite_floats(cli)
     args = sys.argv[1:] if argv is None else argv
     if not args:
@@ -508,6 +523,14 @@ def main(argv: list[str] | None = None) -> int:
     except NastyError as e:
         click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in USER_PATH_ERRNOS or os.environ.get("NASTY_DEBUG"):
+            if os.environ.get("NASTY_DEBUG"):
+                raise
+            click.echo(f"error: {_os_error_line(e)} (set NASTY_DEBUG=1 for the traceback)", err=True)
+            return 3
+        click.echo(f"error: {_os_error_line(e)}", err=True)
+        return 2
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130

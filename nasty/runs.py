@@ -8,13 +8,13 @@ non-empty directory is never overwritten without ``force``.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch.nn as nn
 
+from . import safe_io
 from .checkpoint import atomic_write_json, save_checkpoint
 from .config import train_config
 from .data import DataBundle, load_dataset
@@ -34,7 +34,7 @@ def _is_leftover(p: Path) -> bool:
     """A file nasty leaves behind only when killed: the temporary file of an atomic write (or its
     backup), or the lock file of a run folder."""
     n = p.name
-    return n == LOCK_FILE or (n.startswith(".") and (n.endswith(".tmp") or n.endswith(".tmp.bak")))
+    return n == LOCK_FILE or safe_io.is_temporary(p)
 
 
 def has_content(path: Path) -> bool:
@@ -48,12 +48,7 @@ def has_content(path: Path) -> bool:
 def clean_leftovers(path: Path) -> None:
     """Remove the temporary files that killed writes left anywhere in run folder ``path`` (call with
     the folder's lock held: a live run's temporary files are never touched)."""
-    for p in path.rglob(".*.tmp*"):
-        if p.is_file() and _is_leftover(p) and p.name != LOCK_FILE:
-            try:
-                p.unlink()
-            except OSError:
-                pass
+    safe_io.remove_temporaries(path)
 
 
 def lock_out_dir(path: Path, beside: bool = False) -> None:
@@ -68,8 +63,7 @@ def lock_out_dir(path: Path, beside: bool = False) -> None:
         return
     lock = path.parent / f".{path.name}{LOCK_FILE}" if beside else path / LOCK_FILE
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = safe_io.open_lock(lock)
     except OSError as e:
         raise NastyError(f"cannot lock output directory {path}: {e.strerror or e}") from None
     try:
@@ -164,9 +158,7 @@ def prepare_out_dir(out: str | Path | None, force: bool, default_name: str, inpu
             check_replaceable(path, inputs)
             lock_out_dir(path)  # refuses a folder that a live run is writing
             try:
-                shutil.rmtree(path)
-            except OSError as e:
-                raise NastyError(f"cannot clear output directory {path}: {e.strerror or e}") from None
+                safe_io.set_aside(path)  # deleted once this command succeeds, put back if it fails
             finally:
                 unlock_out_dir(path)
         elif any(path.iterdir()):  # only the leftovers of a killed write: not a reason to refuse

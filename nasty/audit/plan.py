@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
-from .. import attacks
+from .. import attacks, safe_io
 from ..attacks import ATTACKS, get_attack
 from ..attacks.base import load_surrogate, parse_access
 from ..checkpoint import atomic_write_json, check_compatible, load_checkpoint, read_sidecar, sha256_file
@@ -315,7 +314,7 @@ def check_resume(out: Path, config: dict, force: bool) -> None:
     f = out / CONFIG_FILE
     if out.is_dir() and any(out.iterdir()):
         if force:
-            shutil.rmtree(out)
+            safe_io.set_aside(out)  # deleted once the audit succeeds, put back if it fails
         elif not f.is_file():
             raise NastyError(f"--out {out} is not empty and holds no audit ({CONFIG_FILE} missing); choose another --out or pass --force")
         else:
