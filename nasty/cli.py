@@ -25,7 +25,7 @@ from .audit.schema import load_audit
 from .checkpoint import atomic_write_json, load_checkpoint, read_sidecar, split_settings
 from .data import list_datasets
 from .defenses import list_defenses
-from .errors import USER_PATH_ERRNOS, NastyError
+from .errors import USER_PATH_ERRNOS, NastyError, error_line, short_paths
 from .export import export_cmd
 from .models import list_models, model_doc, model_prefixes
 from .params import Param, click_option, option_value
@@ -487,10 +487,7 @@ _finite_floats(cli)  # here for every command defined above; main() repeats it f
 
 
 def _os_error_line(e: OSError) -> str:
-    where = f"{e.filename}: " if e.filename is not None else ""
-    if len(where) > 200:
-        where = f"{str(e.filename)[:80]}...{str(e.filename)[-40:]} ({len(str(e.filename))} characters): "
-    return f"{where}{e.strerror or e}"
+    return short_paths(f"{e.filename}: {e.strerror or e}" if e.filename is not None else f"{e.strerror or e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,7 +518,7 @@ def _main(argv: list[str] | None = None) -> int:
         click.echo("error: aborted", err=True)
         return 130
     except NastyError as e:
-        click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        click.echo(f"error: {error_line(e)}", err=True)
         return e.exit_code
     except OSError as e:
         if e.errno not in USER_PATH_ERRNOS or os.environ.get("NASTY_DEBUG"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 
 # Operating-system errors that the path a user gave explains (a name too long, a file where a folder
 # must be, no permission, a read-only file system, a loop of links): bad input, exit code 2, like any
@@ -29,3 +30,13 @@ class AuditIncomplete(NastyError):
     """An audit could not complete (exit code 3)."""
 
     exit_code = 3
+
+
+def short_paths(line: str) -> str:
+    """``line`` with every word over 200 characters (an over-long path) cut to its start and end."""
+    return re.sub(r"\S{201,}", lambda m: f"{m[0][:80]}...{m[0][-40:]} ({len(m[0])} characters)", line)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line the CLI prints for error ``e`` (after ``error: ``)."""
+    return short_paths(str(e).splitlines()[0] if str(e) else type(e).__name__)

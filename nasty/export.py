@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from . import safe_io
 from .checkpoint import SIDECAR, WEIGHTS, load_checkpoint, read_sidecar
 from .defenses.output import DefendedModel, parse_output_defense
-from .errors import NastyError
+from .errors import NastyError, error_line
 from .models.locked import LockedTeacher, lock_decision
 
 FORMATS = ("onnx", "torchscript")
@@ -319,7 +319,7 @@ def export_cmd(checkpoint: str, fmt: str, out: str, output_defense: str | None, 
     try:
         _export(checkpoint, fmt, out, output_defense, force, as_json)
     except NastyError as e:  # the CLI's convention, also when this command runs on its own: one line, its exit code
-        click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        click.echo(f"error: {error_line(e)}", err=True)
         raise click.exceptions.Exit(e.exit_code) from None
 
 

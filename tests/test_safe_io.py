@@ -293,3 +293,39 @@ def test_force_keeps_the_old_run_until_the_new_one_exists(run_cli, tmp_path, mon
     assert run_cli("train-teacher", "--out", out, "--force", "--seed", "1", *FAST)[0] == 0
     assert json.loads((out / "run.json").read_text())["config"]["train"]["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# -- issue 22, class 7: operating-system limits on the paths given are bad input (exit 2, one line)
+
+def _long_paths(tmp_path: Path) -> dict[str, Path]:
+    return {"300-character name": tmp_path / ("n" * 300),
+            "5000-character path": tmp_path.joinpath(*["d" * 200] * 25),
+            "file as a folder": tmp_path / "victim.txt" / "out"}
+
+
+@pytest.mark.parametrize("which", ["300-character name", "5000-character path", "file as a folder"])
+@pytest.mark.parametrize("command", ["train-teacher", "export", "audit"])
+def test_os_limits_on_out_are_bad_input(run_cli, teacher, tmp_path, command, which):
+    """Were exit 3 (an internal error); seen failing again with the OSError mapping of nasty.cli.main removed."""
+    (tmp_path / "victim.txt").write_bytes(VICTIM)
+    out = _long_paths(tmp_path)[which]
+    args = {"train-teacher": ["train-teacher", *FAST], "export": ["export", teacher, "--format", "torchscript"],
+            "audit": ["audit", teacher, "--attacks", "kd", "--seeds", "1", "--epochs", "1", "--students", "mlp:hidden=4"]}[command]
+    rc, o, err = run_cli(*args, "--out", out)
+    line = one_error(err)
+    assert rc == 2 and len(line) < 400, err
+    assert any(s in line for s in ("too long", "Not a directory", "not a directory", "File exists")), line
+    assert (tmp_path / "victim.txt").read_bytes() == VICTIM
+
+
+@pytest.mark.parametrize("err,code", [(errno.ENAMETOOLONG, 2), (errno.EACCES, 2), (errno.EROFS, 2), (errno.ENOTDIR, 2),
+                                      (errno.ENOSPC, 3), (errno.EIO, 3)])
+def test_write_failures_take_their_exit_code_from_the_cause(tmp_path, monkeypatch, err, code):
+    def fail(*a, **k):
+        raise OSError(err, os.strerror(err))
+
+    import tempfile
+    monkeypatch.setattr(tempfile, "mkstemp", fail)
+    with pytest.raises(safe_io.WriteFailed) as e:
+        safe_io.write_bytes(tmp_path / "x", b"1")
+    assert e.value.exit_code == code and "\n" not in str(e.value)
