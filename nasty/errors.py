@@ -20,6 +20,11 @@ class NastyError(Exception):
     exit_code = 2
 
 
+class InputShapeError(NastyError):
+    """A model cannot take the dataset's input shape (a config checked before its data is loaded
+    defers this check to :func:`nasty.config.check_model_specs` with the real shape)."""
+
+
 class TrainingDiverged(NastyError):
     """A loss became NaN/inf; the last good checkpoint is kept (exit code 3)."""
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import safe_io
 from .checkpoint import atomic_write_json, save_checkpoint
-from .config import train_config
+from .config import check_model_specs, train_config
 from .data import DataBundle, load_dataset
 from .errors import NastyError
 from .metrics import evaluate
@@ -177,11 +177,13 @@ def prepare_out_dir(out: str | Path | None, force: bool, default_name: str, inpu
 
 def data_from_config(cfg: dict, *, normalization=None, train_subset: Any = "config") -> DataBundle:
     d = cfg["data"]
-    return load_dataset(
+    data = load_dataset(
         d["dataset"], d["data_root"], val_fraction=d["val_fraction"], split_seed=d["split_seed"],
         train_subset=d["train_subset"] if train_subset == "config" else train_subset,
         download=d["download"], augment=d["augment"], normalization=normalization,
     )
+    check_model_specs(cfg, data.num_classes, data.in_channels, data.image_size)  # the real input shape, before any training
+    return data
 
 
 def new_model(spec: str, data: DataBundle) -> nn.Module:
