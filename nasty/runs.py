@@ -7,6 +7,7 @@ non-empty directory is never overwritten without ``force``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -61,7 +62,10 @@ def lock_out_dir(path: Path, beside: bool = False) -> None:
     key = path.resolve()
     if key in _LOCKS:
         return
-    lock = path.parent / f".{path.name}{LOCK_FILE}" if beside else path / LOCK_FILE
+    name = f".{path.name}{LOCK_FILE}"
+    if len(os.fsencode(name)) > 255:  # a legal 255-byte folder name: the lock beside it gets a short name
+        name = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{LOCK_FILE}"
+    lock = path.parent / name if beside else path / LOCK_FILE
     try:
         fd = safe_io.open_lock(lock)
     except OSError as e:

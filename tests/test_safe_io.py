@@ -329,3 +329,14 @@ def test_write_failures_take_their_exit_code_from_the_cause(tmp_path, monkeypatc
     with pytest.raises(safe_io.WriteFailed) as e:
         safe_io.write_bytes(tmp_path / "x", b"1")
     assert e.value.exit_code == code and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "audit"])
+def test_a_legal_255_byte_out_folder_works(run_cli, teacher, tmp_path, command):
+    """The audit's lock file beside its folder was ``.NAME.nasty.lock``: over NAME_MAX for a 255-byte name."""
+    out = tmp_path / ("o" * 255)
+    args = {"train-teacher": ["train-teacher", *FAST],
+            "audit": ["audit", teacher, "--attacks", "kd", "--seeds", "2", "--epochs", "1", "--students", "mlp:hidden=4"]}[command]
+    rc, o, err = run_cli(*args, "--out", out)
+    assert rc in (0, 1), err
+    assert out.is_dir() and not [p for p in tmp_path.iterdir() if p.name.startswith(safe_io.TMP_PREFIX)]
