@@ -521,13 +521,10 @@ def _main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {error_line(e)}", err=True)
         return e.exit_code
     except OSError as e:
-        if e.errno not in USER_PATH_ERRNOS or os.environ.get("NASTY_DEBUG"):
-            if os.environ.get("NASTY_DEBUG"):
-                raise
-            click.echo(f"error: {_os_error_line(e)} (set NASTY_DEBUG=1 for the traceback)", err=True)
-            return 3
-        click.echo(f"error: {_os_error_line(e)}", err=True)
-        return 2
+        if e.errno in USER_PATH_ERRNOS:  # the path the user gave explains it (too long, no permission ...): bad input
+            click.echo(f"error: {_os_error_line(e)}", err=True)
+            return 2
+        return _internal(e)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130
@@ -536,10 +533,15 @@ def _main(argv: list[str] | None = None) -> int:
                    "(--train-subset), a smaller --model or a lower --batch-size", err=True)
         return 3
     except Exception as e:  # a bug: still one line, the traceback only on request
-        if os.environ.get("NASTY_DEBUG"):
-            raise
-        click.echo(f"error: internal error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set NASTY_DEBUG=1 for the traceback)", err=True)
-        return 3
+        return _internal(e)
+
+
+def _internal(e: Exception) -> int:
+    if os.environ.get("NASTY_DEBUG"):
+        raise e
+    click.echo(f"error: internal error {type(e).__name__}: {short_paths(str(e).splitlines()[0]) if str(e) else ''} "
+               "(set NASTY_DEBUG=1 for the traceback)", err=True)
+    return 3
 
 
 def entry() -> None:
