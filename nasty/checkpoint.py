@@ -12,10 +12,9 @@ import json
 import math
 import os
 import platform
-import shutil
 import stat
 import struct
-import tempfile
+import tempfile  # noqa: F401  (tests patch checkpoint.tempfile)
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,7 @@ import safetensors
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .distributed import is_main
+from . import __version__, safe_io
 from .errors import NastyError
 from .models import create_model, model_spec
 
@@ -41,123 +39,13 @@ def versions() -> dict[str, str]:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
-class WriteFailed(NastyError):
-    """Writing a file failed (disk full, permissions); the previous file is intact (exit code 3)."""
-
-    exit_code = 3
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def _stage(path: Path, data: bytes) -> str:
-    """Write ``data`` to a synced temporary file beside ``path``; return its name."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise WriteFailed(f"cannot write {path}: {e.strerror or e}; the previous file is unchanged") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600 files; checkpoints are meant to be shared
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        _unlink(tmp)
-        if isinstance(e, OSError):
-            raise WriteFailed(f"cannot write {path}: {e.strerror or e}; the previous file is unchanged") from None
-        raise
-    return tmp
-
-
-def _unlink(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_files(files: list[tuple[Path, bytes]]) -> None:
-    """Write several files so that either all are replaced or none is.
-
-    Every file is first written to a synced temporary file beside its target; the temporaries are
-    then renamed over the targets. If a rename fails (disk full, permissions), the targets already
-    replaced are restored from hard-linked backups, so a failed save never leaves a new weights file
-    beside an old sidecar. Raises :class:`WriteFailed`. Under torchrun only rank 0 writes.
-    """
-    if not is_main():
-        return
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, data in files:
-            staged.append((_stage(Path(path), data), Path(path)))
-    except BaseException:
-        for tmp, _ in staged:
-            _unlink(tmp)
-        raise
-    backups: dict[Path, str | None] = {}
-    done: list[Path] = []
-    try:
-        for tmp, dst in staged:
-            if len(staged) > 1:
-                backups[dst] = None
-                if dst.is_file():
-                    bak = f"{tmp}.bak"
-                    try:
-                        os.link(dst, bak)
-                    except OSError:
-                        shutil.copy2(dst, bak)
-                    backups[dst] = bak
-            os.replace(tmp, dst)
-            done.append(dst)
-    except OSError as e:
-        for dst in reversed(done):
-            bak = backups.get(dst)
-            try:
-                if bak is not None:
-                    os.replace(bak, dst)
-                else:
-                    os.unlink(dst)
-            except OSError:
-                pass
-        for tmp, _ in staged:
-            _unlink(tmp)
-        raise WriteFailed(f"cannot write {staged[len(done)][1]}: {e.strerror or e}; the previous files are unchanged") from None
-    finally:
-        for bak in backups.values():
-            if bak is not None:
-                _unlink(bak)
-    for folder in {dst.parent for _, dst in staged}:
-        _fsync_dir(folder)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: a crash leaves the old file intact."""
-    atomic_write_files([(Path(path), data)])
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+# Every write goes through nasty.safe_io (no link followed, no special file replaced, temporary file
+# then rename); the names below are kept for the callers of this module.
+WriteFailed = safe_io.WriteFailed
+_FILE_MODE = safe_io.FILE_MODE
+atomic_write_files = safe_io.write_files
+atomic_write_bytes = safe_io.write_bytes
+atomic_write_json = safe_io.write_json
 
 
 def _resolve(path: str | Path) -> tuple[Path, Path]:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from . import config, distributed
+from . import config, distributed, safe_io
 from . import escape as esc
 from .attacks import ATTACKS
 from .audit.plan import AUDIT_PARAMS
@@ -26,7 +26,7 @@ from .audit.schema import load_audit
 from .checkpoint import atomic_write_json, load_checkpoint, read_sidecar, split_settings
 from .data import list_datasets
 from .defenses import list_defenses
-from .errors import NastyError
+from .errors import USER_PATH_ERRNOS, NastyError, error_line, short_paths
 from .export import export_cmd
 from .models import list_models, model_doc, model_prefixes
 from .params import Param, click_option, option_value
@@ -489,8 +489,20 @@ def _finite_floats(group: click.Group) -> None:
 _finite_floats(cli)  # here for every command defined above; main() repeats it for any added later
 
 
+def _os_error_line(e: OSError) -> str:
+    return short_paths(f"{e.filename}: {e.strerror or e}" if e.filename is not None else f"{e.strerror or e}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: one-line errors, documented exit codes (0 ok, 1 gate failed, 2 bad input, 3 could not complete)."""
+    """Entry point: one-line errors, documented exit codes (0 ok, 1 gate failed, 2 bad input, 3 could not complete).
+    A run folder replaced with ``--force`` is deleted only when the command succeeded (exit 0), and put
+    back otherwise (:func:`nasty.safe_io.settle`)."""
+    rc = _main(argv)
+    safe_io.settle(rc == 0)
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     _finite_floats(cli)
     args = sys.argv[1:] if argv is None else argv
     if not args:
@@ -509,8 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("error: aborted", err=True)
         return 130
     except NastyError as e:
-        click.echo(f"error: {esc.term(str(e).splitlines()[0]) if str(e) else type(e).__name__}", err=True)
+        click.echo(f"error: {esc.term(error_line(e))}", err=True)
         return e.exit_code
+    except OSError as e:
+        if e.errno in USER_PATH_ERRNOS:  # the path the user gave explains it (too long, no permission ...): bad input
+            click.echo(f"error: {_os_error_line(e)}", err=True)
+            return 2
+        return _internal(e)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130
@@ -519,10 +536,15 @@ def main(argv: list[str] | None = None) -> int:
                    "(--train-subset), a smaller --model or a lower --batch-size", err=True)
         return 3
     except Exception as e:  # a bug: still one line, the traceback only on request
-        if os.environ.get("NASTY_DEBUG"):
-            raise
-        click.echo(f"error: internal error {type(e).__name__}: {esc.term(str(e).splitlines()[0]) if str(e) else ''} (set NASTY_DEBUG=1 for the traceback)", err=True)
-        return 3
+        return _internal(e)
+
+
+def _internal(e: Exception) -> int:
+    if os.environ.get("NASTY_DEBUG"):
+        raise e
+    click.echo(f"error: internal error {type(e).__name__}: {esc.term(short_paths(str(e).splitlines()[0])) if str(e) else ''} "
+               "(set NASTY_DEBUG=1 for the traceback)", err=True)
+    return 3
 
 
 def entry() -> None:

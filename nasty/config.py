@@ -24,7 +24,7 @@ from .attacks.base import parse_access
 from .data import AUGMENTATIONS
 from .defenses import check_defense_keys, defense_params, get_defense, split_model_specs
 from .defenses.lock import LOCK_PARAMS
-from .errors import NastyError
+from .errors import InputShapeError, NastyError
 from .models import create_model
 from .models.locked import head_module
 from .params import Param
@@ -37,16 +37,16 @@ unit = lambda v: 0 <= v <= 1  # noqa: E731
 at_least_1 = lambda v: v >= 1  # noqa: E731
 
 TRAIN_SCHEMA: dict[str, Param] = {
-    "epochs": Param("int", 10, "Training epochs."),
-    "batch_size": Param("int", 128, "Batch size."),
+    "epochs": Param("int", 10, "Training epochs.", hi=100000),
+    "batch_size": Param("int", 128, "Batch size.", hi=2**20),
     "optimizer": Param("str", "sgd", choices=OPTIMIZERS, help="Optimizer."),
-    "lr": Param("float", 0.05, "Learning rate."),
-    "momentum": Param("float", 0.9, flag=""),
-    "weight_decay": Param("float", 5e-4, flag=""),
+    "lr": Param("float", 0.05, "Learning rate.", hi=10.0),
+    "momentum": Param("float", 0.9, flag="", hi=1.0),
+    "weight_decay": Param("float", 5e-4, flag="", hi=1.0),
     "schedule": Param("str", "cosine", choices=SCHEDULES, help="Learning-rate schedule."),
-    "milestones": Param("list[int]", [], flag=""),
+    "milestones": Param("list[int]", [], flag="", hi=100000),
     "gamma": Param("float", 0.1, flag=""),
-    "seed": Param("int", 0, "Training seed."),
+    "seed": Param("int", 0, "Training seed.", hi=2**32 - 1),
     "deterministic": Param("bool", False, "Deterministic algorithms (reproducible on CPU)."),
     "select": Param("str", "best-val", flag=""),
     "grad_clip": Param("float?", None, flag=""),
@@ -58,7 +58,7 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "dataset": Param("str", "digits", "digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, npz:PATH, imagefolder:PATH."),
         "data_root": Param("str?", None, "Folder holding the dataset files (default $NASTY_DATA_ROOT or ./data)."),
         "val_fraction": Param("float", 0.1, check=lambda v: 0 < v < 1, expect="in (0, 1)", flag=""),
-        "split_seed": Param("int", 0, check=nonneg, expect=">= 0", flag=""),
+        "split_seed": Param("int", 0, check=nonneg, expect=">= 0", flag="", hi=2**32 - 1),
         "train_subset": Param("int?", None, "Keep a stratified subset of N labelled training images.", at_least_1, ">= 1"),
         "download": Param("bool", False, "Allow torchvision to download missing data (needs internet)."),
         "augment": Param("str", "auto", "Training-data augmentation: auto (the dataset's default), none, crop or crop-flip "
@@ -82,7 +82,7 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "method": Param("str", "kd", "Attack (see `nasty attacks`); default kd."),
         "teacher": Param("list[str]", [], "Teacher checkpoint (repeatable for ensembles).", repeat=True),
         "student": Param("str", "mlp", "Student architecture, e.g. mlp or 'cnn:width=0.25'."),
-        "temperature": Param("float", 4.0, "Distillation temperature T.", pos, "positive"),
+        "temperature": Param("float", 4.0, "Distillation temperature T.", pos, "positive", hi=1000.0),
         "alpha": Param("float", 0.9, "Weight of the distillation term.", unit, "in [0, 1]"),
         "query": Param("str", "logits", "What the teacher exposes: logits, probs, topk:K, label, weights."),
         "queries": Param("int?", None, "Query budget: train on this many images (a fixed seeded subset).", at_least_1, ">= 1"),
@@ -106,7 +106,7 @@ SCHEMA: dict[str, dict[str, Param]] = {
                        "an interval; 3 by default).", lambda v: 1 <= v <= 100, "in 1..100", flag="--probe-seeds"),
         "attacks": Param("list[str]", ["kd", "rehead", "top1-confidence", "skeptical"], "Attacks of the probe's thief regime "
                          "(each tunes itself on the thief's validation split).", flag="--probe-attacks"),
-        "temperature": Param("float", 4.0, check=pos, expect="positive", flag=""),
+        "temperature": Param("float", 4.0, check=pos, expect="positive", flag="", hi=1000.0),
         "alpha": Param("float", 0.9, check=unit, expect="in [0, 1]", flag=""),
         "train": Param("train", {}, flag=""),
     },
@@ -192,11 +192,11 @@ def validate(cfg: dict) -> None:
             train_config(cfg, None if sec == "train" else cfg[sec]["train"])
         except NastyError as e:
             raise NastyError(f"{where} {e}") from None
-    specs = [("model.name", cfg["model"]["name"]), ("attack.student", cfg["attack"]["student"])]
-    specs += [(f"probe.students[{i}]", s) for i, s in enumerate(cfg["probe"]["students"])]
-    specs += [("defense.adversary_model", s) for s in split_model_specs(cfg["defense"]["adversary_model"])]
-    for where, spec in specs:
-        check_model_spec(spec, where)
+    for where, spec in model_specs(cfg):
+        try:
+            check_model_spec(spec, where)
+        except InputShapeError:
+            pass  # the data's own shape is not known yet: checked with it by check_model_specs, before any training
     try:
         head_module(cfg["defense"]["nasty_head"], 8, 2)
     except ValueError as e:
@@ -216,12 +216,32 @@ def validate(cfg: dict) -> None:
     check_defense_keys(get_defense(cfg["defense"]["name"]), cfg["defense"])
 
 
-def check_model_spec(spec: str, where: str) -> None:
-    """Build ``spec`` on the meta device (no memory, no weights) for a 10-class 3x32x32 input, so a
-    typo or a bad option fails at config time rather than when that model's phase starts."""
+def model_specs(cfg: dict) -> list[tuple[str, str]]:
+    """(where, spec) of every model a config names."""
+    specs = [("model.name", cfg["model"]["name"]), ("attack.student", cfg["attack"]["student"])]
+    specs += [(f"probe.students[{i}]", s) for i, s in enumerate(cfg["probe"]["students"])]
+    specs += [("defense.adversary_model", s) for s in split_model_specs(cfg["defense"]["adversary_model"])]
+    return specs
+
+
+def check_model_specs(cfg: dict, num_classes: int, in_channels: int, image_size: tuple[int, int]) -> None:
+    """Every model of ``cfg`` built on the meta device for the loaded dataset's real input shape
+    (called when the data is loaded, before any training)."""
+    for where, spec in model_specs(cfg):
+        check_model_spec(spec, where, num_classes, in_channels, image_size)
+
+
+def check_model_spec(spec: str, where: str, num_classes: int = 10, in_channels: int = 3,
+                     image_size: tuple[int, int] = (32, 32)) -> None:
+    """Build ``spec`` on the meta device (no memory, no weights), so a typo or a bad option fails at
+    config time rather than when that model's phase starts. Before the data is loaded the input is a
+    guess (3x32x32): a model that cannot take it raises :class:`InputShapeError`, which
+    :func:`check_config` leaves to :func:`check_model_specs` with the data's real shape."""
     try:
         with torch.device("meta"):
-            create_model(spec, 10, 3, (32, 32))
+            create_model(spec, num_classes, in_channels, image_size)
+    except InputShapeError as e:
+        raise InputShapeError(f"{where}: {e}") from None
     except NastyError as e:
         raise NastyError(f"{where}: {e}") from None
     except Exception as e:  # a constructor rejecting a value in its own way

@@ -493,6 +493,31 @@ def load_imagefolder(path: str | Path) -> RawData:
     return RawData(xtr, ytr, xte, yte, classes)
 
 
+def pixel_scale(x: np.ndarray, name: str, split: str) -> float:
+    """The one scale rule for pixels: what ``x`` is divided by to lie in [0, 1]. Integers (uint8 or any
+    other integer type) are 8-bit levels 0..255 (divided by 255); floats are already in [0, 1]
+    (divided by 1); booleans are 0/1. Values outside their type's range are refused (one line)."""
+    if x.dtype.kind == "b":
+        return 1.0
+    if x.size == 0:
+        return 255.0 if x.dtype.kind in "ui" else 1.0
+    lo, hi = x.min(), x.max()
+    if x.dtype.kind in "ui":
+        if lo < 0 or hi > 255:
+            raise NastyError(f"dataset {name}: {split} images are integers ({x.dtype}) from {lo} to {hi}; integer pixels "
+                             "must be 8-bit levels 0..255 (floats must be in [0, 1])")
+        return 255.0
+    if lo < 0 or hi > 1:
+        raise NastyError(f"dataset {name}: {split} images are floats ({x.dtype}) from {float(lo):g} to {float(hi):g}; float pixels "
+                         "must be in [0, 1] (or give 8-bit integers 0..255)")
+    return 1.0
+
+
+def _scale_name(x: np.ndarray) -> str:
+    return {"b": f"booleans ({x.dtype})", "u": f"8-bit integers ({x.dtype}, 0..255)", "i": f"8-bit integers ({x.dtype}, 0..255)"}.get(
+        x.dtype.kind, f"floats ({x.dtype}, in [0, 1])")
+
+
 def _check_raw(raw: RawData, name: str, labelled: bool = True) -> None:
     """What every dataset must satisfy before it is split, normalised or trained on: numeric images
     of one shape in both splits, finite pixels, at least one image per split, labels that name
@@ -512,6 +537,9 @@ def _check_raw(raw: RawData, name: str, labelled: bool = True) -> None:
             raise NastyError(f"dataset {name}: {split} images hold NaN or inf pixels")
     if raw.x_train.shape[1:] != raw.x_test.shape[1:]:
         raise NastyError(f"dataset {name}: train images are {tuple(raw.x_train.shape[1:])} but test images {tuple(raw.x_test.shape[1:])}")
+    if pixel_scale(raw.x_train, name, "train") != pixel_scale(raw.x_test, name, "test"):
+        raise NastyError(f"dataset {name}: train images are {_scale_name(raw.x_train)} but test images are {_scale_name(raw.x_test)}; "
+                         "give both splits on one scale")
     if any(d > MAX_IMAGE_SIDE for d in raw.x_train.shape[2:]):
         raise NastyError(f"dataset {name}: images of {raw.x_train.shape[2]}x{raw.x_train.shape[3]}; at most {MAX_IMAGE_SIDE} per side")
     n = len(raw.classes)
@@ -617,7 +645,7 @@ def load_dataset(
     mask = np.zeros(len(y_pool), bool)
     mask[val_idx] = True
 
-    scale = 255.0 if raw.x_train.dtype == np.uint8 else 1.0
+    scale = pixel_scale(raw.x_train, name, "train")  # the same for the test split (checked by _check_raw)
     x_tr = torch.from_numpy(np.ascontiguousarray(x_pool[~mask])).float() / scale
     if normalization is None:
         mean = x_tr.mean(dim=(0, 2, 3))

@@ -34,9 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import safe_io
 from .checkpoint import SIDECAR, WEIGHTS, load_checkpoint, read_sidecar
 from .defenses.output import DefendedModel, parse_output_defense
-from .errors import NastyError
+from .errors import NastyError, error_line
 from .models.locked import LockedTeacher, lock_decision
 
 FORMATS = ("onnx", "torchscript")
@@ -250,26 +251,13 @@ def export_model(model: nn.Module, side: dict, out: str | Path, fmt: str = "onnx
     c, h, w = side["input_shape"]
     example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
     out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as e:
-        raise NastyError(f"cannot write {out}: {e.strerror or e}") from None
     log: list[str] = []
-    try:
-        try:
-            with _quiet_fds(log):
-                (_export_onnx if fmt == "onnx" else _export_torchscript)(served, example, tmp)
-        except NastyError:
-            raise
-        except Exception as e:
-            raise NastyError(f"cannot export {side['model']['name']} to {fmt}: {_failure(e, ''.join(log))}") from None
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def produce(tmp: str) -> None:
+        with _quiet_fds(log):
+            (_export_onnx if fmt == "onnx" else _export_torchscript)(served, example, tmp)
+
+    safe_io.write_with(out, produce, lambda e: NastyError(f"cannot export {side['model']['name']} to {fmt}: {_failure(e, ''.join(log))}"))
     return {"file": str(out), "format": fmt, "bytes": out.stat().st_size, "model": side["model"]["name"],
             "output_defense": described, "input": {"name": INPUT_NAME, "shape": ["batch", c, h, w], "range": [0.0, 1.0]},
             "output": {"name": OUTPUT_NAME, "shape": ["batch", side["num_classes"]], "what": "defended probabilities"},
@@ -331,7 +319,7 @@ def export_cmd(checkpoint: str, fmt: str, out: str, output_defense: str | None, 
     try:
         _export(checkpoint, fmt, out, output_defense, force, as_json)
     except NastyError as e:  # the CLI's convention, also when this command runs on its own: one line, its exit code
-        click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        click.echo(f"error: {error_line(e)}", err=True)
         raise click.exceptions.Exit(e.exit_code) from None
 
 
@@ -341,8 +329,9 @@ def _export(checkpoint: str, fmt: str, out: str, output_defense: str | None, for
     if fmt not in FORMATS:
         raise NastyError(f"unknown --format {fmt!r} (choose {', '.join(FORMATS)})")
     target = Path(out)
-    if target.is_dir():
+    if target.is_dir() and not target.is_symlink():
         raise NastyError(f"--out {target} is a directory; name the file to write (e.g. {target / 'model.onnx'})")
+    safe_io.check_target(target)  # a link, FIFO or device is refused, --force or not
     if target.exists() and not force:
         raise NastyError(f"--out {target} exists; pass --force to overwrite it")
     exportable_output_defense(output_defense)

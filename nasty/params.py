@@ -18,13 +18,20 @@ from .errors import NastyError
 
 KINDS = ("int", "float", "str", "bool", "list[int]", "list[float]", "list[str]", "train", "table", "any")
 
+# Every number a parameter takes is bounded before anything runs: by the declaration's own ``lo``/``hi``
+# or else by these, so that no value (1e308, -1e308) can start a training that overflows later.
+FLOAT_LIMIT = 1e6
+INT_LIMIT = 10**9
+
 
 @dataclass(frozen=True)
 class Param:
     """A parameter. ``kind``: one of :data:`KINDS`, with a ``?`` suffix when it may be empty (``None``);
     ``check``/``expect``: a range check and its wording (``"positive"``); ``choices``: the allowed strings;
     ``flag``: the CLI flag (default ``--key-with-dashes``; ``""``: none); ``repeat``: a list option is
-    given by repeating the flag instead of comma-separated; ``metavar``: the CLI placeholder."""
+    given by repeating the flag instead of comma-separated; ``metavar``: the CLI placeholder;
+    ``lo``/``hi``: the smallest and largest number allowed (of each item of a list), inclusive; by
+    default +-:data:`FLOAT_LIMIT` for floats, +-:data:`INT_LIMIT` for integers (see :func:`check_bounds`)."""
 
     kind: str
     default: Any = None
@@ -35,6 +42,8 @@ class Param:
     flag: str | None = None
     repeat: bool = False
     metavar: str | None = None
+    lo: float | None = None
+    hi: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind.rstrip("?") not in KINDS:
@@ -50,6 +59,7 @@ class Param:
         value = convert(where, self.kind, value)
         if value is None:
             return None
+        check_bounds(where, value, self.lo, self.hi)
         if self.choices and value not in self.choices:
             raise NastyError(f"{where} must be {_either(self.choices)}, got {value!r}")
         if self.check is not None and not self.check(value):
@@ -58,6 +68,26 @@ class Param:
 
     def flag_name(self, key: str) -> str:
         return self.flag if self.flag is not None else "--" + key.replace("_", "-")
+
+
+def check_bounds(where: str, value: Any, lo: float | None = None, hi: float | None = None) -> None:
+    """Every number in ``value`` (a number, or a list of them) within ``[lo, hi]`` (default: the kind's
+    limit, :data:`FLOAT_LIMIT` or :data:`INT_LIMIT`); a one-line :class:`NastyError` otherwise. The
+    one bound check of parameters: declarations (:meth:`Param.validate`) and plain defaults
+    (:func:`nasty.registry.check_param`)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for i, v in enumerate(items):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        limit = INT_LIMIT if isinstance(v, int) else FLOAT_LIMIT
+        low, high = (-limit if lo is None else lo), (limit if hi is None else hi)
+        name = f"{where}[{i}]" if isinstance(value, (list, tuple)) else where
+        if not math.isfinite(v):
+            raise NastyError(f"{name} must be a finite number, got {v!r}")
+        if v > high:
+            raise NastyError(f"{name} must be at most {high:g}, got {v:g}")
+        if v < low:
+            raise NastyError(f"{name} must be at least {low:g}, got {v:g}")
 
 
 def _either(options: tuple[str, ...]) -> str:
@@ -96,7 +126,11 @@ def convert(where: str, kind: str, value: Any) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise NastyError(f"{where} must be a list, got {value!r}")
-        return [convert(f"{where}[{i}]", base[5:-1], v) for i, v in enumerate(value)]
+        items = [convert(f"{where}[{i}]", base[5:-1], v) for i, v in enumerate(value)]
+        for i, v in enumerate(items):
+            if isinstance(v, str) and not v.strip():
+                raise NastyError(f"{where}[{i}] is empty")
+        return items
     if not isinstance(value, dict):  # train, table
         raise NastyError(f"{where} must be a table")
     return value
@@ -105,7 +139,9 @@ def convert(where: str, kind: str, value: Any) -> Any:
 def _comma_list(param: Param, flag: str, text: str | None) -> list | None:
     if text is None:
         return None
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    if "" in parts:
+        raise NastyError(f"{flag}: empty item in {text!r} (give comma-separated values, none empty)")
     if param.kind.startswith("list[float]"):
         out = []
         for part in parts:

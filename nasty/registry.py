@@ -15,7 +15,7 @@ import re
 from typing import Any, Iterable
 
 from .errors import NastyError
-from .params import Param
+from .params import Param, check_bounds
 
 
 def did_you_mean(name: str, options: Iterable[str]) -> str:
@@ -76,6 +76,7 @@ def check_param(owner: str, key: str, value: Any, default: Any) -> None:
     NaN/inf anywhere: such a value would otherwise fail only after training, or not at all."""
     if not _finite(value):
         raise NastyError(f"{owner} parameter {key} must be finite, got {value!r}")
+    check_bounds(f"{owner} parameter {key}", value)
     number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
     if isinstance(default, bool):
         ok, kind = isinstance(value, bool), "true or false"

@@ -7,16 +7,17 @@ non-empty directory is never overwritten without ``force``.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch.nn as nn
 
+from . import safe_io
 from .checkpoint import atomic_write_json, save_checkpoint
-from .config import train_config
+from .config import check_model_specs, train_config
 from .data import DataBundle, load_dataset
 from .errors import NastyError
 from .metrics import evaluate
@@ -34,7 +35,7 @@ def _is_leftover(p: Path) -> bool:
     """A file nasty leaves behind only when killed: the temporary file of an atomic write (or its
     backup), or the lock file of a run folder."""
     n = p.name
-    return n == LOCK_FILE or (n.startswith(".") and (n.endswith(".tmp") or n.endswith(".tmp.bak")))
+    return n == LOCK_FILE or safe_io.is_temporary(p)
 
 
 def has_content(path: Path) -> bool:
@@ -48,12 +49,7 @@ def has_content(path: Path) -> bool:
 def clean_leftovers(path: Path) -> None:
     """Remove the temporary files that killed writes left anywhere in run folder ``path`` (call with
     the folder's lock held: a live run's temporary files are never touched)."""
-    for p in path.rglob(".*.tmp*"):
-        if p.is_file() and _is_leftover(p) and p.name != LOCK_FILE:
-            try:
-                p.unlink()
-            except OSError:
-                pass
+    safe_io.remove_temporaries(path)
 
 
 def lock_out_dir(path: Path, beside: bool = False) -> None:
@@ -66,10 +62,12 @@ def lock_out_dir(path: Path, beside: bool = False) -> None:
     key = path.resolve()
     if key in _LOCKS:
         return
-    lock = path.parent / f".{path.name}{LOCK_FILE}" if beside else path / LOCK_FILE
+    name = f".{path.name}{LOCK_FILE}"
+    if len(os.fsencode(name)) > 255:  # a legal 255-byte folder name: the lock beside it gets a short name
+        name = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{LOCK_FILE}"
+    lock = path.parent / name if beside else path / LOCK_FILE
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = safe_io.open_lock(lock)
     except OSError as e:
         raise NastyError(f"cannot lock output directory {path}: {e.strerror or e}") from None
     try:
@@ -164,9 +162,7 @@ def prepare_out_dir(out: str | Path | None, force: bool, default_name: str, inpu
             check_replaceable(path, inputs)
             lock_out_dir(path)  # refuses a folder that a live run is writing
             try:
-                shutil.rmtree(path)
-            except OSError as e:
-                raise NastyError(f"cannot clear output directory {path}: {e.strerror or e}") from None
+                safe_io.set_aside(path)  # deleted once this command succeeds, put back if it fails
             finally:
                 unlock_out_dir(path)
         elif any(path.iterdir()):  # only the leftovers of a killed write: not a reason to refuse
@@ -185,11 +181,13 @@ def prepare_out_dir(out: str | Path | None, force: bool, default_name: str, inpu
 
 def data_from_config(cfg: dict, *, normalization=None, train_subset: Any = "config", exclude_subset: int | None = None) -> DataBundle:
     d = cfg["data"]
-    return load_dataset(
+    data = load_dataset(
         d["dataset"], d["data_root"], val_fraction=d["val_fraction"], split_seed=d["split_seed"],
         train_subset=d["train_subset"] if train_subset == "config" else train_subset,
         download=d["download"], augment=d["augment"], normalization=normalization, exclude_subset=exclude_subset,
     )
+    check_model_specs(cfg, data.num_classes, data.in_channels, data.image_size)  # the real input shape, before any training
+    return data
 
 
 def new_model(spec: str, data: DataBundle) -> nn.Module:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import distributed as ddp_
+from . import distributed as ddp_, safe_io
 from .checkpoint import save_checkpoint
 from .data import Batch, DataBundle, iterate_batches
 from .errors import NastyError, TrainingDiverged
@@ -359,10 +359,8 @@ def _open(slots: list[_Slot], ddp: bool, dev: torch.device, main: bool) -> None:
         if s.m.run_dir is not None:
             Path(s.m.run_dir).mkdir(parents=True, exist_ok=True)
             if main:
-                s.metrics_file = open(Path(s.m.run_dir) / "metrics.jsonl", "w")
-                for row in s.st.history:
-                    s.metrics_file.write(json.dumps(row) + "\n")
-                s.metrics_file.flush()
+                history = "".join(json.dumps(row) + "\n" for row in s.st.history)
+                s.metrics_file = safe_io.open_log(Path(s.m.run_dir) / "metrics.jsonl", history.encode())
 
 
 def _result(s: _Slot, seconds: float) -> FitResult | TrainingDiverged:

@@ -132,7 +132,7 @@ def test_force_replaces_an_old_run(run_cli, tmp_path):
 def test_leftover_tmp_of_a_killed_first_write_does_not_block(run_cli, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".run.json.k2j3h4.tmp").write_bytes(b'{"command": "tr')  # killed while writing run.json
+    (out / ".nasty-tmp-k2j3h4.tmp").write_bytes(b'{"command": "tr')  # killed while writing run.json
     rc, o, err = run_cli("train-teacher", "--out", out, *FAST)
     assert rc == 0, err
     assert not list(out.glob(".*.tmp"))
@@ -141,7 +141,7 @@ def test_leftover_tmp_of_a_killed_first_write_does_not_block(run_cli, tmp_path):
 def test_leftover_tmp_does_not_block_resume(run_cli, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".run.json.k2j3h4.tmp").write_bytes(b"{")
+    (out / ".nasty-tmp-k2j3h4.tmp").write_bytes(b"{")
     rc, o, err = run_cli("train-teacher", "--out", out, "--resume", *FAST)
     assert rc == 0, err
     assert not list(out.glob(".*.tmp"))
@@ -150,7 +150,7 @@ def test_leftover_tmp_does_not_block_resume(run_cli, tmp_path):
 def test_resume_removes_stale_temporaries_and_keeps_complete_files(run_cli, tmp_path):
     out = tmp_path / "run"
     assert run_cli("train-teacher", "--out", out, *FAST)[0] == 0
-    stale = out / ".train_state-teacher.safetensors.abc.tmp"
+    stale = out / ".nasty-tmp-abc.tmp"
     stale.write_bytes(b"partial")
     rc, o, err = run_cli("train-teacher", "--out", out, "--resume", *FAST)
     assert rc == 0, err

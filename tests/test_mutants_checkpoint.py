@@ -608,7 +608,7 @@ def test_unreadable_training_state_names_the_reason(tmp_path):
 
 
 def test_temporary_files_lie_beside_their_targets(tmp_path, monkeypatch):
-    """Each file is staged as a hidden ``.NAME.*.tmp`` in the target's own folder (so the rename is atomic), and a
+    """Each file is staged as a hidden ``.nasty-tmp-*.tmp`` in the target's own folder (so the rename is atomic), and a
     missing folder is created with its parents."""
     seen = []
     real = os.replace
@@ -616,7 +616,7 @@ def test_temporary_files_lie_beside_their_targets(tmp_path, monkeypatch):
     target = tmp_path / "a" / "b" / "m.json"
     atomic_write_files([(target, b"1"), (tmp_path / "c.bin", b"2")])
     assert target.read_bytes() == b"1" and (tmp_path / "c.bin").read_bytes() == b"2"
-    assert [(s.parent, s.name.startswith(f".{d.name}."), s.suffix) for s, d in seen] == [
+    assert [(s.parent, s.name.startswith(".nasty-tmp-"), s.suffix) for s, d in seen] == [
         (target.parent, True, ".tmp"), (tmp_path, True, ".tmp")]
 
 

@@ -68,13 +68,13 @@ def test_inf_weights_with_finite_loss_are_caught(digits):
         fit(model, objective, digits, TrainConfig(epochs=1, lr=1e30, momentum=0.0, weight_decay=0.0, batch_size=2000), log=None)
 
 
-def test_cli_huge_omega_diverges_one_line(run_cli, tmp_path):
-    """The nasty objective is unbounded below: with an absurd omega the loss overflows to -inf."""
+def test_cli_huge_omega_is_refused_before_training(run_cli, tmp_path):
+    """The nasty objective is unbounded below: an absurd omega (1e38) used to overflow the loss to -inf
+    after training had started (exit 3). omega is now bounded by its declaration: refused first, exit 2.
+    (Divergence itself, a NaN/inf loss, is covered by test_nan_loss_stops_with_one_line_and_keeps_last_good.)"""
     out = tmp_path / "d"
     rc, _, err = run_cli("train-defended", "--dataset", "digits", "--model", "mlp:hidden=8", "--epochs", "1", "--omega", "1e38", "--lock", "none",
                          "--no-probe", "--out", out)
-    assert rc == 3, err
-    lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: defended:nasty: loss is -inf at epoch 1, step 1 (ce=")
-    assert "kl_adv=" in lines[-1] and "omega=1e+38" in lines[-1] and "Traceback" not in err
-    load_checkpoint(out / "normal")  # the adversary trained before is kept
+    assert rc == 2, err
+    assert err.strip().splitlines() == [err.strip()] and "omega must be at most 1000, got 1e+38" in err and "Traceback" not in err
+    assert not out.exists()

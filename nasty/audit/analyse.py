@@ -6,8 +6,6 @@ its interval, p-value and decision (:mod:`nasty.audit.stats`), and the texts the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import time
 
 import numpy as np
@@ -16,9 +14,7 @@ from ..attacks import get_attack
 from ..errors import AuditIncomplete
 from . import stats
 from .schema import SCHEMA, SCHEMA_VERSION
-
-if TYPE_CHECKING:
-    from .plan import AuditSettings
+from .settings import AuditSettings
 
 
 def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred: dict[str, np.ndarray],

@@ -9,10 +9,8 @@ An executor trains the units: :class:`LocalExecutor` here, in this process, one 
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import safe_io
 from ..attacks import can_share_pass, prepare_attack, run_attacks_together
 from ..checkpoint import atomic_write_bytes, atomic_write_json
 from ..config import train_config
@@ -43,9 +42,7 @@ class Execution:
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, safe_io.npy_bytes(arr))
 
 
 def load_run(run_dir: Path, key: str) -> dict | None:
@@ -216,7 +213,7 @@ def pending_units(plan: AuditPlan, out: Path, ex: Execution) -> tuple[list[list[
         for other in s.baselines_from if res is None and job.group == "baselines" else []:
             src = job.dir(Path(other))
             if load_run(src, key) is not None:  # the same baseline (same data, schedule, seed): copy it in
-                shutil.copytree(src, job.dir(out), dirs_exist_ok=True)
+                safe_io.copy_tree(src, job.dir(out))
                 res = load_run(job.dir(out), key)
                 break
         if res is not None:
@@ -246,7 +243,7 @@ def copy_twins(plan: AuditPlan, out: Path, ex: Execution, twins: list[tuple[Job,
                 kind[("reference", job.method)] = kind[("teacher", job.method)]
         if src is None:
             continue
-        shutil.copytree(Job("teacher", job.method, job.student, job.seed).dir(out), job.dir(out), dirs_exist_ok=True)
+        safe_io.copy_tree(Job("teacher", job.method, job.student, job.seed).dir(out), job.dir(out))
         res = {k: v for k, v in src.items() if not k.startswith("_")}
         res.update(audit_run_key=key, group="reference", copied_from="teacher (the same checkpoint)")
         atomic_write_json(job.dir(out) / "result.json", res)

@@ -7,18 +7,16 @@ are a function of the settings, the checkpoints' and the data's contents only.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch.nn as nn
 
-from .. import attacks
+from .. import attacks, safe_io
 from ..attacks import ATTACKS, get_attack
 from ..attacks.base import load_surrogate, parse_access
 from ..checkpoint import atomic_write_json, check_compatible, load_checkpoint, read_sidecar, sha256_file
@@ -26,7 +24,6 @@ from ..config import train_config
 from ..defenses.output import parse_output_defense
 from ..errors import NastyError
 from ..models import create_model
-from ..params import Param
 from ..pipelines.common import normalization
 from ..registry import slug
 from ..attacks.run import thief_view
@@ -34,83 +31,12 @@ from ..pipelines.common import thief_data
 from ..runs import data_from_config
 from . import stats
 from .analyse import describe_defense
+from .settings import AUDIT_PARAMS, AuditSettings  # noqa: F401  (re-exported: nasty.audit.plan.AuditSettings)
 
 CONFIG_FILE = "audit-config.json"
 # identifies how runs are keyed and stored (not the report's schema version: a new report format
 # must not retrain a single run)
 RUN_FORMAT = "nasty-audit/1"
-
-
-AUDIT_PARAMS: dict[str, Param] = {  # the request's knobs; ranges of the statistical ones live in stats.check_settings
-    "attacks": Param("list[str]", ["all"], "Comma-separated attacks (see `nasty attacks`) or 'all'."),
-    "students": Param("list[str]", ["mlp"], "Comma-separated student architectures."),
-    "seeds": Param("int", stats.DEFAULT_SEEDS, "Training seeds per attack and student (0..N-1); fewer than 5 gives approximate "
-                   "intervals, 1 unreliable ones.", lambda v: v >= 1, "at least 1"),
-    "reference": Param("str?", None, "An undefended teacher of the same task, attacked the same way."),
-    "query": Param("str", "logits", "What the teacher exposes: logits, probs, topk:K, label, weights."),
-    "surrogate": Param("str?", None, "Label-free attacks (copycat, knockoff) query the teacher on this dataset's images."),
-    "queries": Param("int?", None, "Query budget of the label-free attacks (a fixed seeded subset of their images); with "
-                     "--labelled, the images every thief holds.", lambda v: v >= 1, "at least 1"),
-    "labelled": Param("int?", None, "The thief's regime: LABELLED of the --queries images carry labels, the rest are unlabelled "
-                      "queries (every attack and baseline; validation from the labelled ones; images the teacher never saw when "
-                      "its checkpoint says it trained on a subset). Soft-output attacks tune alpha, T and their epoch.",
-                      lambda v: v >= 1, "at least 1"),
-    "output_defense": Param("str?", None, "The teacher answers through this output defense, e.g. topk:2 or reverse-sigmoid "
-                            "(not the reference)."),
-    "first_seed": Param("int", 0, "Training seeds are FIRST..FIRST+SEEDS-1.", lambda v: v >= 0, ">= 0"),
-    "baselines_from": Param("list[str]", [], "Reuse the baseline runs of another audit of the same task (checked run by run; "
-                            "repeatable).", repeat=True),
-    "fuse": Param("bool", True, "Train the single-pass attacks of one seed together, in one pass over the data."),
-    "margin": Param("float", 0.0, "Gain rule: tested gain > MARGIN points over both baselines, in [-100, 100)."),
-    "fidelity": Param("float", 0.9, "Fidelity rule (label-free attacks): fraction of the teacher's class accuracy."),
-    "fail_on": Param("int?", None, "Exit 1 when an attack transfers more than N classes.", lambda v: v >= 0, ">= 0"),
-    "correction": Param("str", "holm", "Multiple-comparison control over the classes and students of each attack (Holm: "
-                        "family-wise; bh: false discovery rate).", choices=stats.CORRECTIONS),
-    "power": Param("float", 0.8, "Power at which the detectable gain of an untransferred class is reported."),
-    "safe_below": Param("float?", None, "A class not transferred is 'safe at this power' only when its detectable gain is "
-                        "below this (points)."),
-    "resolution": Param("float", 3.0, "Smallest pooled leak (points of overall gain) the audit must be able to find at "
-                        "--power; above it the report says the audit cannot show protection at this size.",
-                        lambda v: 0 < v <= 100, "a number of points in (0, 100]"),
-}
-
-
-def _default(key: str) -> Any:
-    return field(default_factory=lambda: copy.deepcopy(AUDIT_PARAMS[key].default))
-
-
-@dataclass
-class AuditSettings:
-    """What the user asked for (the CLI builds this; defaults and checks from :data:`AUDIT_PARAMS`)."""
-
-    teacher: str
-    cfg: dict  # resolved nasty config (its [data] and [train] sections are used)
-    attacks: list[str] = _default("attacks")
-    students: list[str] = _default("students")
-    seeds: int = _default("seeds")
-    reference: str | None = _default("reference")
-    query: str = _default("query")
-    margin: float = _default("margin")
-    fidelity: float = _default("fidelity")
-    fail_on: int | None = _default("fail_on")
-    n_boot: int | None = None  # unused since schema 2 (the intervals are analytic); kept so old callers still work
-    correction: str = _default("correction")
-    power: float = _default("power")
-    safe_below: float | None = _default("safe_below")
-    resolution: float = _default("resolution")
-    params: dict[str, dict] = field(default_factory=dict)  # attack -> parameter overrides
-    surrogate: str | None = _default("surrogate")
-    queries: int | None = _default("queries")
-    labelled: int | None = _default("labelled")
-    output_defense: str | None = _default("output_defense")
-    fuse: bool = _default("fuse")
-    first_seed: int = _default("first_seed")
-    baselines_from: list[str] = _default("baselines_from")
-    reuse_label_only: bool = True  # TLLM's preliminary label-only student is the audit's label-only baseline (same run)
-
-    @property
-    def seed_list(self) -> list[int]:
-        return list(range(self.first_seed, self.first_seed + self.seeds))
 
 
 @dataclass
@@ -345,7 +271,7 @@ def check_resume(out: Path, config: dict, force: bool) -> None:
     f = out / CONFIG_FILE
     if out.is_dir() and any(out.iterdir()):
         if force:
-            shutil.rmtree(out)
+            safe_io.set_aside(out)  # deleted once the audit succeeds, put back if it fails
         elif not f.is_file():
             raise NastyError(f"--out {out} is not empty and holds no audit ({CONFIG_FILE} missing); choose another --out or pass --force")
         else:

@@ -107,9 +107,9 @@ class BudgetNasty(ClassSelectiveNasty, MultiAdversaryNasty):
     summary = "nasty teacher that sets its own omega to stay within --max-accuracy-drop of the adversary (dual update)"
     params: ClassVar[dict[str, Param]] = {
         "max_accuracy_drop": Param("float?", None, "budget: validation accuracy (points) the teacher may lose to the adversary; "
-                                   "omega adapts.", lambda v: v > 0, "positive"),
-        "dual_lr": Param("float", 0.5, "budget: step of the per-epoch omega update (default 0.5).", lambda v: v > 0, "positive"),
-        "omega_max": Param("float?", None, f"budget: upper bound of omega (default {DEFAULT_OMEGA_MAX}).", lambda v: v > 0, "positive"),
+                                   "omega adapts.", lambda v: v > 0, "positive", hi=100.0),
+        "dual_lr": Param("float", 0.5, "budget: step of the per-epoch omega update (default 0.5).", lambda v: v > 0, "positive", hi=1000.0),
+        "omega_max": Param("float?", None, f"budget: upper bound of omega (default {DEFAULT_OMEGA_MAX}).", lambda v: v > 0, "positive", hi=1000.0),
     }
     require_protected: ClassVar[bool] = False
     min_adversaries: ClassVar[int] = 1

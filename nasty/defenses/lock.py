@@ -50,7 +50,7 @@ LOCK_PARAMS: dict[str, Param] = {  # the [defense] keys of the lock and of choos
                          lambda v: 0 <= v <= 100, "in [0, 100]"),
     "omega_grid": Param("list[float]", [0.1, 0.3, 1.0], "Candidates for omega, chosen by a KD probe on the validation split when "
                         "--omega is not given (comma-separated; default 0.1,0.3,1).", lambda v: all(o >= 0 for o in v),
-                        "a list of numbers >= 0"),
+                        "a list of numbers >= 0", hi=1000.0),
     "cmi": Param("float", 10.0, "two-head: weight of the head's conditional mutual information given the class (outputs that say "
                  "nothing beyond the decision; default 10, 0 turns it off).", lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
     "head_epochs": Param("int?", None, "two-head: epochs of the nasty head on cached features (default: about 3000 steps).",

@@ -24,11 +24,11 @@ class NastyTeacher(Defense):
     name = "nasty"
     summary = "Ma et al. 2021: CE minus omega*tau^2*KL to a frozen normal adversary"
     params: ClassVar[dict[str, Param]] = {
-        "tau": Param("float", 4.0, "Temperature of the KL to the adversary.", lambda v: v > 0, "positive"),
+        "tau": Param("float", 4.0, "Temperature of the KL to the adversary.", lambda v: v > 0, "positive", hi=1000.0),
         "omega": Param("float?", None, "Weight of the KL term (strength of the defense; default: chosen from --omega-grid on the "
-                       "validation split with a lock, 0.04 without).", lambda v: v >= 0, ">= 0"),
-        "omega_warmup": Param("int", 0, "Ramp omega linearly over this many epochs.", lambda v: v >= 0, ">= 0"),
-        "kl_cap": Param("float?", None, "Cap each sample's KL to the adversary.", lambda v: v > 0, "positive"),
+                       "validation split with a lock, 0.04 without).", lambda v: v >= 0, ">= 0", hi=1000.0),
+        "omega_warmup": Param("int", 0, "Ramp omega linearly over this many epochs.", lambda v: v >= 0, ">= 0", hi=100000),
+        "kl_cap": Param("float?", None, "Cap each sample's KL to the adversary.", lambda v: v > 0, "positive", hi=1e4),
     }
 
     def omega_at(self, epoch: int) -> float:

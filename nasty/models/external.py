@@ -27,6 +27,7 @@ when built there) proves that the classifier is the model's last step and that
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import NastyError
+from ..errors import InputShapeError, NastyError
 from ._registry import register_model_prefix
 
 TIMM_INSTALL = "pip install 'nasty[timm]'"
@@ -55,11 +56,18 @@ def _unknown(lib: str, name: str, known: list[str]) -> NastyError:
     return NastyError(f"unknown {lib} model {name!r}{hint} ({len(known)} known: see {lib}'s list_models())")
 
 
+# options that are probabilities (dropout, stochastic depth): a number in [0, 1], or training fails late
+_PROBABILITY = re.compile(r"(^|_)(drop|dropout)(_|$)|_prob$|^p$")
+
+
 def _check_options(spec: str, kwargs: dict[str, Any], fixed: set[str]) -> None:
     bad = sorted(set(kwargs) & fixed)
     if bad:
         raise NastyError(f"model {spec}: option {bad[0]} is set by nasty (classes and input channels come from the dataset; "
                          "weights are never downloaded: load your own with `nasty convert`)")
+    for k, v in sorted(kwargs.items()):
+        if _PROBABILITY.search(k) and v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
+            raise NastyError(f"model {spec}: option {k} is a probability and must be in [0, 1], got {v!r}")
 
 
 class _SkippedLinear(nn.Linear):
@@ -121,7 +129,7 @@ def _dry_run(model: nn.Module, head: nn.Module, spec: str, in_channels: int, ima
         with torch.no_grad():
             out = model(x)
     except Exception as e:
-        raise NastyError(f"model {spec} cannot take {in_channels}x{image_size[0]}x{image_size[1]} inputs ({_line(e)})") from None
+        raise InputShapeError(f"model {spec} cannot take {in_channels}x{image_size[0]}x{image_size[1]} inputs ({_line(e)})") from None
     finally:
         hook.remove()
     if "out" not in seen or out is not seen["out"]:
