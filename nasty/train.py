@@ -247,8 +247,9 @@ def fit(
     existing state is checked against this run and training continues from it, bit-for-bit on CPU
     with ``deterministic``. A NaN/inf loss raises :class:`TrainingDiverged`; the best weights so far
     are restored into ``model`` and saved in ``run_dir/last_good``. ``explode=F``: so does an epoch whose
-    mean loss exceeds ``F`` times the first epoch's (in absolute value, at least 1): a loss that climbs
-    by orders of magnitude without ever turning NaN/inf is a diverged run too. ``late_ties``: among
+    mean loss exceeds ``F`` times the first epoch's with the same loss terms (in absolute value, at least
+    1; a warm-up that adds terms starts anew): a loss that climbs by orders of magnitude without ever
+    turning NaN/inf is a diverged run too. ``late_ties``: among
     epochs equally accurate on validation the latest is kept (a small validation split saturates
     early, long before the schedule ends). ``select_from``: epochs before it are never kept.
     """
@@ -472,8 +473,10 @@ def _end_epoch(s: _Slot, epoch: int, cfg: TrainConfig, gen: torch.Generator, ddp
     row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}, "val_accuracy": val_acc,
            "lr": s.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
     st = s.st
-    if s.m.explode and st.history and "loss" in row and "loss" in st.history[0]:
-        first = st.history[0]["loss"]
+    # the objective's first epoch in its current form (the same loss terms: a warm-up that adds terms starts a new phase)
+    same = [h for h in st.history if set(h) == set(row) and "loss" in h]
+    if s.m.explode and same and "loss" in row:
+        first = same[0]["loss"]
         if row["loss"] > s.m.explode * max(abs(first), 1.0):
             _stop(s, f"{s.m.desc}: the loss exploded at epoch {epoch + 1} ({row['loss']:.4g}, more than {s.m.explode:g} times "
                      f"the first epoch's {first:.4g}) without turning NaN/inf", main, errors)

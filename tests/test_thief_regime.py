@@ -196,3 +196,18 @@ def test_tuning_keeps_the_published_settings_unless_validation_clearly_prefers_a
     _, r = run_attack("kd", data=digits, teachers=[small_teacher], student="mlp:hidden=8", log=lambda m: None,
                       train=TrainConfig(epochs=1, batch_size=128), params={"tune": True}, labelled=40, query_budget=200)
     assert r["tuned"] == ({"alpha": 0.9, "temperature": 4.0} if expect_own else {"alpha": 0.3, "temperature": 10.0})
+
+
+def test_a_warm_up_that_adds_loss_terms_is_a_new_phase_not_an_explosion(digits):
+    """The skeptical student's loss jumps when distillation starts after its labels-only warm-up: other terms,
+    the same run. The guard compares an epoch with the first epoch of the same terms."""
+    from nasty.train import Objective, fit
+
+    def loss(model, batch, epoch):
+        ce = F.cross_entropy(model(batch.x), batch.y)
+        if epoch == 0:
+            return ce, {"ce": ce.item()}
+        return ce * 50.0, {"ce": ce.item(), "kd_kl": 1.0}  # 50x larger from epoch 2 on, with a new term
+
+    fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), Objective(loss), digits, TrainConfig(epochs=3, batch_size=256), log=None,
+        explode=10.0)
