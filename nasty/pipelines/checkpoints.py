@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..checkpoint import (check_compatible, load_checkpoint, load_legacy_state, read_legacy_state_dict, read_sidecar,
-                          save_checkpoint, split_settings)
+import torch
+
+from ..checkpoint import (check_compatible, legacy_budget, load_checkpoint, load_legacy_state, read_legacy_state_dict,
+                          read_sidecar, save_checkpoint, split_settings)
 from ..config import load_config
 from ..data import load_dataset
 from ..defenses.lock import LOCK_PARAMS, assemble, describe_lock
@@ -93,9 +95,13 @@ def convert_job(source: str, model_spec: str, out: str, *, dataset: str = "digit
     norm = (_floats("--mean", mean), _floats("--std", std)) if mean is not None and std is not None else None
     if norm and not all(v > 0 for v in norm[1]):
         raise NastyError("--std must be positive")
-    state = read_legacy_state_dict(source, key)  # refuses hostile pickles before anything else happens
     cfg = load_config(None, {"data": {"dataset": dataset, "data_root": data_root}, "model": {"name": model_spec}})
-    data = data_from_config(cfg, normalization=norm)
+    data = data_from_config(cfg, normalization=norm)  # checks the spec on the meta device, within its parameter budget
+    with torch.device("meta"):
+        budget = legacy_budget(new_model(model_spec, data))
+    # refuses hostile pickles, and files that would unpack beyond what the model can need, before reading them;
+    # the tensors stay memory-mapped until load_legacy_state has compared their shapes with the model's
+    state = read_legacy_state_dict(source, key, budget=budget)
     model = new_model(model_spec, data)
     info = load_legacy_state(model, state, source)
     folder = prepare_out_dir(out, force, "converted")
