@@ -148,3 +148,58 @@ def test_lock_refuses_a_nasty_part_that_serves_the_decision_models_probabilities
 def test_lock_of_two_different_models_is_kept(run_cli, plain, other, tmp_path):
     rc, out, err = _lock(run_cli, plain, other, tmp_path / "l")
     assert rc == 0, err
+
+
+# ---- (c) the decision model of a locked teacher is the adversary that is --model
+
+ARCHS = ["mlp:hidden=16", "mlp:hidden=32", "cnn:width=0.25", "cnn:width=0.5"]
+
+
+def _defended_cfg(model: str, adversary_model: str, lock: str = "two-head") -> dict:
+    from nasty.config import load_config
+
+    return load_config(None, {"model": {"name": model}, "train": {"epochs": 1, "batch_size": 64, "seed": 0},
+                              "defense": {"name": "multi-adversary", "adversary_model": adversary_model, "lock": lock,
+                                          "init_from": "adversary", "omega": 0.1},
+                              "probe": {"enabled": False}})
+
+
+@settings(max_examples=40, deadline=None)
+@given(model=st.sampled_from(ARCHS), advs=st.lists(st.sampled_from(ARCHS), min_size=1, max_size=4, unique=True),
+       lock=st.sampled_from(["two-head", "two-net", "none"]))
+def test_the_decision_model_is_the_adversary_named_by_model(model, advs, lock):
+    """Over every list of adversary architectures: with a lock, either the first adversary (the decision
+    model) is --model's architecture, or the run is refused before training, in one line. Seen failing
+    (mlp:hidden=16 deciding for --model cnn:width=0.25) with _decision_first returning the list unchanged."""
+    from nasty.models import parse_model_spec
+    from nasty.pipelines.defended import _check_adversary_specs, _decision_first
+
+    cfg = _defended_cfg(model, ",".join(advs), lock)
+    try:
+        _check_adversary_specs(cfg)
+    except NastyError as e:
+        assert lock != "none" or model not in advs  # --init-from adversary needs --model among them too
+        assert model not in advs and "\n" not in str(e) and e.exit_code == 2
+        return
+    assert lock == "none" or model in advs
+    ordered = _decision_first(cfg, advs, [parse_model_spec(a) for a in advs], lambda m: None)
+    assert sorted(ordered) == sorted(advs)
+    if model in advs:
+        assert ordered[0] == model and [a for a in ordered[1:]] == [a for a in advs if a != model]
+
+
+def test_multi_adversary_lock_decides_with_model(tmp_path, digits):
+    """The reported run (default lock, --init-from adversary): the served decisions are the cnn's, not the
+    first-listed mlp's."""
+    from nasty.metrics import predict_logits
+    from nasty.pipelines.defended import train_defended
+
+    cfg = _defended_cfg("cnn:width=0.25", "mlp:hidden=16,cnn:width=0.25")
+    cfg["defense"]["head_epochs"] = 1
+    r = train_defended(cfg, tmp_path / "run", log=lambda m: None)
+    teacher, side = load_checkpoint(tmp_path / "run" / "defended")
+    normal, nside = load_checkpoint(r["normal_checkpoint"])
+    assert nside["model"]["name"] == "cnn:width=0.25" or nside["model"]["name"].startswith("cnn")
+    assert torch.equal(predict_logits(teacher, digits.x_test).argmax(1), predict_logits(normal, digits.x_test).argmax(1))
+    mlp = [p for p in side["adversaries"] if p != r["normal_checkpoint"]]
+    assert len(mlp) == 1 and load_checkpoint(mlp[0])[1]["model"]["name"].startswith("mlp")
