@@ -16,6 +16,7 @@ import stat
 import struct
 import tempfile  # noqa: F401  (tests patch checkpoint.tempfile)
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -378,22 +379,64 @@ def check_compatible(side: dict, data, what: str = "checkpoint") -> None:
 # legacy (pickle) state dicts: only through `nasty convert`, only with torch.load(weights_only=True)
 
 
-def read_legacy_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+# What a legacy file may unpack to, beyond the model's own weights: a training state holds a few copies of
+# them (optimizer moments, an EMA), plus its pickles.
+LEGACY_COPIES = 8
+LEGACY_SLACK_BYTES = 64 << 20
+LEGACY_MAX_BYTES = 4 << 30  # without a model to size it by
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s state dict (parameters and buffers); counted, not allocated, on the meta device."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def legacy_budget(model: nn.Module) -> int:
+    """The most bytes a legacy file for ``model`` may unpack to (see :func:`read_legacy_state_dict`)."""
+    return LEGACY_COPIES * tensor_bytes(model) + LEGACY_SLACK_BYTES
+
+
+def _check_archive(p: Path, budget: int) -> bool:
+    """Refuse a legacy file that would unpack to more than ``budget`` bytes, from its zip directory
+    (the members' stated sizes), before anything is read or inflated. Returns whether it can be memory-
+    mapped (a zip of stored, uncompressed members, as ``torch.save`` writes). The old non-zip format
+    stores its tensors uncompressed, so its own size bounds what it holds."""
+    try:
+        size = p.stat().st_size
+        if not zipfile.is_zipfile(p):
+            if size > budget:
+                raise NastyError(f"{p}: {size} bytes, more than the {budget} a state dict of this model can need; refused")
+            return False
+        with zipfile.ZipFile(p) as z:
+            infos = z.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise NastyError(f"{p}: not a readable PyTorch file ({type(e).__name__}: {str(e)[:200]})") from None
+    total = sum(i.file_size for i in infos)
+    if total > budget:
+        raise NastyError(f"{p}: unpacks to {total} bytes, more than the {budget} a state dict of this model can need; "
+                         "refused before reading it")
+    return all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+
+
+def read_legacy_state_dict(path: str | Path, key: str | None = None, *, budget: int = LEGACY_MAX_BYTES) -> dict[str, torch.Tensor]:
     """Tensors of a legacy ``.pt/.pth`` state dict, read with ``torch.load(weights_only=True)``.
 
     ``weights_only`` unpickles tensors and plain containers only: a file whose pickle would call
-    anything else (``os.system`` ...) is refused before any of it runs. ``key`` picks a nested state
-    dict (default: the file itself, else ``state_dict``/``model_state_dict``/``model``/``net``);
+    anything else (``os.system`` ...) is refused before any of it runs. Nothing is inflated beyond
+    ``budget`` bytes (see :func:`legacy_budget`), and a plain zip is memory-mapped, so its tensors take
+    no memory until they are checked against the model (:func:`load_legacy_state`). ``key`` picks a
+    nested state dict (default: the file itself, else ``state_dict``/``model_state_dict``/``model``/``net``);
     a ``module.`` prefix (DataParallel) is stripped.
     """
     p = Path(path)
     if not p.is_file():
         raise NastyError(f"legacy checkpoint not found: {p}")
+    mmap = _check_archive(p, budget)
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says enough
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for broken files
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         # torch's text suggests weights_only=False: never; keep only the line that names the refused content
@@ -422,15 +465,16 @@ def read_legacy_state_dict(path: str | Path, key: str | None = None) -> dict[str
 
 def load_legacy_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> dict:
     """Load a legacy state dict (from :func:`read_legacy_state_dict`) into ``model``: strict names and
-    shapes, floating tensors cast to the model's dtype, NaN/inf refused. Returns facts for the sidecar."""
+    shapes, floating tensors cast to the model's dtype, NaN/inf refused. Returns facts for the sidecar.
+
+    Every name, shape and dtype is compared with the model's *before* any tensor is copied, cast or made
+    contiguous: a stride-0 or expanded view claims a shape its storage does not hold, and copying it
+    first would allocate whatever it claims."""
     expected = model.state_dict()
-    cast = {}
-    for k, v in state.items():
-        e = expected.get(k)
-        if e is not None and v.dtype != e.dtype and v.is_floating_point() and e.is_floating_point():
-            v = v.to(e.dtype)
-        cast[k] = v.contiguous()
-    check_state_fits(_signature(expected), _signature(cast), str(source), model_spec_name(model))
+    floats = {k for k, v in state.items() if k in expected and v.is_floating_point() and expected[k].is_floating_point()}
+    got = {k: (tuple(v.shape), _dtype_name(expected[k].dtype) if k in floats else _dtype_name(v.dtype)) for k, v in state.items()}
+    check_state_fits(_signature(expected), got, str(source), model_spec_name(model))
+    cast = {k: (v.to(expected[k].dtype) if k in floats else v).contiguous() for k, v in state.items()}
     for k, v in cast.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise NastyError(f"{source}: tensor {k} holds NaN or inf")

@@ -231,21 +231,29 @@ def check_model_specs(cfg: dict, num_classes: int, in_channels: int, image_size:
         check_model_spec(spec, where, num_classes, in_channels, image_size)
 
 
+# The most parameters (and buffer entries) of a model nasty builds, counted on the meta device by
+# check_model_spec before any model is built for real.
+MAX_PARAMETERS = 2_000_000_000
+
+
 def check_model_spec(spec: str, where: str, num_classes: int = 10, in_channels: int = 3,
                      image_size: tuple[int, int] = (32, 32)) -> None:
-    """Build ``spec`` on the meta device (no memory, no weights), so a typo or a bad option fails at
+    """Build ``spec`` on the meta device (no memory, no weights; at most :data:`MAX_PARAMETERS`), so a typo or a bad option fails at
     config time rather than when that model's phase starts. Before the data is loaded the input is a
     guess (3x32x32): a model that cannot take it raises :class:`InputShapeError`, which
     :func:`check_config` leaves to :func:`check_model_specs` with the data's real shape."""
     try:
         with torch.device("meta"):
-            create_model(spec, num_classes, in_channels, image_size)
+            model = create_model(spec, num_classes, in_channels, image_size)
     except InputShapeError as e:
         raise InputShapeError(f"{where}: {e}") from None
     except NastyError as e:
         raise NastyError(f"{where}: {e}") from None
     except Exception as e:  # a constructor rejecting a value in its own way
         raise NastyError(f"{where}: model {spec!r} cannot be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    n = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    if n > MAX_PARAMETERS:
+        raise NastyError(f"{where}: model {spec!r} has {n:.3g} parameters, more than the {MAX_PARAMETERS:.0e} nasty builds")
 
 
 def train_config(cfg: dict, override: dict | None = None, **extra: Any):

@@ -123,6 +123,14 @@ _EXPORTABLE: dict[str, Callable[..., Callable[[torch.Tensor], torch.Tensor]]] = 
 _WHY_NOT = {"noise": "it is random (a fresh draw per query), which one fixed graph cannot reproduce"}
 
 
+def _part_names(spec: str | None) -> list[str]:
+    """Each part of an ``--output-defense`` chain as it describes itself (``reverse-sigmoid:beta=...``)."""
+    if spec is None:
+        return []
+    return [part.describe() if hasattr(part, "describe") else getattr(part, "name", type(part).__name__)
+            for part in parse_output_defense(spec).parts]
+
+
 def exportable_output_defense(spec: str | None) -> tuple[list[Callable[[torch.Tensor], torch.Tensor]], str | None]:
     """The exportable forms of an ``--output-defense`` chain, left to right, and its canonical spec.
     Raises a one-line :class:`NastyError` naming the first part that cannot be exported."""
@@ -165,6 +173,58 @@ class ServedModel(nn.Module):
         for part in self.defenses:
             p = part(p)
         return p
+
+    def decisions(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's own decisions for ``images`` in [0, 1]: the undefended argmax (of a locked model,
+        its decision model's), before any lock or output defense."""
+        with torch.no_grad():
+            x = (images - self.mean) / self.std
+            if self.locked:
+                return self.model.decide_and_serve(x)[0].argmax(1)
+            return self.model(x).argmax(1)
+
+
+def decision_served(p: torch.Tensor, decisions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of served probabilities ``p``: ``moved`` when the model's decision is not among the row's
+    maxima or the row is constant (it carries no decision at all); ``tied`` when the decision is among
+    maxima shared with another class (a client's argmax may read the other one)."""
+    top = p.max(1).values
+    among = p.gather(1, decisions[:, None])[:, 0] >= top
+    constant = p.min(1).values >= top
+    moved = ~among | constant
+    tied = among & ~constant & ((p >= top[:, None]).sum(1) > 1)
+    return moved, tied
+
+
+def check_keeps_decisions(served: ServedModel, names: list[str], images: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """Refuse (one line, exit 2) a served chain that changes the model's decision on any of ``images``,
+    naming the first step that does (the lock, or an output defense of ``names``): a defended file may
+    hide probabilities, never serve other decisions than the model's. Returns the model's decisions and
+    a warning when a step ties the decision with another class (rounding can) without moving it.
+    The one check of what an exported file decides: on PyTorch's copy of the chain before the file is
+    written, and (:func:`check_file_decisions`) on the written file itself (:func:`export_model`)."""
+    d = served.decisions(images)
+    warning = None
+    with torch.no_grad():
+        p = F.softmax(served.logits((images - served.mean) / served.std), dim=1)
+        steps = [("the decision lock", None), *[(f"output defense {n}", part) for n, part in zip(names, served.defenses)]]
+        for what, part in steps:
+            if part is not None:
+                p = part(p)
+            moved, tied = decision_served(p, d)
+            if moved.any():
+                raise NastyError(f"{what} changes the model's decision on {int(moved.sum())} of {len(d)} checked images; refused: "
+                                 "a defended file may hide probabilities, never serve other decisions than the model's")
+            if tied.any() and warning is None:
+                warning = (f"{what} ties the model's decision with another class on {int(tied.sum())} of {len(d)} checked "
+                           "images (exported anyway: the decision is among the top; a client's argmax may read the other class)")
+    return d, warning
+
+
+def check_file_decisions(got: torch.Tensor, decisions: torch.Tensor, what: str) -> None:
+    moved, _ = decision_served(got, decisions)
+    if moved.any():
+        raise NastyError(f"{what} changes the model's decision on {int(moved.sum())} of {len(decisions)} checked images; refused")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,18 +310,23 @@ def export_model(model: nn.Module, side: dict, out: str | Path, fmt: str = "onnx
     served = ServedModel(model, norm["mean"], norm["std"], defenses).eval()
     c, h, w = side["input_shape"]
     example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
+    images = check_images(side)
+    decisions, warning = check_keeps_decisions(served, _part_names(output_defense), images)  # before anything is written
     out = Path(out)
     log: list[str] = []
 
     def produce(tmp: str) -> None:
         with _quiet_fds(log):
             (_export_onnx if fmt == "onnx" else _export_torchscript)(served, example, tmp)
+        got = run_exported(tmp, images, fmt)  # the file itself, before it replaces anything
+        if got is not None:
+            check_file_decisions(got, decisions, f"the exported {fmt} file")
 
     safe_io.write_with(out, produce, lambda e: NastyError(f"cannot export {side['model']['name']} to {fmt}: {_failure(e, ''.join(log))}"))
     return {"file": str(out), "format": fmt, "bytes": out.stat().st_size, "model": side["model"]["name"],
             "output_defense": described, "input": {"name": INPUT_NAME, "shape": ["batch", c, h, w], "range": [0.0, 1.0]},
             "output": {"name": OUTPUT_NAME, "shape": ["batch", side["num_classes"]], "what": "defended probabilities"},
-            "classes": list(side["classes"]), "normalization": norm}
+            "classes": list(side["classes"]), "normalization": norm, "warning": warning}
 
 
 def reference_probabilities(model: nn.Module, side: dict, x: torch.Tensor, output_defense: str | None = None) -> torch.Tensor:
@@ -292,9 +357,20 @@ def run_exported(path: str | Path, x: torch.Tensor, fmt: str = "onnx") -> torch.
         return torch.jit.load(str(path))(x)
 
 
-def compare(got: torch.Tensor, ref: torch.Tensor) -> dict:
+def check_images(side: dict, n: int = 64) -> torch.Tensor:
+    """The fixed images an export is checked on (seeded uniform pixels of the checkpoint's input shape)."""
+    c, h, w = side["input_shape"]
+    return torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(1))
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor, decisions: torch.Tensor | None = None) -> dict:
+    """``max_abs_diff``: the file against PyTorch's copy of the chain; ``argmax_agreement``: the share of
+    images on which the file serves the model's own decision (``decisions``; PyTorch's argmax when not
+    given) among its top classes (``ties``: how many of those share the top with another class)."""
+    d = ref.argmax(1) if decisions is None else decisions
+    moved, tied = decision_served(got, d)
     return {"images": int(ref.shape[0]), "max_abs_diff": float((got - ref).abs().max()),
-            "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean())}
+            "argmax_agreement": float((~moved).float().mean()), "ties": int(tied.sum())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,15 +423,19 @@ def _export(checkpoint: str, fmt: str, out: str, output_defense: str | None, for
     model, side = load_checkpoint(checkpoint)
     res = export_model(model, side, target, fmt, output_defense)
     c, h, w = side["input_shape"]
-    x = torch.rand(64, c, h, w, generator=torch.Generator().manual_seed(1))
+    x = check_images(side)
     got = run_exported(target, x, fmt)
-    res["check"] = compare(got, reference_probabilities(model, side, x, output_defense)) if got is not None else None
+    decisions = ServedModel(model, side["normalization"]["mean"], side["normalization"]["std"]).decisions(x)
+    res["check"] = compare(got, reference_probabilities(model, side, x, output_defense), decisions) if got is not None else None
+    if res["warning"]:
+        click.echo(f"warning: {res['warning']}", err=True)
     if as_json:
         click.echo(json.dumps(res))
         return
     chk = res["check"]
     checked = (f"; checked against PyTorch on {chk['images']} random images: max |diff| {chk['max_abs_diff']:.1e}, "
-               f"argmax agrees on {100 * chk['argmax_agreement']:.0f}%" if chk else "; not checked (onnxruntime is not installed)")
+               f"the model's own decision on {100 * chk['argmax_agreement']:.0f}% of them on top"
+               f"{' (' + str(chk['ties']) + ' tied with another class)' if chk['ties'] else ''}" if chk else "; not checked (onnxruntime is not installed)")
     click.echo(f"exported {checkpoint} -> {target} ({fmt}, {res['bytes']} bytes; input {INPUT_NAME} "
                f"(N,{c},{h},{w}) in [0,1], output {OUTPUT_NAME} (N,{side['num_classes']})"
                f"{', output defense ' + res['output_defense'] if res['output_defense'] else ''}{checked})")

@@ -12,11 +12,15 @@ from ..params import Param
 from . import stats
 
 
+# A count is bounded by what it can mean, not only by the integer limit: each seed is a training per
+# attack and student, so more than this is never a request an audit can honour.
+MAX_SEEDS = 1000
+
 AUDIT_PARAMS: dict[str, Param] = {  # the request's knobs; ranges of the statistical ones live in stats.check_settings
     "attacks": Param("list[str]", ["all"], "Comma-separated attacks (see `nasty attacks`) or 'all'."),
     "students": Param("list[str]", ["mlp"], "Comma-separated student architectures."),
     "seeds": Param("int", stats.DEFAULT_SEEDS, "Training seeds per attack and student (0..N-1); fewer than 5 gives approximate "
-                   "intervals, 1 unreliable ones.", lambda v: v >= 1, "at least 1"),
+                   "intervals, 1 unreliable ones.", lo=1, hi=MAX_SEEDS),
     "reference": Param("str?", None, "An undefended teacher of the same task, attacked the same way."),
     "query": Param("str", "logits", "What the teacher exposes: logits, probs, topk:K, label, weights."),
     "surrogate": Param("str?", None, "Label-free attacks (copycat, knockoff) query the teacher on this dataset's images."),

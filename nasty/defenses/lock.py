@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..errors import NastyError
 from ..frozen import Frozen
 from ..metrics import predict_logits
 from ..models import create_model, model_spec
@@ -74,6 +75,23 @@ def assemble(decision: nn.Module, nasty: nn.Module, data, form: str, dcfg: dict)
     locked.decision.load_state_dict(decision.state_dict())
     locked.nasty.load_state_dict(nasty.state_dict())
     return locked.eval()
+
+
+# A lock whose served probabilities are within this of its decision model's serves the undefended model.
+SAME_OUTPUTS = 1e-4
+
+
+def check_lock_defends(locked: LockedTeacher, x: torch.Tensor, what: str) -> None:
+    """Refuse (one line, exit 2) a locked artifact that serves its decision model's own probabilities on
+    ``x`` (normalised images; ``what`` says which): it would be named a defended teacher and serve the
+    undefended model. The data check of a lock, whatever its parts' files say."""
+    with torch.no_grad():
+        served = torch.softmax(locked(x).float(), 1)
+        normal = torch.softmax(locked.decision(x).float(), 1)
+    gap = float((served - normal).abs().max())
+    if gap <= SAME_OUTPUTS:
+        raise NastyError(f"the locked teacher would serve its decision model's own probabilities (max |p_served - p_decision| "
+                         f"= {gap:.1e} on {len(x)} {what}): its nasty part does not defend it; refused")
 
 
 def conditional_mi(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..checkpoint import (check_compatible, load_checkpoint, load_legacy_state, read_legacy_state_dict, read_sidecar,
-                          save_checkpoint, split_settings)
+import torch
+
+from ..checkpoint import (check_compatible, legacy_budget, load_checkpoint, load_legacy_state, read_legacy_state_dict,
+                          read_sidecar, save_checkpoint, split_settings)
 from ..config import load_config
 from ..data import load_dataset
-from ..defenses.lock import LOCK_PARAMS, assemble, describe_lock
+from ..defenses.lock import LOCK_PARAMS, assemble, check_lock_defends, describe_lock
 from ..errors import NastyError
 from ..metrics import evaluate
 from ..models.locked import LockedTeacher
@@ -48,6 +50,9 @@ def _lock(decision_path: str, nasty_path: str, lock: str = "swap", margin: float
         if d[key] != n[key]:
             raise NastyError(f"the decision model ({decision_path}) and the nasty part ({nasty_path}) disagree on {label}: "
                              f"{d[key]} vs {n[key]}")
+    if d["weights_sha256"] == n["weights_sha256"]:
+        raise NastyError(f"the nasty part ({nasty_path}) has the decision model's own weights ({decision_path}, sha256 "
+                         f"{d['weights_sha256'][:12]}...): the lock would serve the undefended model's outputs; refused")
     decision, _ = load_checkpoint(decision_path)
     nasty, _ = load_checkpoint(nasty_path)
 
@@ -57,7 +62,23 @@ def _lock(decision_path: str, nasty_path: str, lock: str = "swap", margin: float
         in_channels = d["input_shape"][0]
         image_size = tuple(d["input_shape"][1:])
 
-    return assemble(decision, nasty, _Data, "two-net", {"lock_rule": lock, "lock_margin": margin}), d, n
+    locked = assemble(decision, nasty, _Data, "two-net", {"lock_rule": lock, "lock_margin": margin})
+    check_lock_defends(locked, *_check_images(d))  # what the artifact serves, on data: not only what its files are
+    return locked, d, n
+
+
+def _check_images(side: dict, n: int = 512) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` normalised validation images of ``side``'s dataset (test images when it has no validation
+    split); seeded standard-normal inputs of its shape when the dataset cannot be read here."""
+    try:
+        split_cfg = split_settings(side)
+        data = load_dataset(side["dataset"], split_cfg["data_root"], val_fraction=split_cfg["val_fraction"],
+                            split_seed=split_cfg["split_seed"], normalization=normalization(side))
+        check_compatible(side, data)
+    except NastyError:
+        return torch.randn(n, *side["input_shape"], generator=torch.Generator().manual_seed(0)), "random inputs"
+    x, what = (data.x_val, "validation images") if len(data.x_val) else (data.x_test, "test images")
+    return x[:n], f"{what} of {side['dataset']}"
 
 
 def eval_job(checkpoint: str, dataset: str | None = None, data_root: str | None = None, split: str = "test") -> tuple[dict, Any]:
@@ -93,9 +114,13 @@ def convert_job(source: str, model_spec: str, out: str, *, dataset: str = "digit
     norm = (_floats("--mean", mean), _floats("--std", std)) if mean is not None and std is not None else None
     if norm and not all(v > 0 for v in norm[1]):
         raise NastyError("--std must be positive")
-    state = read_legacy_state_dict(source, key)  # refuses hostile pickles before anything else happens
     cfg = load_config(None, {"data": {"dataset": dataset, "data_root": data_root}, "model": {"name": model_spec}})
-    data = data_from_config(cfg, normalization=norm)
+    data = data_from_config(cfg, normalization=norm)  # checks the spec on the meta device, within its parameter budget
+    with torch.device("meta"):
+        budget = legacy_budget(new_model(model_spec, data))
+    # refuses hostile pickles, and files that would unpack beyond what the model can need, before reading them;
+    # the tensors stay memory-mapped until load_legacy_state has compared their shapes with the model's
+    state = read_legacy_state_dict(source, key, budget=budget)
     model = new_model(model_spec, data)
     info = load_legacy_state(model, state, source)
     folder = prepare_out_dir(out, force, "converted")

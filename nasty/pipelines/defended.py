@@ -121,9 +121,11 @@ def _adversaries(cfg: dict, data, out: Path, log: Callable[[str], None], ck: Che
         for path in dcfg["adversary"]:
             model, _ = open_teacher(path, data, "adversary")
             adversaries.append((model, str(path)))
+        adversaries = _decision_first(cfg, adversaries, [_spec_of(m) for m, _ in adversaries], log)
         return adversaries, test_metrics(adversaries[0][0], data)
     normal_test: dict = {}
     specs = split_model_specs(dcfg["adversary_model"]) or [cfg["model"]["name"]]
+    specs = _decision_first(cfg, specs, [parse_model_spec(s) for s in specs], log)
     for i, spec in enumerate(specs):
         log(f"[nasty] no --adversary given: training a normal {spec} first")
         adv_dir = out / ("normal" if i == 0 else f"normal-{i}-{slug(spec, '')}")
@@ -196,9 +198,45 @@ def _matching_adversary(cfg: dict, adversaries: list) -> str:
                      f"{', '.join(model_spec(m)['name'] for m, _ in adversaries)}); pass --init-from CKPT or list {cfg['model']['name']} among the adversaries")
 
 
+def _spec_of(model: nn.Module) -> tuple[str, dict]:
+    spec = model_spec(model)
+    return spec["name"], spec["kwargs"]
+
+
+def _decision_first(cfg: dict, items: list, specs: list[tuple[str, dict]], log: Callable[[str], None]) -> list:
+    """The adversaries (``items``, of architectures ``specs``) reordered so that the first, which is the
+    normal reference and the decision model of a locked teacher, is the one whose architecture is
+    ``--model`` when one is (the others keep their order). The one place that says which model decides:
+    adversaries still to be trained are checked before training (:func:`_check_adversary_specs`); when
+    none of the given checkpoints is a ``--model``, the first one decides and the log says so."""
+    want = parse_model_spec(cfg["model"]["name"])
+    i = next((k for k, s in enumerate(specs) if s == want), None)
+    if i is None:
+        if cfg["defense"]["lock"] != "none":
+            log(f"[nasty] no adversary is a {cfg['model']['name']} (--model): the locked teacher decides with the first one, "
+                f"{_describe_spec(specs[0])}")
+        return list(items)
+    if cfg["defense"]["lock"] != "none" and len(items) > 1:
+        log(f"[nasty] the locked teacher decides with the adversary that is a {cfg['model']['name']} (--model)")
+    return [items[i], *items[:i], *items[i + 1:]]
+
+
+def _describe_spec(spec: tuple[str, dict]) -> str:
+    name, kwargs = spec
+    return name + "".join(f":{k}={v}" for k, v in kwargs.items())
+
+
 def _check_adversary_specs(cfg: dict) -> None:
-    """``--init-from adversary`` with adversaries still to be trained: one of them must be the defended architecture."""
+    """Before anything trains: with a lock, adversaries trained here must include ``--model``'s architecture
+    (the locked teacher's decision model, see :func:`_decision_first`); ``--init-from adversary`` with
+    adversaries still to be trained: one of them must be the defended architecture."""
     dcfg = cfg["defense"]
+    if dcfg["lock"] != "none" and not dcfg["adversary"]:
+        specs = split_model_specs(dcfg["adversary_model"]) or [cfg["model"]["name"]]
+        if parse_model_spec(cfg["model"]["name"]) not in [parse_model_spec(s) for s in specs]:
+            raise NastyError(f"--lock {dcfg['lock']}: the locked teacher decides with a normal {cfg['model']['name']} (--model), "
+                             f"and no adversary of --adversary-model {dcfg['adversary_model']} is one; add {cfg['model']['name']} "
+                             "to --adversary-model (or use --lock none)")
     if dcfg["init_from"] != "adversary" or dcfg["adversary"] or dcfg["lock"] == "two-head":
         return
     specs = split_model_specs(dcfg["adversary_model"]) or [cfg["model"]["name"]]
