@@ -219,6 +219,7 @@ def wrong_type(tag: str):
         "str": st.one_of(st.integers(), st.booleans(), st.floats(allow_nan=False), table),
         "bool": st.one_of(st.integers(), text, st.floats(allow_nan=False), table),
         "list[int]": st.one_of(text, st.booleans(), st.lists(text, min_size=1, max_size=2), table),
+        "list[float]": st.one_of(text, st.booleans(), st.lists(text, min_size=1, max_size=2), table),
         "list[str]": st.one_of(st.booleans(), st.floats(allow_nan=False), st.lists(st.integers(), min_size=1, max_size=2), table),
         "train": st.one_of(st.integers(), text, st.booleans()),
         "table": st.one_of(st.integers(), text, st.booleans(), st.lists(st.integers(), max_size=2)),
