@@ -162,6 +162,7 @@ class Attack:
     max_teachers: ClassVar[int | None] = 1  # None: any number (ensemble)
     supports_augment: ClassVar[bool] = False  # mixup/cutmix of the distillation batches (soft-label attacks)
     labels_view: ClassVar[bool] = False  # in the thief's regime, train on its labelled images alone (as the label-only floors)
+    floor: ClassVar[bool] = False  # a floor of the thief's regime (hard-label), not an attack: 'all' leaves it out
     params: ClassVar[dict[str, Any]] = {}  # name -> default, or -> Param (checked, with a help text and a CLI flag)
 
     @classmethod

@@ -10,22 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import NastyError
 from ..train import Objective
-from .base import Attack, register_attack
+from .base import register_attack
+from .copycat import Copycat
 
 
 @register_attack
-class HardLabel(Attack):
+class HardLabel(Copycat):
     name = "hard-label"
     summary = "the decision floor: CE on the thief's labels and on the teacher's top-1 for its unlabelled queries"
-    accepts = ("weights", "logits", "probs", "topk", "label")
-    needs_labels = False  # without any label it is Copycat
-    params = {"label_smoothing": 0.0}
-
-    def validate(self):
-        if not 0 <= self.p["label_smoothing"] < 1:
-            raise NastyError(f"label_smoothing must be in [0, 1), got {self.p['label_smoothing']}")
+    uses_labels = True  # Copycat with the thief's own labels where it has them (without any label it is Copycat)
+    floor = True
 
     def objective(self, ctx, student):
         teacher = ctx.frozen_teacher()

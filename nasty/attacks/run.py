@@ -311,8 +311,6 @@ def thief_view(data, labelled: int, queries: int | None, kind: str):
     else:
         idx = np.sort(np.concatenate([lab_train, que]))
     y = data.y_train[torch.from_numpy(idx)].clone()
-    import numpy as np
-
     if kind == "mixed":
         y[torch.from_numpy(~np.isin(idx, lab_train))] = -1
     elif kind == "queries":

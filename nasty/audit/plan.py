@@ -199,7 +199,7 @@ def resolve_attacks(names: list[str]) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     for name in names:
         if name == "all":
-            picked = [k for k, c in sorted(ATTACKS.items()) if c.needs_teacher]
+            picked = [k for k, c in sorted(ATTACKS.items()) if c.needs_teacher and not c.floor]  # floors join the regime that needs them
         else:
             picked = [get_attack(name).name]
         for k in picked:
