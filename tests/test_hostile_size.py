@@ -30,12 +30,12 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
 
 
-def within_budget(fn):
+def within_budget(fn, budget: int = MEMORY_BUDGET):
     """Run ``fn``; its peak memory (above the process's peak so far) and its time stay within budget."""
     before, t0 = peak_rss(), time.monotonic()
     result = fn()
     grown, took = peak_rss() - before, time.monotonic() - t0
-    assert grown < MEMORY_BUDGET, f"peak memory grew by {grown >> 20} MiB"
+    assert grown < budget, f"peak memory grew by {grown >> 20} MiB"
     assert took < TIME_BUDGET, f"took {took:.0f} s"
     return result
 
@@ -168,7 +168,9 @@ def test_big_torchvision_spec_is_checked_on_meta():
     """Seen failing (85 s, 4.85 GB) with external._weights_on_meta replaced by a CPU build."""
     pytest.importorskip("torchvision")
     check_model_spec("torchvision:regnet_y_400mf", "--model", 10, 3, (32, 32))  # warm-up: imports and lazy registries count once
-    within_budget(lambda: check_model_spec("torchvision:regnet_y_128gf", "--model", 10, 3, (32, 32)))
+    # the issue's bound (nothing above 1 GB): alone this check grows the peak by ~10 MB, inside the full suite by up to
+    # ~400 MB (allocator state left by earlier tests); the CPU build it guards against took 4.85 GB
+    within_budget(lambda: check_model_spec("torchvision:regnet_y_128gf", "--model", 10, 3, (32, 32)), budget=1 << 30)
 
 
 @pytest.mark.parametrize("spec", ["mlp:hidden=1000000", "mlp:hidden=700000"])
