@@ -35,19 +35,16 @@ from nasty.errors import TrainingDiverged
 from nasty.config import load_config, train_config
 from nasty.frozen import TeacherOutputCache
 from nasty.pipelines.common import open_teacher, teacher_normalization, thief_data
+from nasty.pipelines.leakage import interval
 from nasty.runs import data_from_config, train_normal
 
 FLOORS = ("scratch", "label-smoothing", "hard-label")
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def ci(values: list[float]) -> tuple[float, float, float, float]:
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, float("nan"), float("nan"), float("nan")
-    sd = statistics.stdev(values)
-    h = T975.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
-    return m, sd, m - h, m + h
+    """Mean, sd and the 95% t-interval over seeds: the probe's own (nasty.pipelines.leakage.interval)."""
+    r = interval(values)
+    return r["mean"], r["sd"], r["ci_low"], r["ci_high"]
 
 
 def main() -> None:

@@ -34,11 +34,13 @@ from ..runs import data_from_config
 
 FLOORS = ("scratch", "label-smoothing", "hard-label")
 HOLDS_BELOW = 1.0  # points: a defense holds when the best honest attack's 95% upper bound of leakage is at most this
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # two-sided 95% t quantiles, df 1..10
 
 
 def t975(df: int) -> float:
-    return T975[df - 1] if 1 <= df <= len(T975) else 1.96 + 2.5 / df
+    """The two-sided 95% t quantile (scipy, as the audit's statistics)."""
+    from scipy import stats as st  # scipy comes with scikit-learn; imported where used, as in nasty.audit.stats
+
+    return float(st.t.ppf(0.975, df))
 
 
 def interval(values: list[float]) -> dict:

@@ -1,0 +1,44 @@
+"""The probe's and the strength choice's leakage rules (nasty.pipelines.leakage, choose_by_leakage)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from nasty.pipelines import defended, leakage
+
+
+def test_interval_is_the_t_interval_over_seeds():
+    r = leakage.interval([1.0, 2.0, 3.0])
+    assert r["mean"] == 2.0 and r["sd"] == 1.0 and r["n"] == 3
+    assert r["ci_high"] == pytest.approx(2.0 + 4.302653 / math.sqrt(3), rel=1e-6)  # t(0.975, 2)
+    assert math.isnan(leakage.interval([1.0])["ci_high"])
+
+
+def test_holds_only_when_the_best_attacks_upper_bound_is_at_most_one_point():
+    low = leakage.interval([-2.0, -1.5, -2.5])
+    high = leakage.interval([0.5, 1.0, 1.5])  # mean 1.0: upper bound far above 1
+    assert leakage.holds({"kd": low}) is True
+    assert leakage.best_attack({"kd": low, "top1": high})[0] == "top1"
+    assert leakage.holds({"kd": low, "top1": high}) is False  # the best attack decides, not the average
+    assert leakage.holds({"kd": leakage.interval([-3.0])}) is None  # one seed: cannot tell
+    assert leakage.holds({"kd": leakage.interval([])}) is None
+
+
+def test_strength_by_leakage_takes_the_smallest_omega_within_noise_of_the_best(monkeypatch):
+    """Scored per candidate by the worst student's best attack, clipped at 0; the smallest omega within 1.96 SE
+    of the best wins, not the one that hurts thieves most."""
+    scripted = {"omega=0.1": [3.0, 3.2, 2.8], "omega=0.3": [0.1, -0.2, 0.3], "omega=1": [-9.0, -8.0, -10.0]}
+
+    def fake_measure(cfg, pool, targets, attacks, **kw):
+        return {"failed": [], "leakage": {t: {"s": {"kd": leakage.interval(scripted[t])}} for t in targets}}
+
+    monkeypatch.setattr(defended, "measure", fake_measure)
+    monkeypatch.setattr(defended, "thief_pool", lambda cfg, data: (data, "pool"))
+    monkeypatch.setattr(defended, "owner_holdout", lambda cfg, pool, data: (None, None))
+    cfg = {"probe": {"students": ["s"], "seeds": 3}, "train": {"seed": 0}}
+    pick, table = defended.choose_by_leakage([(0.1, None), (0.3, None), (1.0, None)], cfg, None, None, lambda m: None, None)
+    assert [r["score"] for r in table] == [pytest.approx(3.0), pytest.approx(0.0666667, rel=1e-4), 0.0]
+    assert pick == 1  # omega 0.3 leaks within noise of omega 1 (clipped at 0) and is the smaller: harm is not rewarded
+    assert table[1]["within_noise_of_best"] and not table[0]["within_noise_of_best"]
