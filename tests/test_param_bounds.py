@@ -102,7 +102,8 @@ def test_accepted_numbers_are_within_the_limits(decl, number):
         assert e.exit_code == 2 and "\n" not in str(e)
         return
     for v in got if isinstance(got, list) else [got]:
-        assert math.isfinite(v) and abs(v) <= max(FLOAT_LIMIT, INT_LIMIT)
+        limit = max(FLOAT_LIMIT, INT_LIMIT, abs(param.hi or 0), abs(param.lo or 0))  # a declared bound (seeds: 2**32-1) is the limit
+        assert math.isfinite(v) and abs(v) <= limit
 
 
 FAST = ["--model", "mlp:hidden=4", "--epochs", "1", "--batch-size", "256"]
