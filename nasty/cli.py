@@ -199,7 +199,7 @@ def train_teacher(**kw) -> None:
     _emit(result, kw["as_json"], lambda: click.echo(esc.term(f"teacher test accuracy {result['accuracy']:.2f}% -> {out}")))
 
 
-DEFENSE_OPTIONS = _declared("defense") + _declared("probe", ("students", "train_subset", "labelled", "queries", "seeds", "attacks"))
+DEFENSE_OPTIONS = _declared("defense") + _declared("probe", ("students", "train_subset", "labelled", "queries", "seeds", "attacks", "jobs"))
 
 
 @cli.command("train-defended")

@@ -106,6 +106,8 @@ SCHEMA: dict[str, dict[str, Param]] = {
                        "an interval; 3 by default).", lambda v: 1 <= v <= 100, "in 1..100", flag="--probe-seeds"),
         "attacks": Param("list[str]", ["kd", "rehead", "top1-confidence", "skeptical"], "Attacks of the probe's thief regime "
                          "(each tunes itself on the thief's validation split).", flag="--probe-attacks"),
+        "jobs": Param("int?", None, "Probe students trained at once, each in its own process with one thread (default: the "
+                      "CPU cores; the numbers do not depend on it).", lambda v: 1 <= v <= 256, "in 1..256", flag="--jobs"),
         "temperature": Param("float", 4.0, check=pos, expect="positive", flag="", hi=1000.0),
         "alpha": Param("float", 0.9, check=unit, expect="in [0, 1]", flag=""),
         "train": Param("train", {}, flag=""),

@@ -33,7 +33,7 @@ from ..resume import Checkpointing
 from ..runs import data_from_config, new_model, save_model, test_metrics, train_normal
 from ..train import Frozen, fit, seed_everything
 from .common import normalization, open_teacher
-from .leakage import best_attack, measure, thief_pool
+from .leakage import StudentRuns, best_attack, measure, thief_pool
 from .probe import run_probe, verdict_text
 
 
@@ -55,9 +55,9 @@ def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log, ck: 
     atomic_write_json(out / "config.json", cfg)
     adversaries, normal_test = _adversaries(cfg, data, out, log, ck)
     candidates = [_candidate(defense_cls, omega, len(omegas) > 1, cfg, data, adversaries, out, log, ck) for omega in omegas]
-    best, tuning = 0, None
+    best, tuning, students = 0, None, StudentRuns()
     if len(candidates) > 1:
-        best, tuning = choose_strength([(c[0], c[1]) for c in candidates], cfg, data, out, log, ck)
+        best, tuning = choose_strength([(c[0], c[1]) for c in candidates], cfg, data, out, log, ck, students)
         log(f"[tune] chose omega={candidates[best][0]:g} on the validation split")
     omega, teacher, info, defense, seconds = candidates[best]
     if dcfg["lock"] != "none":
@@ -93,7 +93,7 @@ def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log, ck: 
         result["normal_split_accuracy"] = split_accuracy(normal_test, defense.protected)
         result["defended_split_accuracy"] = split_accuracy(defended_test, defense.protected)
     if cfg["probe"]["enabled"]:
-        result["probe"] = run_probe(cfg, data, normal, teacher, out / "probe", log, ck)
+        result["probe"] = run_probe(cfg, data, normal, teacher, out / "probe", log, ck, students)
     result["verdict"] = verdict_text(result)
     atomic_write_json(out / "result.json", result)
     return result
@@ -276,13 +276,13 @@ def tuning_data(data, n: int | None, split_seed: int):
 
 
 def choose_strength(candidates: list[tuple[float, nn.Module]], cfg: dict, data, out: Path | None,
-                    log: Callable[[str], None], ck: Checkpointing) -> tuple[int, list[dict]]:
+                    log: Callable[[str], None], ck: Checkpointing, students: StudentRuns | None = None) -> tuple[int, list[dict]]:
     """Index of the candidate whose KD probe on the validation split gains least over labels (worst
     probe student), and the table behind the choice. In the thief's regime (``probe.labelled``) the
     choice is by leakage: :func:`choose_by_leakage`."""
     p = cfg["probe"]
     if p["labelled"] is not None:
-        return choose_by_leakage(candidates, cfg, data, out, log, ck)
+        return choose_by_leakage(candidates, cfg, data, out, log, ck, students=students)
     tdata = tuning_data(data, p["train_subset"], cfg["data"]["split_seed"])
     tcfg = train_config(cfg, p["train"])
     params = {"temperature": p["temperature"], "alpha": p["alpha"]}
@@ -311,7 +311,7 @@ def choose_strength(candidates: list[tuple[float, nn.Module]], cfg: dict, data, 
 
 
 def choose_by_leakage(candidates: list[tuple[float, nn.Module]], cfg: dict, data, out: Path | None, log: Callable[[str], None],
-                      ck: Checkpointing, normal: nn.Module | None = None) -> tuple[int, list[dict]]:
+                      ck: Checkpointing, normal: nn.Module | None = None, students: StudentRuns | None = None) -> tuple[int, list[dict]]:
     """The strength by leakage, not by harm: the thief's students (``probe.labelled`` of ``probe.queries``
     images from the thief's pool, ``probe.seeds`` seeds; plain KD and the adaptive re-head attack, each
     tuning itself: :data:`TUNING_ATTACKS`; the probe afterwards runs every probe attack) are scored on
@@ -320,14 +320,16 @@ def choose_by_leakage(candidates: list[tuple[float, nn.Module]], cfg: dict, data
     split. A candidate's score is, for its worst probe student, the best
     attack's mean gain over the better floor, clipped at 0; among the candidates whose score is within
     noise of the best (1.96 standard errors of the difference) the smallest omega wins: the least
-    distortion that leaks no more."""
+    distortion that leaks no more. ``students``: the trained students are kept there with their predictions
+    on the test images (their labels are not read here), so that the probe reuses the floors and the
+    chosen strength's students instead of training them again."""
     p = cfg["probe"]
     pool, note = thief_pool(cfg, data)
     log(f"[tune] {note}")
     targets = {f"omega={o:g}": t for o, t in candidates}
     res = measure(cfg, pool, targets, {k: list(TUNING_ATTACKS) for k in targets}, score_on=owner_holdout(cfg, pool, data),
                   seeds=list(range(cfg["train"]["seed"], cfg["train"]["seed"] + p["seeds"])), out=None if out is None else out / "tune",
-                  log=log, ck=ck)
+                  log=log, ck=ck, runs=students, also=None if students is None else {"test": pool.x_test})
     table = []
     for (omega, _), key in zip(candidates, targets):
         worst = None

@@ -16,21 +16,26 @@ Used by the probe of ``train-defended`` (scored on the test split) and by the ch
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import statistics
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from ..attacks import get_attack, run_attack
 from ..config import train_config
 from ..errors import TrainingDiverged
 from ..frozen import TeacherOutputCache
+from ..metrics import accuracy as acc, predict_logits
 from ..models.locked import LockedTeacher
 from ..registry import slug
 from ..resume import Checkpointing
 from ..runs import data_from_config
+from ..workers import default_jobs, run_tasks
 
 FLOORS = ("scratch", "label-smoothing", "hard-label")
 HOLDS_BELOW = 1.0  # points: a defense holds when the best honest attack's 95% upper bound of leakage is at most this
@@ -67,56 +72,128 @@ def same_decisions(model: nn.Module) -> bool:
     return isinstance(model, LockedTeacher)
 
 
+def fingerprint(obj) -> str:
+    """A content hash of a model's weights (its class and state) or of a tensor: what a trained student depends on."""
+    h = hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        h.update(f"{tuple(obj.shape)}{obj.dtype}".encode())
+        h.update(obj.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+    h.update(type(obj).__name__.encode())
+    for k, v in sorted(obj.state_dict().items()):
+        h.update(k.encode())
+        h.update(fingerprint(v).encode())
+    return h.hexdigest()[:16]
+
+
+class StudentRuns:
+    """Probe students already trained in this process, by everything their training depends on (method,
+    student, seed, thief regime, training settings, the teacher's weights; for the hard-label floor only
+    the teacher's decisions), with their predictions on named image sets. The strength's choice and the
+    probe train the same students (the floors; the chosen strength's attacks): the probe reuses them."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, dict] = {}
+
+    def get(self, key: str, images: str) -> dict | None:
+        """The run ``key`` if it failed or predicted the image set of fingerprint ``images``."""
+        r = self.runs.get(key)
+        return r if r is not None and (r["failed"] or images in r["preds"]) else None
+
+
+def _teacher_key(method: str, teacher: nn.Module | None) -> str:
+    if teacher is None:
+        return "-"
+    if get_attack(method).floor and isinstance(teacher, LockedTeacher):
+        return "decisions:" + fingerprint(teacher.decision)  # a locked teacher decides exactly as its decision model
+    if get_attack(method).floor:
+        return "decisions:" + fingerprint(teacher)
+    return fingerprint(teacher)
+
+
 def measure(cfg: dict, pool, targets: dict[str, nn.Module], attacks: dict[str, list[str]], *, score_on=None, seeds: list[int],
-            out: Path | None, log: Callable[[str], None], ck: Checkpointing = Checkpointing()) -> dict:
+            out: Path | None, log: Callable[[str], None], ck: Checkpointing = Checkpointing(),
+            runs: StudentRuns | None = None, also: dict[str, torch.Tensor] | None = None) -> dict:
     """Train the floors and ``attacks[target]`` against each of ``targets`` for every probe student and
     seed; return every accuracy and, per target, attack and student, the leakage interval.
-    ``score_on``: ``(x, y)`` to score on instead of the test split (the strength's choice: validation)."""
+    ``score_on``: ``(x, y)`` to score on instead of the test split (the strength's choice: validation).
+    ``runs``: students trained before (reused when everything they depend on matches; new ones are added).
+    ``also``: more named image sets each new student predicts (kept in ``runs`` for a later call; never
+    scored here). The students train in ``probe.jobs`` worker processes (:mod:`nasty.workers`)."""
     p = cfg["probe"]
     n, m = p["labelled"], p["queries"]
     data = pool if score_on is None else dataclasses.replace(pool, x_test=score_on[0], y_test=score_on[1])
+    runs = StudentRuns() if runs is None else runs
+    images = {"score": data.x_test, **(also or {})}
+    sets = {name: fingerprint(x) for name, x in images.items()}
+    base = f"{n}/{m}/{fingerprint(pool.x_train)}/{fingerprint(pool.y_train)}"
     cache = TeacherOutputCache()
-    runs: dict[str, float] = {}
-    failed: list[str] = []
 
-    def run(method: str, target: str | None, student: str, seed: int) -> float | None:
-        key = f"{student}/{seed}/{target or '-'}/{method}"
-        if key in runs:
-            return runs[key]
-        teacher = targets[target] if target else None
-        params = {"tune": True} if "tune" in get_attack(method).params else {}
-        run_dir = None if out is None else out / slug(student, "") / f"seed-{seed}" / f"{target or 'labels'}-{method}"
-        try:
-            _, r = run_attack(method, data=data, teachers=[teacher] if teacher is not None else [], student=student,
-                              train=train_config(cfg, p["train"], seed=seed), params=params, labelled=n, query_budget=m,
-                              teacher_cache=cache, out_dir=run_dir, log=log, checkpointing=ck)
-        except TrainingDiverged as e:
-            failed.append(f"{key}: {str(e).splitlines()[0]}")
-            log(f"[probe] {key} FAILED (not scored): {str(e).splitlines()[0]}")
-            runs[key] = None
-            return None
-        runs[key] = r["accuracy"]
-        log(f"[probe] {key}: {r['accuracy']:.2f}" + (f" (tuned {r['tuned']})" if "tuned" in r else ""))
-        return r["accuracy"]
+    def job_key(method: str, target: str | None, student: str, seed: int) -> str:
+        tcfg = train_config(cfg, p["train"], seed=seed)
+        return "/".join([method, student, str(seed), base, _teacher_key(method, targets[target] if target else None),
+                         json.dumps(tcfg.to_dict(), sort_keys=True)])
 
     first = next(iter(targets))
-    summary: dict = {}
+    plan: dict[str, tuple[str, str | None, str, int]] = {}  # job key -> (method, target, student, seed)
+    cells = []  # (target, student, seed, floor keys, {attack: key})
     for target, model in targets.items():
+        floor_target = first if same_decisions(model) and target != first else target
         for student in p["students"]:
-            leak: dict[str, list[float]] = {a: [] for a in attacks[target]}
             for seed in seeds:
-                floor_target = first if same_decisions(model) and target != first else target
-                floors = [run("scratch", None, student, seed), run("label-smoothing", None, student, seed),
-                          run("hard-label", floor_target, student, seed)]
-                if any(f is None for f in floors):
-                    continue
-                best_floor = max(floors)
-                for a in attacks[target]:
-                    acc = run(a, target, student, seed)
-                    if acc is not None:
-                        leak[a].append(acc - best_floor)
-            summary.setdefault(target, {})[student] = {a: interval(v) for a, v in leak.items()}
-    return {"labelled": n, "queries": m, "seeds": seeds, "accuracy": runs, "failed": failed, "leakage": summary}
+                jobs = [("scratch", None), ("label-smoothing", None), ("hard-label", floor_target)] + [(a, target) for a in attacks[target]]
+                keys = []
+                for method, t in jobs:
+                    k = job_key(method, t, student, seed)
+                    plan.setdefault(k, (method, t, student, seed))
+                    keys.append(k)
+                cells.append((target, student, seed, keys[:3], dict(zip(attacks[target], keys[3:]))))
+
+    def task(method: str, target: str | None, student: str, seed: int):
+        def train() -> tuple[dict, dict[str, torch.Tensor]]:
+            teacher = targets[target] if target else None
+            params = {"tune": True} if "tune" in get_attack(method).params else {}
+            run_dir = None if out is None else out / slug(student, "") / f"seed-{seed}" / f"{target or 'labels'}-{method}"
+            try:
+                model, r = run_attack(method, data=data, teachers=[teacher] if teacher is not None else [], student=student,
+                                      train=train_config(cfg, p["train"], seed=seed), params=params, labelled=n, query_budget=m,
+                                      teacher_cache=cache, out_dir=run_dir, log=log, checkpointing=ck)
+            except TrainingDiverged as e:
+                return {"failed": str(e).splitlines()[0]}, {}
+            preds = {sets[name]: predict_logits(model, x).argmax(1) for name, x in images.items()}
+            return {"failed": None, "tuned": r.get("tuned")}, preds
+        return train
+
+    todo = [k for k in plan if runs.get(k, sets["score"]) is None]
+    reused = len(plan) - len(todo)
+    if reused:
+        log(f"[probe] {reused} of {len(plan)} students reused (trained earlier in this run with the same data, teacher and seed)")
+    for k, (header, preds) in zip(todo, run_tasks([task(*plan[k]) for k in todo], jobs=p["jobs"] or default_jobs())):
+        runs.runs[k] = {"failed": header["failed"], "tuned": header.get("tuned"), "preds": preds}
+    accuracy: dict[str, float | None] = {}
+    failed: list[str] = []
+    for k, (method, target, student, seed) in plan.items():
+        r = runs.runs[k]
+        name = f"{student}/{seed}/{target or '-'}/{method}"
+        if r["failed"]:
+            failed.append(f"{name}: {r['failed']}")
+            log(f"[probe] {name} FAILED (not scored): {r['failed']}")
+            accuracy[name] = None
+            continue
+        accuracy[name] = acc(r["preds"][sets["score"]], data.y_test)
+        log(f"[probe] {name}: {accuracy[name]:.2f}" + (f" (tuned {r['tuned']})" if r.get("tuned") else ""))
+    score = {k: accuracy[f"{st}/{sd}/{t or '-'}/{mt}"] for k, (mt, t, st, sd) in plan.items()}
+    summary: dict = {}
+    for target, student, seed, floor_keys, attack_keys in cells:
+        leak = summary.setdefault(target, {}).setdefault(student, {a: [] for a in attacks[target]})
+        floors = [score[k] for k in floor_keys]
+        if any(f is None for f in floors):
+            continue
+        for a, k in attack_keys.items():
+            if score[k] is not None:
+                leak[a].append(score[k] - max(floors))
+    summary = {t: {s: {a: interval(v) for a, v in per.items()} for s, per in st.items()} for t, st in summary.items()}
+    return {"labelled": n, "queries": m, "seeds": seeds, "accuracy": accuracy, "failed": failed, "leakage": summary}
 
 
 def best_attack(per_attack: dict[str, dict]) -> tuple[str | None, dict | None]:

@@ -17,13 +17,14 @@ from ..config import train_config
 from ..registry import slug
 from ..resume import Checkpointing
 from ..runs import data_from_config, save_model
-from .leakage import HOLDS_BELOW, best_attack, holds, measure, thief_pool
+from .leakage import HOLDS_BELOW, StudentRuns, best_attack, holds, measure, thief_pool
 
 
-def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str], None], ck: Checkpointing = Checkpointing()) -> dict:
+def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str], None], ck: Checkpointing = Checkpointing(),
+              students: StudentRuns | None = None) -> dict:
     p = cfg["probe"]
     if p["labelled"] is not None:
-        return run_leakage_probe(cfg, data, normal, defended, out, log, ck)
+        return run_leakage_probe(cfg, data, normal, defended, out, log, ck, students)
     pdata = data if p["train_subset"] is None else data_from_config(cfg, normalization=(data.mean, data.std), train_subset=p["train_subset"])
     tcfg = train_config(cfg, p["train"])
     params = {"temperature": p["temperature"], "alpha": p["alpha"]}
@@ -58,14 +59,15 @@ def run_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str],
     }
 
 
-def run_leakage_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str], None], ck: Checkpointing) -> dict:
+def run_leakage_probe(cfg: dict, data, normal, defended, out: Path, log: Callable[[str], None], ck: Checkpointing,
+                      students: StudentRuns | None = None) -> dict:
     """The probe in the thief's regime: floors, the normal teacher's KD leakage (the positive control) and every
     probe attack against the defended teacher, over ``probe.seeds`` seeds, scored on the test split."""
     p = cfg["probe"]
     pool, note = thief_pool(cfg, data)
     log(f"[probe] {note}")
     res = measure(cfg, pool, {"normal": normal, "defended": defended}, {"normal": ["kd"], "defended": list(p["attacks"])},
-                  seeds=list(range(cfg["train"]["seed"], cfg["train"]["seed"] + p["seeds"])), out=out, log=log, ck=ck)
+                  seeds=list(range(cfg["train"]["seed"], cfg["train"]["seed"] + p["seeds"])), out=out, log=log, ck=ck, runs=students)
     students = []
     for s in p["students"]:
         name, best = best_attack(res["leakage"]["defended"][s])
