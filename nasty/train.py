@@ -29,7 +29,7 @@ from .data import Batch, DataBundle, iterate_batches
 from .errors import NastyError, TrainingDiverged
 from .frozen import Frozen, StepMemo
 from .losses import labelled_ce
-from .metrics import accuracy, predict_logits
+from .metrics import CHANNELS_LAST_MIN_1X1_STRIDED_IC, accuracy, channels_last_hazard, predict_logits, use_channels_last  # noqa: F401 (re-exported)
 from .resume import FitState, data_fingerprint, load_fit_state, save_fit_state, state_path
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -505,35 +505,6 @@ def _end_epoch(s: _Slot, epoch: int, cfg: TrainConfig, gen: torch.Generator, ddp
     if s.spath is not None and main:
         save_fit_state(s.spath, desc=s.m.desc, cfg=cfg, model=s.m.model, opt=s.opt, sched=s.sched, gen=gen,
                        frozen=s.obj.frozen, fingerprint=s.fingerprint, state=st, stateful=_stateful(s))
-
-
-def use_channels_last(x: torch.Tensor, models: Sequence[nn.Module] = ()) -> bool:
-    """Train convolutional models on image batches in channels-last layout where that is known to be
-    safe (the environment variable ``NASTY_CHANNELS_LAST=0`` turns it off everywhere). Only the
-    memory layout changes: the results agree with the default layout up to float rounding.
-
-    Not safe: a model with a strided 1x1 convolution of fewer than 16 input channels per group
-    (:func:`channels_last_hazard`). oneDNN computes its weight gradient in channels-last with the
-    ``jit_1x1`` backward-weights kernel, whose reduce-to-unit-stride workspace is sized for the
-    input channels but written in blocks of 8 (AVX2) or 16 (AVX-512) channels: a heap overrun
-    ("corrupted size vs. prev_size", e.g. resnet20:width=0.25 on digits, one thread), or silently
-    corrupted memory. Such models train in the default layout (NCHW), which uses another kernel."""
-    if x.dim() != 4 or os.environ.get("NASTY_CHANNELS_LAST", "1") == "0":
-        return False
-    return not any(channels_last_hazard(m) for m in models)
-
-
-CHANNELS_LAST_MIN_1X1_STRIDED_IC = 16  # the channel block of the AVX-512 kernel (AVX2: 8)
-
-
-def channels_last_hazard(model: nn.Module) -> str | None:
-    """The first convolution of ``model`` that channels-last training may corrupt memory in (see
-    :func:`use_channels_last`), described, or ``None``."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) == (1, 1) and max(mod.stride) > 1 \
-                and mod.in_channels // mod.groups < CHANNELS_LAST_MIN_1X1_STRIDED_IC:
-            return f"{name}: 1x1 convolution, stride {tuple(mod.stride)}, {mod.in_channels // mod.groups} input channels per group"
-    return None
 
 
 def _val_accuracy(eval_model: nn.Module, data: DataBundle, ddp: bool, dev: torch.device) -> float:
