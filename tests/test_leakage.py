@@ -42,3 +42,23 @@ def test_strength_by_leakage_takes_the_smallest_omega_within_noise_of_the_best(m
     assert [r["score"] for r in table] == [pytest.approx(3.0), pytest.approx(0.0666667, rel=1e-4), 0.0]
     assert pick == 1  # omega 0.3 leaks within noise of omega 1 (clipped at 0) and is the smaller: harm is not rewarded
     assert table[1]["within_noise_of_best"] and not table[0]["within_noise_of_best"]
+
+
+def test_strength_search_stops_at_the_first_strength_that_leaks_nothing(monkeypatch):
+    """From the smallest omega up: a candidate whose best attack gains nothing (score 0 after clipping) is the
+    pick whatever the larger ones score, so they are never trained; a smaller one within noise still wins."""
+    scripted = {"omega=0.1": [0.4, -0.6, 0.5], "omega=0.3": [-1.0, -2.0, -1.5], "omega=1": [-9.0, -8.0, -10.0]}
+    asked = []
+
+    def fake_measure(cfg, pool, targets, attacks, **kw):
+        asked.extend(targets)
+        return {"failed": [], "leakage": {t: {"s": {"kd": leakage.interval(scripted[t])}} for t in targets}}
+
+    monkeypatch.setattr(defended, "measure", fake_measure)
+    monkeypatch.setattr(defended, "thief_pool", lambda cfg, data: (data, "pool"))
+    monkeypatch.setattr(defended, "owner_holdout", lambda cfg, pool, data: (None, None))
+    cfg = {"probe": {"students": ["s"], "seeds": 3}, "train": {"seed": 0}}
+    pick, table = defended.choose_by_leakage([(1.0, None), (0.3, None), (0.1, None)], cfg, None, None, lambda m: None, None)
+    assert asked == ["omega=0.1", "omega=0.3"]  # omega 1 never measured
+    assert table[0]["score"] is None and "not measured" in table[0]["skipped"]
+    assert pick == 2  # omega 0.1 (+0.1 +- 0.35) is within noise of omega 0.3's 0: the smaller wins, as with every candidate measured

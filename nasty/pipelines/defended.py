@@ -320,18 +320,25 @@ def choose_by_leakage(candidates: list[tuple[float, nn.Module]], cfg: dict, data
     split. A candidate's score is, for its worst probe student, the best
     attack's mean gain over the better floor, clipped at 0; among the candidates whose score is within
     noise of the best (1.96 standard errors of the difference) the smallest omega wins: the least
-    distortion that leaks no more. ``students``: the trained students are kept there with their predictions
+    distortion that leaks no more. The candidates are measured from the smallest omega up, and the first
+    that leaks nothing (score 0) ends the search: no candidate can score lower and the others are larger, so
+    the rule would pick it whatever they score. ``students``: the trained students are kept there with their predictions
     on the test images (their labels are not read here), so that the probe reuses the floors and the
     chosen strength's students instead of training them again."""
     p = cfg["probe"]
     pool, note = thief_pool(cfg, data)
     log(f"[tune] {note}")
-    targets = {f"omega={o:g}": t for o, t in candidates}
-    res = measure(cfg, pool, targets, {k: list(TUNING_ATTACKS) for k in targets}, score_on=owner_holdout(cfg, pool, data),
-                  seeds=list(range(cfg["train"]["seed"], cfg["train"]["seed"] + p["seeds"])), out=None if out is None else out / "tune",
-                  log=log, ck=ck, runs=students, also=None if students is None else {"test": pool.x_test})
-    table = []
-    for (omega, _), key in zip(candidates, targets):
+    holdout = owner_holdout(cfg, pool, data)
+    students = StudentRuns() if students is None else students  # the floors train once for every candidate
+    table: list[dict | None] = [None] * len(candidates)
+    failed: list[str] = []
+    for i in sorted(range(len(candidates)), key=lambda i: candidates[i][0]):  # the weakest strength first
+        omega, teacher = candidates[i]
+        key = f"omega={omega:g}"
+        res = measure(cfg, pool, {key: teacher}, {key: list(TUNING_ATTACKS)}, score_on=holdout,
+                      seeds=list(range(cfg["train"]["seed"], cfg["train"]["seed"] + p["seeds"])), out=None if out is None else out / "tune",
+                      log=log, ck=ck, runs=students, also={"test": pool.x_test} if getattr(pool, "x_test", None) is not None else None)
+        failed += res["failed"]
         worst = None
         for s in p["students"]:
             name, b = best_attack(res["leakage"][key][s])
@@ -340,16 +347,24 @@ def choose_by_leakage(candidates: list[tuple[float, nn.Module]], cfg: dict, data
             score, se = max(0.0, b["mean"]), (b["sd"] / b["n"] ** 0.5 if b["n"] > 1 else float("inf"))
             if worst is None or score > worst["score"]:
                 worst = {"score": score, "se": se, "student": s, "attack": name, "mean": b["mean"]}
-        table.append({"omega": omega, "leakage": res["leakage"][key], **(worst or {"score": float("inf"), "se": float("inf")})})
-        log(f"[tune] omega={omega:g}: score {table[-1]['score']:+.2f} (best attack {table[-1].get('attack')} on {table[-1].get('student')})")
-    best = min(range(len(table)), key=lambda i: (table[i]["score"], table[i]["omega"]))
-    near = [i for i, r in enumerate(table)
-            if r["score"] - table[best]["score"] <= 1.96 * (r["se"] ** 2 + table[best]["se"] ** 2) ** 0.5]
+        table[i] = {"omega": omega, "leakage": res["leakage"][key], **(worst or {"score": float("inf"), "se": float("inf")})}
+        log(f"[tune] omega={omega:g}: score {table[i]['score']:+.2f} (best attack {table[i].get('attack')} on {table[i].get('student')})")
+        if table[i]["score"] == 0.0:
+            # no attack gains over the floors: nothing can score lower, and every stronger candidate is larger,
+            # so the rule below picks this one whatever they score; they are not trained
+            for j, (o, _) in enumerate(candidates):
+                if table[j] is None:
+                    table[j] = {"omega": o, "score": None, "skipped": f"not measured: omega={omega:g} already leaks nothing"}
+            break
+    scored = [i for i, r in enumerate(table) if r is not None and r["score"] is not None]
+    best = min(scored, key=lambda i: (table[i]["score"], table[i]["omega"]))
+    near = [i for i in scored
+            if table[i]["score"] - table[best]["score"] <= 1.96 * (table[i]["se"] ** 2 + table[best]["se"] ** 2) ** 0.5]
     pick = min(near, key=lambda i: table[i]["omega"])
-    for i, r in enumerate(table):
-        r["within_noise_of_best"] = i in near
-    if res["failed"]:
-        log(f"[tune] {len(res['failed'])} runs failed (not scored); first: {res['failed'][0]}")
+    for i in scored:
+        table[i]["within_noise_of_best"] = i in near
+    if failed:
+        log(f"[tune] {len(failed)} runs failed (not scored); first: {failed[0]}")
     return pick, table
 
 
