@@ -153,7 +153,7 @@ def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
     if s.labelled is not None and "hard-label" not in attacks_:
         attacks_.append("hard-label")  # the floor every attack of the thief's regime is judged against
         params["hard-label"] = attack_params("hard-label", s.params, tune=True)
-        regime_notes.append("hard-label is audited as the decision floor of the thief's regime")
+        regime_notes.append("hard-label is audited as the decision floor of the thief's regime (its label smoothing tuned, from 0.3)")
     notes = notes + regime_notes
     plan = AuditPlan(s, data, attacks_, notes, params, targets, teacher_sha, ref_sha, post, defenses, config,
                      {a: bool(get_attack(a).uses_labels) for a in attacks_}, {}, [], tcfg=tcfg)
