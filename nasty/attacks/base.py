@@ -178,7 +178,7 @@ class Attack:
     supports_augment: ClassVar[bool] = False  # mixup/cutmix of the distillation batches (soft-label attacks)
     labels_view: ClassVar[bool] = False  # in the thief's regime, train on its labelled images alone (as the label-only floors)
     floor: ClassVar[bool] = False  # a floor of the thief's regime (hard-label), not an attack: 'all' leaves it out
-    floor_params: ClassVar[dict[str, Any]] = {}  # a floor's settings in the thief's regime (tuned from there), under the user's
+    floor_params: ClassVar[dict[str, Any]] = {}  # a floor's own settings in the thief's regime (its tuning starts there); the user's win
     params: ClassVar[dict[str, Any]] = {}  # name -> default, or -> Param (checked, with a help text and a CLI flag)
 
     @classmethod

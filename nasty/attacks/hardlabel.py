@@ -26,7 +26,7 @@ class HardLabel(Copycat):
     summary = "the decision floor: CE on the thief's labels and on the teacher's top-1 for its unlabelled queries"
     uses_labels = True  # Copycat with the thief's own labels where it has them (without any label it is Copycat)
     floor = True
-    floor_params = {"label_smoothing": 0.3}  # measured the strongest decision-only thief against a locked teacher
+    floor_params = {"label_smoothing": 0.3}  # the smoothing that raised this floor most against a decision-locked teacher (digits)
     params = {**Copycat.params, "tune": TUNE}
 
     def tuning_grid(self, labels: bool = True) -> list[dict]:
