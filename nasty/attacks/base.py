@@ -33,8 +33,10 @@ ACCESS_LEVELS = ("weights", "logits", "probs", "topk", "label")  # most to least
 EXPLODE = 10.0  # an attack's student whose epoch loss exceeds 10x its first epoch's has diverged: failed, never scored
 TUNE_ALPHAS = (0.3, 0.6, 0.9)  # with alpha 0 (labels only): the honest thief's grid, chosen on its validation split
 TUNE_TEMPERATURES = (1.0, 4.0, 10.0)
-TUNE = Param("bool", False, "Tune alpha (0, 0.3, 0.6, 0.9; 0 = labels only), the temperature (1, 4, 10) and the epoch on the "
-             "thief's own validation split, every candidate in one pass over the data (the audit and the probe always tune).")
+TUNE = Param("bool", False, "Tune the attack's settings and the epoch on the thief's own validation split, every candidate in "
+             "one pass over the data (soft-output attacks: alpha 0, 0.3, 0.6, 0.9 (0 = labels only) x temperature 1, 4, 10; "
+             "hard-label: label smoothing 0, 0.1, 0.3; confidence-label: its confidence use x exponent); the audit and the "
+             "probe always tune.")
 
 ATTACKS = Registry("attack")
 register_attack = ATTACKS.register
@@ -88,6 +90,19 @@ class Oracle:
 
     def labels(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).argmax(1)
+
+    @property
+    def serves_log_probs(self) -> bool:
+        """Whether the answers are ``log p`` of the served probabilities (probs, top-k, label, or any
+        output defense) rather than raw logits: see :func:`served_probs`."""
+        return self.post is not None or self.access not in ("logits", "weights")
+
+
+def served_probs(scores: torch.Tensor, log_probs: bool) -> torch.Tensor:
+    """The probabilities the teacher served from an oracle's answers: ``exp`` of its ``log p`` (0 where a
+    top-k answer hid a class, so a served top-1 probability is not renormalised to 1), or the softmax of
+    raw logits."""
+    return scores.exp() if log_probs else F.softmax(scores, dim=1)
 
 
 @dataclass
@@ -163,6 +178,7 @@ class Attack:
     supports_augment: ClassVar[bool] = False  # mixup/cutmix of the distillation batches (soft-label attacks)
     labels_view: ClassVar[bool] = False  # in the thief's regime, train on its labelled images alone (as the label-only floors)
     floor: ClassVar[bool] = False  # a floor of the thief's regime (hard-label), not an attack: 'all' leaves it out
+    floor_params: ClassVar[dict[str, Any]] = {}  # a floor's own settings in the thief's regime (its tuning starts there); the user's win
     params: ClassVar[dict[str, Any]] = {}  # name -> default, or -> Param (checked, with a help text and a CLI flag)
 
     @classmethod
@@ -192,9 +208,10 @@ class Attack:
         res = ctx.fit(student, self.objective(ctx, student), desc=f"{self.name}:{ctx.student}")
         return student, {"best_epoch": res.best_epoch, "val_accuracy": res.best_val_accuracy}
 
-    def tuning_grid(self, labels: bool = True) -> list[dict[str, float]]:
-        """The honest thief's candidates: alpha 0 (labels only) and every alpha x temperature of the grid;
-        without labels (the KD term alone) only the temperatures."""
+    def tuning_grid(self, labels: bool = True) -> list[dict[str, Any]]:
+        """The honest thief's candidates, each a dict of parameter values (every candidate sets the same
+        keys): alpha 0 (labels only) and every alpha x temperature of the grid; without labels (the KD
+        term alone) only the temperatures. An attack tuning other settings overrides this."""
         if not labels:
             return [{"alpha": self.p["alpha"], "temperature": t} for t in TUNE_TEMPERATURES]
         return [{"alpha": 0.0, "temperature": 1.0}] + [{"alpha": a, "temperature": t} for a in TUNE_ALPHAS for t in TUNE_TEMPERATURES]
@@ -206,7 +223,8 @@ class Attack:
         settings (the published ones by default) are kept while they are within one binomial standard
         error of the best: a split of a few dozen images cannot tell those apart, and picking the noisiest
         winner makes a thief weaker, not stronger. Diverged candidates are left out; when all diverge, the
-        attack has failed (:class:`TrainingDiverged`)."""
+        attack has failed (:class:`TrainingDiverged`). ``tuned`` in the result holds the chosen values of
+        the grid's keys."""
         grid = self.tuning_grid(ctx.labels_available)
         x, y = ctx.train_split()
         members, shared = [], ctx.share_frozen
@@ -216,7 +234,7 @@ class Attack:
                 sub = type(self)(**{**self.p, **g, "tune": False})
                 seed_everything(ctx.train.seed, ctx.train.deterministic)  # every candidate starts from the same weights
                 student = sub.build_student(ctx)
-                tag = f"alpha={g['alpha']:g},T={g['temperature']:g}"
+                tag = _tag(g)
                 run_dir = None if ctx.run_dir is None else Path(ctx.run_dir) / "tune" / tag.replace(",", "-")
                 members.append(Member(student, sub.objective(ctx, student), desc=f"{self.name}:{ctx.student}:{tag}", run_dir=run_dir,
                                       y_train=y, explode=EXPLODE, late_ties=True))
@@ -239,19 +257,27 @@ class Attack:
         top = min(max(rows[best[0]]["val_accuracy"] / 100, 1 / n_val), 1 - 1 / n_val) if n_val > 1 else 0.5
         se = 100 * (top * (1 - top) / n_val) ** 0.5
         for j, (g, m, f) in enumerate(zip(grid, members, fits)):
-            own = g["alpha"] == self.p["alpha"] and g["temperature"] == self.p["temperature"]
+            own = all(g[k] == self.p[k] for k in g)
             if own and "val_accuracy" in rows[j] and rows[best[0]]["val_accuracy"] - rows[j]["val_accuracy"] <= se:
                 best = (j, m.model, f)
                 rows[j]["kept_within_noise"] = round(se, 2)
         i, model, f = best
-        chosen = {k: rows[i][k] for k in ("alpha", "temperature")}
+        chosen = {k: rows[i][k] for k in grid[i]}
         if ctx.log:
-            ctx.log(f"[{self.name}:{ctx.student}] tuned on {len(ctx.data.y_val)} validation images: alpha {chosen['alpha']:g}, "
-                    f"T {chosen['temperature']:g}, epoch {f.best_epoch} (val {f.best_val_accuracy:.2f}%; {len(grid)} candidates, "
+            ctx.log(f"[{self.name}:{ctx.student}] tuned on {len(ctx.data.y_val)} validation images: {_tag(chosen, ', ', ' ')}, "
+                    f"epoch {f.best_epoch} (val {f.best_val_accuracy:.2f}%; {len(grid)} candidates, "
                     f"{sum('failed' in r for r in rows)} failed)")
-        if chosen["alpha"] == 0:
+        if chosen.get("alpha") == 0:
             ctx.notes.append("tuning: the thief's validation split says labels alone win (alpha 0 chosen)")
         return model, {"best_epoch": f.best_epoch, "val_accuracy": f.best_val_accuracy, "tuned": chosen, "tuning": rows}
+
+
+_SHORT = {"temperature": "T"}
+
+
+def _tag(values: dict[str, Any], sep: str = ",", eq: str = "=") -> str:
+    """``alpha=0.3,T=10``: a tuning candidate's name (its run folder, its description, the log)."""
+    return sep.join(f"{_SHORT.get(k, k)}{eq}{v:g}" if isinstance(v, float) else f"{_SHORT.get(k, k)}{eq}{v}" for k, v in values.items())
 
 
 def check_temperature_alpha(p: dict) -> None:

@@ -338,7 +338,7 @@ def method_text(s: AuditSettings) -> dict:
         "gain": "gain g_c = acc(attack, c) - acc(better baseline, c), percentage points on test class c, averaged over seeds; "
                 "the better baseline is the label-only (scratch) or label-smoothing student with the higher accuracy on c"
                 + ("; in the thief's regime (labelled images plus unlabelled queries) also the hard-label student (the thief's labels "
-                   "and the teacher's top-1 on its queries), trained against the same target: the tests run against every floor."
+                   "and the teacher's top-1 on its queries, label smoothing tuned), trained against the same target: the tests run against every floor."
                    if s.labelled is not None else "."),
         "fidelity": "for attacks that never read the labels: r_c = acc(attack, c) / acc(teacher, c).",
         "pooled": "per attack and student, the same test with every test image together as one class: the overall "

@@ -152,8 +152,8 @@ def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
                              f"{theirs[:12]}..., here {config['data_sha256'][:12]}...); its baselines do not apply here")
     if s.labelled is not None and "hard-label" not in attacks_:
         attacks_.append("hard-label")  # the floor every attack of the thief's regime is judged against
-        params["hard-label"] = attack_params("hard-label", s.params)
-        regime_notes.append("hard-label is audited as the decision floor of the thief's regime")
+        params["hard-label"] = attack_params("hard-label", s.params, tune=True)
+        regime_notes.append("hard-label is audited as the decision floor of the thief's regime (its label smoothing tuned, from 0.3)")
     notes = notes + regime_notes
     plan = AuditPlan(s, data, attacks_, notes, params, targets, teacher_sha, ref_sha, post, defenses, config,
                      {a: bool(get_attack(a).uses_labels) for a in attacks_}, {}, [], tcfg=tcfg)
@@ -215,9 +215,10 @@ def resolve_attacks(names: list[str]) -> tuple[list[str], list[str]]:
 
 def attack_params(name: str, overrides: dict[str, dict], tune: bool = False) -> dict:
     """Defaults of the attack class with the user's overrides, validated by the class; ``tune``: a
-    self-tuning thief where the attack can tune (the thief's regime), unless the user says otherwise."""
+    self-tuning thief where the attack can tune (the thief's regime), unless the user says otherwise, and a
+    floor with its ``floor_params`` under the user's overrides."""
     cls = get_attack(name)
-    given = dict(overrides.get(name, {}))
+    given = {**(cls.floor_params if tune and cls.floor else {}), **overrides.get(name, {})}
     if tune and "tune" in cls.params:
         given.setdefault("tune", True)
     return dict(cls(**given).p)

@@ -28,7 +28,8 @@ AUDIT_PARAMS: dict[str, Param] = {  # the request's knobs; ranges of the statist
                      "--labelled, the images every thief holds.", lambda v: v >= 1, "at least 1"),
     "labelled": Param("int?", None, "The thief's regime: LABELLED of the --queries images carry labels, the rest are unlabelled "
                       "queries (every attack and baseline; validation from the labelled ones; images the teacher never saw when "
-                      "its checkpoint says it trained on a subset). Soft-output attacks tune alpha, T and their epoch.",
+                      "its checkpoint says it trained on a subset). Attacks tune their settings (alpha, T, ...) and their epoch; "
+                      "the hard-label floor its label smoothing.",
                       lambda v: v >= 1, "at least 1"),
     "output_defense": Param("str?", None, "The teacher answers through this output defense, e.g. topk:2 or reverse-sigmoid "
                             "(not the reference)."),

@@ -5,8 +5,8 @@ A thief holds ``labelled`` labelled images and ``queries - labelled`` unlabelled
 (:func:`nasty.attacks.run.thief_view`), drawn from training images the teacher never saw when the
 teacher trained on a ``train_subset`` (the rest of the training split is the thief's pool). Its floors:
 labels alone (``scratch``, ``label-smoothing``) and hard-label extraction (``hard-label``: its labels
-plus the teacher's top-1 on the queries). Each attack tunes alpha, T and its epoch on the thief's own
-validation split (``tune``). Leakage of an attack = its accuracy minus the better floor of the same
+plus the teacher's top-1 on the queries, its label smoothing tuned from 0.3). Each attack tunes its
+settings (alpha, T, ...) and its epoch on the thief's own validation split (``tune``). Leakage of an attack = its accuracy minus the better floor of the same
 seed and student; a student that diverged is an instrument failure, listed and never scored.
 
 Used by the probe of ``train-defended`` (scored on the test split) and by the choice of the strength
@@ -152,7 +152,8 @@ def measure(cfg: dict, pool, targets: dict[str, nn.Module], attacks: dict[str, l
     def task(method: str, target: str | None, student: str, seed: int):
         def train() -> tuple[dict, dict[str, torch.Tensor]]:
             teacher = targets[target] if target else None
-            params = {"tune": True} if "tune" in get_attack(method).params else {}
+            cls = get_attack(method)
+            params = {**(cls.floor_params if cls.floor else {}), **({"tune": True} if "tune" in cls.params else {})}
             run_dir = None if out is None else out / slug(student, "") / f"seed-{seed}" / f"{target or 'labels'}-{method}"
             try:
                 model, r = run_attack(method, data=data, teachers=[teacher] if teacher is not None else [], student=student,
