@@ -243,11 +243,11 @@ def test_the_probes_floor_is_the_tuned_smoothed_hard_label(digits, small_teacher
 
     def fake(method, **kw):
         seen[method] = kw["params"]
-        return None, {"accuracy": 50.0}
+        return (lambda x: torch.zeros(len(x), 10)), {"accuracy": 50.0}
 
     monkeypatch.setattr(leakage, "run_attack", fake)
     cfg = defaults()
-    cfg["probe"].update(labelled=40, queries=200, students=["mlp:hidden=8"])
+    cfg["probe"].update(labelled=40, queries=200, students=["mlp:hidden=8"], jobs=1)  # in this process: the fake sees every call
     leakage.measure(cfg, digits, {"defended": small_teacher}, {"defended": ["set-uniform", "confidence-label"]}, seeds=[0], out=None,
                     log=lambda m: None)
     assert seen["hard-label"] == {"label_smoothing": 0.3, "tune": True}
