@@ -9,11 +9,13 @@ Output ``probabilities``, float32 ``(N, classes)``: the defended probabilities a
 the same numbers as ``DefendedModel(model, spec).probabilities(x)`` (softmax of the model when no
 output defense is given). The batch size is dynamic.
 
-The lock and the output defenses are re-expressed here with graph-exportable operations (no data-
-dependent Python branches, no ``nextafter``), each the same function as its eager counterpart in
-nasty/models/locked.py and nasty/defenses/output.py (tests/test_export.py compares them through
-ONNX Runtime on every test image). A random output defense (``noise``) cannot be one fixed graph
-and is refused, as is any output defense without an exportable form: one line naming it.
+The lock is the model's own forward, :func:`nasty.models.served.serve` (written with graph-exportable
+operations only: the file computes what nasty serves). The output defenses are re-expressed here
+with graph-exportable operations (no data-dependent Python branches), each the same function as its
+eager counterpart in nasty/defenses/output.py (tests/test_export.py compares them through ONNX
+Runtime on every test image). A random output defense (``noise``) cannot be one fixed graph and is
+refused, as is any output defense without an exportable form: one line naming it. After a locked
+teacher, an output defense that can move its decision is refused by name.
 """
 
 from __future__ import annotations
@@ -36,14 +38,13 @@ import torch.nn.functional as F
 
 from . import safe_io
 from .checkpoint import SIDECAR, WEIGHTS, load_checkpoint, read_sidecar
-from .defenses.output import DefendedModel, parse_output_defense
+from .defenses.output import DefendedModel, check_after_lock, parse_output_defense
 from .errors import NastyError, error_line
-from .models.locked import LockedTeacher, lock_decision
+from .models.locked import LockedTeacher
 
 FORMATS = ("onnx", "torchscript")
 ONNX_INSTALL = "pip install 'nasty[onnx]'"
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
-_TINY = torch.finfo(torch.float32).tiny
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,13 +62,6 @@ def _renormalise(q: torch.Tensor, fallback_from: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, q / torch.where(s > 0, s, torch.ones_like(s)), _onehot_argmax(fallback_from))
 
 
-def lock_decision_exportable(z: torch.Tensor, decision: torch.Tensor, lock: str, margin: float) -> torch.Tensor:
-    """:func:`nasty.models.locked.lock_decision` without ``nextafter`` (no ONNX operator): on an exact
-    tie the decided logit is raised to ``best + |best|·2^-23 + tiny``, at least the next float above
-    ``best`` (at most one float further than nextafter), so the decided class still wins argmax."""
-    return lock_decision(z, decision, lock, margin, above=lambda best: best + best.abs() * 2.0**-23 + _TINY)
-
-
 def _topk(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def f(p):
         top = p.topk(min(k, p.shape[1]), dim=1)
@@ -81,7 +75,8 @@ def _round(decimals: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def f(p):
         q = torch.round(p * scale) / scale
         top = p.argmax(1, keepdim=True)
-        return q.scatter(1, top, q.gather(1, top).clamp_min(1.0 / scale))
+        others = q.scatter(1, top, float("-inf")).amax(1, keepdim=True)
+        return q.scatter(1, top, torch.maximum(q.gather(1, top).clamp_min(1.0 / scale), others + 1.0 / scale))
     return f
 
 
@@ -163,10 +158,7 @@ class ServedModel(nn.Module):
         self.defenses = list(defenses or [])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.locked:
-            normal, z = self.model.decide_and_serve(x)
-            return lock_decision_exportable(z, normal.argmax(1), self.model.lock, self.model.margin)
-        return self.model(x)
+        return self.model(x)  # a locked teacher's forward is the one served function, graph-exportable as it is
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         p = F.softmax(self.logits((images - self.mean) / self.std), dim=1)
@@ -306,6 +298,8 @@ def export_model(model: nn.Module, side: dict, out: str | Path, fmt: str = "onnx
     if fmt not in FORMATS:
         raise NastyError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
     defenses, described = exportable_output_defense(output_defense)
+    if output_defense is not None and isinstance(model, LockedTeacher):
+        check_after_lock(parse_output_defense(output_defense), model.num_classes)
     norm = side["normalization"]
     served = ServedModel(model, norm["mean"], norm["std"], defenses).eval()
     c, h, w = side["input_shape"]
@@ -331,7 +325,7 @@ def export_model(model: nn.Module, side: dict, out: str | Path, fmt: str = "onnx
 
 def reference_probabilities(model: nn.Module, side: dict, x: torch.Tensor, output_defense: str | None = None) -> torch.Tensor:
     """What nasty itself serves for images ``x`` in [0, 1], in eager PyTorch: the model's own forward
-    (its lock with ``nextafter``), softmax and the output defenses of nasty/defenses/output.py."""
+    (its served function), softmax and the output defenses of nasty/defenses/output.py."""
 
     norm = side["normalization"]
     mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -411,7 +405,9 @@ def _export(checkpoint: str, fmt: str, out: str, output_defense: str | None, for
     if target.exists() and not force:
         raise NastyError(f"--out {target} exists; pass --force to overwrite it")
     exportable_output_defense(output_defense)
-    weights, _ = read_sidecar(checkpoint)
+    weights, side = read_sidecar(checkpoint)
+    if output_defense is not None and (side.get("model") or {}).get("name") == "locked":
+        check_after_lock(parse_output_defense(output_defense), side.get("num_classes"))
     sidecar = weights.with_name(SIDECAR) if weights.name == WEIGHTS else weights.with_suffix(".json")
     if target.resolve() in (weights.resolve(), sidecar.resolve()):
         raise NastyError(f"--out {target} is the checkpoint itself")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nasty.export import _EXPORTABLE, export_cmd, exportable_output_defense, lock_decision_exportable, reference_probabilities
+from nasty.models.served import served_gap
+from nasty.export import _EXPORTABLE, export_cmd, exportable_output_defense, reference_probabilities
 
-DEFENSES = [None, "topk:2", "reverse-sigmoid:beta=0.7:gamma=0.3", "round:2", "topk:3,round:3", "cutoff:0.2",
-            "template", "label", "reverse-sigmoid,topk:4,round:4"]
+DEFENSES = [None, "topk:2", "round:2", "topk:3,round:3", "cutoff:0.2", "template", "label", "topk:4,round:1"]
 
 
 def invoke(*args):
@@ -55,7 +55,7 @@ def onnx_probabilities(path: Path, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("defense", DEFENSES)
 def test_onnx_serves_what_nasty_serves(locked_run, test_images, tmp_path, defense):
-    """ONNX Runtime on every test image = nasty's eager path (the lock with nextafter, DefendedModel)."""
+    """ONNX Runtime on every test image = nasty's eager path (the served function, DefendedModel)."""
     pytest.importorskip("onnx")
     from nasty.checkpoint import load_checkpoint
 
@@ -71,14 +71,15 @@ def test_onnx_serves_what_nasty_serves(locked_run, test_images, tmp_path, defens
     print(f"\n{defense}: {len(test_images)} test images, max |onnx - torch| = {diff:.3g}")
     assert diff <= 1e-4
     assert torch.equal(got.argmax(1), ref.argmax(1))  # every test image
-    if defense in (None, "topk:2", "label"):  # defenses that keep the top class (rounding may tie it)
-        # the lock is in the file: its decisions are the normal model's, its soft outputs the nasty head's
-        norm = side["normalization"]
-        with torch.no_grad():
-            normal = model.decision((test_images - torch.tensor(norm["mean"]).view(1, -1, 1, 1)) / torch.tensor(norm["std"]).view(1, -1, 1, 1))
-        assert torch.equal(got.argmax(1), normal.argmax(1))
-        if defense is None:
-            assert (got - normal.softmax(1)).abs().max() > 0.1
+    # the lock is in the file: its decisions are the normal model's (after every output defense a locked
+    # teacher accepts, with a gap), its soft outputs the nasty head's
+    norm = side["normalization"]
+    with torch.no_grad():
+        normal = model.decision((test_images - torch.tensor(norm["mean"]).view(1, -1, 1, 1)) / torch.tensor(norm["std"]).view(1, -1, 1, 1))
+    assert torch.equal(got.argmax(1), normal.argmax(1))
+    assert float(served_gap(got, normal.argmax(1)).min()) >= (1e-3 if defense != "round:2" else 1e-2) - 1e-6
+    if defense is None:
+        assert (got - normal.softmax(1)).abs().max() > 0.1
 
 
 def test_margin_lock_and_a_timm_decision_model(locked_run, test_images, tmp_path):
@@ -134,16 +135,30 @@ def test_exportable_forms_equal_the_eager_defenses():
         assert torch.allclose(got, want, atol=1e-7), spec
 
 
-def test_exportable_lock_keeps_the_decision_on_ties():
-    from nasty.models.locked import lock_decision
+def test_the_file_serves_the_one_served_function(locked_run):
+    """The exported graph's model step is the locked teacher's own forward (no second tie rule)."""
+    from nasty.checkpoint import load_checkpoint
+    from nasty.export import ServedModel
 
-    z = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [-3.0, -1.0, -1.0], [5.0, 1.0, 3.0]])
-    d = torch.tensor([1, 2, 0, 2, 1])
-    for lock, margin in (("swap", 0.0), ("margin", 0.0), ("margin", 0.7)):
-        got = lock_decision_exportable(z, d, lock, margin)
-        want = lock_decision(z, d, lock, margin)
-        assert torch.equal(got.argmax(1), d) and torch.equal(want.argmax(1), d)
-        assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+    model, side = load_checkpoint(locked_run)
+    served = ServedModel(model, side["normalization"]["mean"], side["normalization"]["std"])
+    x = torch.randn(64, *side["input_shape"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(served.logits(x), model(x))
+
+
+@pytest.mark.parametrize("chain,name", [("reverse-sigmoid", "reverse-sigmoid:beta=1.0:gamma=0.1"),
+                                        ("topk:3,reverse-sigmoid:beta=0.5", "reverse-sigmoid:beta=0.5:gamma=0.1"),
+                                        ("template:top=0.1:decoy=0.05", "template:top=0.1:decoy=0.05:shift=1")])
+def test_an_output_defense_that_can_move_a_locked_decision_is_refused_by_name(locked_run, tmp_path, monkeypatch, chain, name):
+    """After a locked teacher: one line naming the part, exit 2, no file, before the checkpoint is loaded."""
+    import nasty.checkpoint
+
+    monkeypatch.setattr(nasty.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before refusing"))
+    rc, out, err = invoke(locked_run, "--out", tmp_path / "m.onnx", "--format", "torchscript", "--output-defense", chain)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"output defense {name} can move a locked teacher's decision" in err and "refused" in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args,needle", [

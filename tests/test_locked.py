@@ -12,7 +12,7 @@ import torch.nn as nn
 from nasty.config import load_config
 from nasty.pipelines.defended import train_defended
 from nasty.models import create_model
-from nasty.models.locked import lock_decision
+from nasty.models.served import lock_rule, serve, served_gap
 
 
 def test_lock_rules_put_the_decision_on_top_and_keep_the_rest():
@@ -20,18 +20,23 @@ def test_lock_rules_put_the_decision_on_top_and_keep_the_rest():
     z = torch.randn(500, 10, generator=g)
     z[:50, 3] = z[:50, 7] = 9.0  # exact ties with the top
     d = torch.randint(0, 10, (500,), generator=g)
-    swap = lock_decision(z, d, "swap")
-    assert torch.equal(swap.argmax(1), d)
-    # swap: a permutation of each row (up to the tie-break's one-ulp bump)
-    assert torch.allclose(swap.sort(1).values, z.sort(1).values, atol=1e-5)
-    margin = lock_decision(z, d, "margin", 0.5)
-    assert torch.equal(margin.argmax(1), d)
+    normal = torch.nn.functional.one_hot(d, 10).float()  # normal logits deciding d
+    for rule, margin in (("swap", 0.0), ("margin", 0.5)):
+        served = serve(z, normal, rule, margin)
+        assert torch.equal(served.argmax(1), d)
+        zl = lock_rule(z, d[:, None], rule, margin)
+        lead = served_gap(zl.softmax(1), d) >= 1.1e-3
+        assert lead.sum() > 300  # rows already leading by the gap are served as the locked logits' softmax, untouched
+        assert torch.allclose(served[lead], zl.log_softmax(1)[lead], atol=1e-6)
+    swap = lock_rule(z, d[:, None], "swap", 0.0)
+    assert torch.equal(swap.sort(1).values, z.sort(1).values)  # swap: a permutation of each row
+    margin = lock_rule(z, d[:, None], "margin", 0.5)
     others = margin.scatter(1, d[:, None], float("-inf")).amax(1)
     assert (margin.gather(1, d[:, None]).squeeze(1) >= others + 0.5 - 1e-6).all()
     untouched = torch.ones_like(z, dtype=torch.bool).scatter(1, d[:, None], False)
     assert torch.equal(margin[untouched], z[untouched])  # margin changes the decided logit only
     # golden: swap exchanges the decided logit with the top one
-    assert lock_decision(torch.tensor([[1.0, 5.0, 2.0]]), torch.tensor([2]), "swap").tolist() == [[1.0, 2.0, 5.0]]
+    assert lock_rule(torch.tensor([[1.0, 5.0, 2.0]]), torch.tensor([[2]]), "swap", 0.0).tolist() == [[1.0, 2.0, 5.0]]
 
 
 @pytest.mark.parametrize("form,nasty", [("two-head", "linear"), ("two-head", "mlp:hidden=8"), ("two-net", "mlp:hidden=8")])

@@ -21,7 +21,7 @@ from ..attacks import ATTACKS, get_attack
 from ..attacks.base import load_surrogate, parse_access
 from ..checkpoint import atomic_write_json, check_compatible, load_checkpoint, read_sidecar, sha256_file
 from ..config import train_config
-from ..defenses.output import parse_output_defense
+from ..defenses.output import check_chain_for, parse_output_defense
 from ..errors import NastyError
 from ..models import create_model
 from ..pipelines.common import normalization
@@ -132,6 +132,7 @@ def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
             raise NastyError("--output-defense filters what the teacher answers; a white-box thief (--query weights) "
                              "bypasses it. Audit an output defense with --query probs, topk:K or label")
         post = parse_output_defense(s.output_defense)
+        check_chain_for(teacher, post)  # after a locked teacher: only defenses that keep its decision
     defenses = {g: describe_defense(sides[g], post if g == "teacher" else None) for g in targets}
     config = {
         "format": RUN_FORMAT,

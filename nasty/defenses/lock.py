@@ -36,7 +36,8 @@ from ..errors import NastyError
 from ..frozen import Frozen
 from ..metrics import predict_logits
 from ..models import create_model, model_spec
-from ..models.locked import LOCKS, LockedTeacher, head_module, lock_decision
+from ..models.locked import LOCKS, LockedTeacher, head_module
+from ..models.served import KEEP_EXPECT, Served, fit_bins, keep_ok
 from ..params import Param
 from ..resume import Checkpointing
 from ..train import Objective, TrainConfig, fit, seed_everything
@@ -49,6 +50,10 @@ LOCK_PARAMS: dict[str, Param] = {  # the [defense] keys of the lock and of choos
     "lock_rule": Param("str", "swap", "How the decision is imposed on the nasty logits (default swap).", choices=LOCKS),
     "lock_margin": Param("float", 0.0, "margin lock: how far the decided class is put above the others (default 0).",
                          lambda v: 0 <= v <= 100, "in [0, 100]"),
+    "keep": Param("str", "decision", "What the served top probability is: decision (the nasty part's own, with the normal model's "
+                  "decision on top; default), confidence (the normal model's top probability, the rest shaped by the nasty part) or "
+                  "confidence:bins=B (that probability calibrated on the validation split in B equal-mass bins).",
+                  keep_ok, KEEP_EXPECT),
     "omega_grid": Param("list[float]", [0.1, 0.3, 1.0], "Candidates for omega, chosen by a KD probe on the validation split when "
                         "--omega is not given (comma-separated; default 0.1,0.3,1).", lambda v: all(o >= 0 for o in v),
                         "a list of numbers >= 0", hi=1000.0),
@@ -67,13 +72,26 @@ def spec_string(spec: dict) -> str:
     return spec["name"] + (f":{kw}" if kw else "")
 
 
+def served_for(decision: nn.Module, data, dcfg: dict) -> Served:
+    """The served function's settings of ``dcfg`` (``lock_rule``, ``lock_margin``, ``keep``); for
+    ``keep = "confidence:bins=B"`` its bins fitted on ``decision``'s logits of the **validation** split."""
+    served = Served(data.num_classes, dcfg["lock_rule"], dcfg["lock_margin"], dcfg.get("keep", "decision"))
+    if served.bins is not None:
+        if not len(data.x_val):
+            raise NastyError(f"--keep {served.keep} calibrates on the validation split, which is empty")
+        served.set_bins(*fit_bins(_cached(_logits, decision, data.x_val), data.y_val, served.bins))
+    return served
+
+
 def assemble(decision: nn.Module, nasty: nn.Module, data, form: str, dcfg: dict) -> LockedTeacher:
     """One artifact from a trained normal model and a trained nasty part (a head or a network)."""
     nasty_spec = dcfg["nasty_head"] if form == "two-head" else spec_string(model_spec(nasty))
+    served = served_for(decision, data, dcfg)
     locked = create_model("locked", data.num_classes, data.in_channels, data.image_size, decision=spec_string(model_spec(decision)),
-                          nasty=nasty_spec, form=form, lock=dcfg["lock_rule"], margin=dcfg["lock_margin"])
+                          nasty=nasty_spec, form=form, lock=served.lock, margin=served.margin, keep=served.keep)
     locked.decision.load_state_dict(decision.state_dict())
     locked.nasty.load_state_dict(nasty.state_dict())
+    locked.served.load_state_dict(served.state_dict())
     return locked.eval()
 
 
@@ -120,27 +138,29 @@ def with_cmi(objective: Objective, weight: float, tau: float) -> Objective:
 
 
 class ServedHead(nn.Module):
-    """The nasty head as it is served: input = the backbone's features plus the decided class as a last
-    column; output = the head's logits with the decision locked on top. Training through it makes
-    the defense's objective (and the CMI term) act on what a thief will actually see."""
+    """The nasty head as it is served: input = the backbone's features with the normal model's logits
+    appended as the last C columns; output = what the locked teacher serves for them (the same
+    function, :class:`nasty.models.served.Served`). Training through it makes the defense's objective
+    (and the CMI term) act on what a thief will actually see."""
 
-    def __init__(self, head: nn.Module, lock: str, margin: float):
+    def __init__(self, head: nn.Module, served: Served):
         super().__init__()
-        self.head, self.lock, self.margin = head, lock, margin
+        self.head, self.served = head, served
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
-        return lock_decision(self.head(x[:, :-1]), x[:, -1].long(), self.lock, self.margin)
+        c = self.served.num_classes
+        return self.served(self.head(x[:, :-c]), x[:, -c:])
 
 
-def _with_decision(decision: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """``decision``'s features of ``x`` with its decided class appended as a last column."""
+def _with_normal_logits(decision: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """``decision``'s features of ``x`` with its logits appended as the last columns."""
     decision.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
             f = decision.forward_features(x[i : i + batch])
-            out.append(torch.cat([f, decision.forward_head(f).argmax(1, keepdim=True).to(f.dtype)], 1))
+            out.append(torch.cat([f, decision.forward_head(f).to(f.dtype)], 1))
     return torch.cat(out)
 
 
@@ -169,7 +189,7 @@ def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data,
     """Train a nasty head on ``decision``'s frozen features with ``defense``'s objective (the backbone's
     features and the adversaries' logits are computed once per run, shared by every strength candidate)."""
 
-    f_train, f_val = (_cached(_with_decision, decision, x) for x in (data.x_train, data.x_val))
+    f_train, f_val = (_cached(_with_normal_logits, decision, x) for x in (data.x_train, data.x_val))
     adv = [Frozen.from_outputs(_cached(_logits, a, data.x_train)) for a in adversaries]
     fdata = dataclasses.replace(data, x_train=f_train[:, :, None, None], x_val=f_val[:, :, None, None],
                                 x_test=f_val[:, :, None, None], y_test=data.y_val, augment="none")
@@ -177,8 +197,8 @@ def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data,
     steps = math.ceil(len(f_train) / batch)
     epochs = dcfg["head_epochs"] or max(5, min(300, math.ceil(HEAD_STEPS / steps)))
     seed_everything(seed, deterministic)
-    head = head_module(dcfg["nasty_head"], f_train.shape[1] - 1, data.num_classes)
-    net = ServedHead(head, dcfg["lock_rule"], dcfg["lock_margin"])
+    head = head_module(dcfg["nasty_head"], f_train.shape[1] - data.num_classes, data.num_classes)
+    net = ServedHead(head, served_for(decision, data, dcfg))
     cfg = TrainConfig(epochs=epochs, batch_size=batch, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine",
                       seed=seed, deterministic=deterministic, select="last")
     res = fit(net, with_cmi(defense.objective(adv), dcfg["cmi"], defense.cfg["tau"]), fdata, cfg, run_dir=run_dir,
@@ -196,7 +216,7 @@ def describe_lock(side: dict) -> str | None:
 
 
 def lock_summary(model: LockedTeacher) -> dict[str, Any]:
-    return {"form": model.form, "lock": model.lock, "margin": model.margin,
+    return {"form": model.form, "lock": model.lock, "margin": model.margin, "keep": model.keep,
             "white_box": "the artifact contains the normal model: whoever holds its weights holds the normal model"}
 
 

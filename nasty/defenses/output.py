@@ -12,7 +12,8 @@ Spec: items separated by ``,``; each ``name`` or ``name:ARG:ARG`` with positiona
   Distillation": keep the k largest probabilities, zero the rest, renormalise (the softmax of the
   top-k logits with the others at -inf).
 - ``round:decimals``: round to d decimals (ART ``Rounded``); the row's top class keeps at least
-  ``10**-d`` so a row never becomes all zeros.
+  ``10**-d`` more than any other class (so a row never becomes all zeros, and rounding never ties
+  the top class with another).
 - ``label``: class label only, the one-hot of *each row's own* argmax (ART ``ClassLabels``).
 - ``reverse-sigmoid:beta:gamma`` (alias ``rsig``), Lee et al. 2018 "Defending Against NN Model
   Stealing Attacks Using Deceptive Perturbations", as in ART: ``r = beta * (s(gamma * logit(p)) - 1/2)``
@@ -27,7 +28,13 @@ Spec: items separated by ``,``; each ``name`` or ``name:ARG:ARG`` with positiona
   the decision (a reference point: any attack on it is a label-only attack) and misleads plain KD.
 
 A row that a perturbation would leave with no mass at all falls back to the one-hot of its
-argmax. :class:`DefendedModel` wraps any classifier so that its outputs are the defended
+argmax.
+
+After a decision-locked teacher (:class:`nasty.models.locked.LockedTeacher`, whose decision leads
+by a real gap) only output defenses that keep each row's top class on top with a gap
+(``keeps_decision``: ``topk``, ``round``, ``label``, ``cutoff``, and ``template`` when its ``top``
+leads its other values by the gap for the number of classes) may follow; :func:`check_after_lock`
+refuses the others by name (``reverse-sigmoid`` and ``noise`` can move the decision). :class:`DefendedModel` wraps any classifier so that its outputs are the defended
 ``log p`` (logits up to a constant, ``-inf`` for withheld classes): the public API.
 """
 
@@ -40,6 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NastyError
+from ..models.locked import LockedTeacher
+from ..models.served import MIN_GAP
 from ..params import Param
 from ..registry import Registry, with_defaults
 
@@ -76,6 +85,7 @@ class OutputDefense:
     summary: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     params: ClassVar[dict[str, Param]] = {}
+    keeps_decision: ClassVar[bool] = False  # keeps each row's top class on top, with a gap: may follow a locked teacher
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -90,6 +100,10 @@ class OutputDefense:
 
     def apply(self, p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def decision_problem(self, num_classes: int) -> str | None:
+        """Why this defense with these parameters cannot keep a decision on ``num_classes`` classes, or ``None``."""
+        return None if self.keeps_decision else "it can move a locked teacher's decision"
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         if p.ndim != 2:
@@ -108,6 +122,7 @@ class TopK(OutputDefense):
     name = "topk"
     aliases = ("stingy",)
     summary = "stingy teacher (Ma et al. 2022): only the top-k classes, renormalised"
+    keeps_decision = True
     params = {"k": Param("int", 2, "classes kept", lambda v: v >= 1, "a positive integer")}
 
     def apply(self, p):
@@ -119,14 +134,16 @@ class TopK(OutputDefense):
 @register_output_defense
 class Round(OutputDefense):
     name = "round"
-    summary = "round probabilities to d decimals (ART Rounded)"
+    summary = "round probabilities to d decimals (ART Rounded); the top class stays 10**-d above the others"
     params = {"decimals": Param("int", 3, "decimals kept", lambda v: 0 <= v <= 12, "an integer in 0..12")}
+    keeps_decision = True
 
     def apply(self, p):
         scale = 10.0 ** self.p["decimals"]
         q = torch.round(p * scale) / scale
         top = p.argmax(dim=1, keepdim=True)
-        return q.scatter(1, top, q.gather(1, top).clamp_min(1.0 / scale))
+        others = q.scatter(1, top, float("-inf")).amax(1, keepdim=True)
+        return q.scatter(1, top, torch.maximum(q.gather(1, top).clamp_min(1.0 / scale), others + 1.0 / scale))
 
 
 @register_output_defense
@@ -134,6 +151,7 @@ class Label(OutputDefense):
     name = "label"
     aliases = ("labels", "argmax")
     summary = "class label only: one-hot of each row's argmax (ART ClassLabels)"
+    keeps_decision = True
 
     def apply(self, p):
         return _argmax_onehot(p)
@@ -174,6 +192,7 @@ class HighConfidence(OutputDefense):
     name = "cutoff"
     aliases = ("high-confidence",)
     summary = "zero probabilities below a threshold, keeping the top class (ART HighConfidence)"
+    keeps_decision = True
     params = {"threshold": Param("float", 0.25, "smallest probability kept", lambda v: 0 < v < 1, "in (0, 1)")}
 
     def apply(self, p):
@@ -187,6 +206,14 @@ class Template(OutputDefense):
     summary = "the decision mapped to one fixed, misleading soft vector per class (leaks nothing beyond the decision)"
     params = {"top": Param("float", 0.5, "probability of the decided class"), "decoy": Param("float", 0.45, "probability of the decoy class"),
               "shift": Param("int", 1, "decoy = decided class + shift", lambda v: v >= 1, "a positive integer")}
+    keeps_decision = True
+
+    def decision_problem(self, num_classes: int) -> str | None:
+        top, decoy = self.p["top"], self.p["decoy"]
+        second = max(decoy, (1.0 - top - decoy) / (num_classes - 2)) if num_classes > 2 else 1.0 - top
+        if top < second + MIN_GAP:
+            return f"its top {top:g} does not lead its other values ({second:g}) by {MIN_GAP:g} on {num_classes} classes"
+        return None
 
     def validate(self):
         top, decoy = self.p["top"], self.p["decoy"]
@@ -224,6 +251,24 @@ class Compose:
 
     def __repr__(self) -> str:
         return f"Compose({self.describe()})"
+
+
+def check_after_lock(chain: Compose | Callable[[torch.Tensor], torch.Tensor], num_classes: int) -> None:
+    """Refuse (one line, exit 2) an output defense chain after a locked teacher when a part of it can move
+    the decision: a part not declared ``keeps_decision`` (or not an output defense at all), or one
+    whose parameters cannot keep a gap on ``num_classes`` classes. Named by its spec."""
+    for part in getattr(chain, "parts", [chain]):
+        name = getattr(part, "describe", lambda: repr(part))()
+        problem = part.decision_problem(num_classes) if isinstance(part, OutputDefense) else "it is not a declared output defense"
+        if problem:
+            raise NastyError(f"output defense {name} can move a locked teacher's decision ({problem}); refused "
+                             "(after a lock: topk, round, label, cutoff or template)")
+
+
+def check_chain_for(model: nn.Module, chain: Compose | Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    """:func:`check_after_lock` when ``model`` is a locked teacher; nothing for other models."""
+    if chain is not None and isinstance(model, LockedTeacher):
+        check_after_lock(chain, model.num_classes)
 
 
 def _value(raw: str, default: Any, where: str) -> Any:
@@ -285,6 +330,7 @@ class DefendedModel(nn.Module):
         super().__init__()
         self.model = model
         self.defense = parse_output_defense(defense) if isinstance(defense, str) else defense
+        check_chain_for(model, self.defense)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

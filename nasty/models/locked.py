@@ -9,28 +9,27 @@ Two forms (``form``):
 - ``two-net``: the normal model decides, a separate nasty network (``nasty=`` a model spec, e.g.
   ``"cnn"``) produces the soft outputs. Two passes at inference.
 
-How the decision is imposed on the nasty logits ``z`` for the decided class ``d`` (``lock``):
+What is served (``lock``, ``margin``, ``keep``) is one function, :func:`nasty.models.served.serve`:
+the nasty logits with the decision imposed (``swap``: exchange ``z[d]`` with the largest logit;
+``margin``: raise ``z[d]`` to ``max_{j != d} z[j] + margin``), the served top probability kept as
+``keep`` says (``decision``: the nasty part's own; ``confidence``: the normal model's top
+probability; ``confidence:bins=B``: its validation-calibrated value), and on every input the decided
+class at least :data:`nasty.models.served.MIN_GAP` above every other class. ``forward`` returns
+served log-probabilities.
 
-- ``swap``: exchange ``z[d]`` with the largest logit (the served vector is a permutation of the
-  nasty one, so every statistic of it but the order is kept);
-- ``margin``: raise ``z[d]`` to ``max_{j != d} z[j] + margin`` when it is lower (the rest is kept).
-
-Either way ``served.argmax(1) == decision.argmax(1)`` on every input (a tie is broken for ``d``).
 White-box honesty: the artifact *contains* the normal model; whoever holds its weights holds the
 normal model. The defense is for black-box serving.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 
 from ._registry import create_model, parse_model_spec, register_model
+from .served import LOCKS, Served, parse_keep
 
 FORMS = ("two-head", "two-net")
-LOCKS = ("swap", "margin")
 
 
 def head_module(spec: str, num_features: int, num_classes: int) -> nn.Module:
@@ -47,36 +46,14 @@ def head_module(spec: str, num_features: int, num_classes: int) -> nn.Module:
     raise ValueError(f"nasty head must be 'linear' or 'mlp:hidden=H', got {spec!r}")
 
 
-def next_float_up(x: torch.Tensor) -> torch.Tensor:
-    """The next representable float above ``x``."""
-    return torch.nextafter(x, torch.full_like(x, float("inf")))
-
-
-def lock_decision(z: torch.Tensor, decision: torch.Tensor, lock: str = "swap", margin: float = 0.0,
-                  above: Callable[[torch.Tensor], torch.Tensor] = next_float_up) -> torch.Tensor:
-    """``z`` (N, C) with class ``decision`` (N,) on top (see the module docstring). ``above(best)`` is a
-    value above the best other logit, given to the decided class where it would otherwise tie."""
-    d = decision[:, None]
-    zd = z.gather(1, d)
-    if lock == "swap":
-        top = z.argmax(1, keepdim=True)
-        zt = z.gather(1, top)
-        out = z.scatter(1, top, zd).scatter(1, d, zt)
-    else:
-        others = z.scatter(1, d, float("-inf")).amax(1, keepdim=True)
-        out = z.scatter(1, d, torch.maximum(zd, others + margin))
-    # ties: the decided class must win argmax even where another logit equals it exactly
-    best = out.scatter(1, d, float("-inf")).amax(1, keepdim=True)
-    return out.scatter(1, d, torch.maximum(out.gather(1, d), above(best)))
-
-
 class LockedTeacher(nn.Module):
-    """``forward(x)`` = the nasty part's logits with the normal model's decision on top."""
+    """``forward(x)`` = the served log-probabilities (:func:`nasty.models.served.serve`)."""
 
-    def __init__(self, decision: nn.Module, nasty: nn.Module, form: str, lock: str, margin: float):
+    def __init__(self, decision: nn.Module, nasty: nn.Module, form: str, served: Served):
         super().__init__()
-        self.decision, self.nasty = decision, nasty
-        self.form, self.lock, self.margin = form, lock, margin
+        self.decision, self.nasty, self.served = decision, nasty, served
+        self.form, self.lock, self.margin, self.keep = form, served.lock, served.margin, served.keep
+        self.num_classes = served.num_classes
         self.stage_names = [f"decision.{s}" for s in getattr(decision, "stage_names", [])]
         self.num_features = getattr(decision, "num_features", None)
 
@@ -89,20 +66,22 @@ class LockedTeacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normal, z = self.decide_and_serve(x)
-        return lock_decision(z, normal.argmax(1), self.lock, self.margin)
+        return self.served(z, normal)
 
 
 @register_model
 def locked(num_classes: int, in_channels: int, image_size: tuple[int, int], decision: str = "cnn", nasty: str = "linear",
-           form: str = "two-head", lock: str = "swap", margin: float = 0.0) -> nn.Module:
+           form: str = "two-head", lock: str = "swap", margin: float = 0.0, keep: str = "decision") -> nn.Module:
     """Decision-locked teacher: ``decision`` model spec decides, ``nasty`` (a head spec for
-    ``form=two-head``, a model spec for ``two-net``) shapes the soft outputs; ``lock`` swap|margin."""
+    ``form=two-head``, a model spec for ``two-net``) shapes the soft outputs; ``lock`` swap|margin;
+    ``keep`` decision|confidence|confidence:bins=B (the served top probability)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     if lock not in LOCKS:
         raise ValueError(f"lock must be one of {', '.join(LOCKS)}, got {lock!r}")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 100:
         raise ValueError(f"margin must be a number in [0, 100], got {margin!r}")
+    parse_keep(keep)
     if not isinstance(decision, str) or decision.partition(":")[0].strip() == "locked":
         raise ValueError("the decision model must be a plain model spec, not another locked teacher")
     dec = create_model(decision, num_classes, in_channels, image_size)
@@ -114,7 +93,7 @@ def locked(num_classes: int, in_channels: int, image_size: tuple[int, int], deci
         if not isinstance(nasty, str) or nasty.partition(":")[0].strip() == "locked":
             raise ValueError("the nasty network must be a plain model spec")
         part = create_model(nasty, num_classes, in_channels, image_size)
-    return LockedTeacher(dec, part, form, lock, float(margin))
+    return LockedTeacher(dec, part, form, Served(num_classes, lock, float(margin), keep))
 
 
 def is_locked(model: nn.Module) -> bool:

@@ -19,7 +19,7 @@ from ..attacks.base import load_surrogate
 from ..attacks.run import thief_view
 from ..checkpoint import atomic_write_json
 from ..config import train_config
-from ..defenses.output import parse_output_defense
+from ..defenses.output import check_chain_for, parse_output_defense
 from ..errors import NastyError
 from ..resume import Checkpointing
 from ..runs import data_from_config, save_model
@@ -79,6 +79,8 @@ def plan_attack(cfg: dict, *, output_defense: str | None = None, labels: bool | 
     else:
         data = data_from_config(cfg, normalization=norm)
     teachers = [open_teacher(path, data)[0] for path in a["teacher"]]
+    for t in teachers:
+        check_chain_for(t, post)  # after a locked teacher: only defenses that keep its decision
     plan = AttackPlan(cfg, a["method"], params, query, labels, data, teachers, post, notes=notes)
     if a["surrogate"]:
         sur = load_surrogate(a["surrogate"], cfg["data"]["data_root"], data, val_fraction=cfg["data"]["val_fraction"],

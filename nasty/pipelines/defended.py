@@ -249,6 +249,8 @@ def check_lock_config(cfg: dict) -> None:
     """Settings a lock cannot honour, refused before anything trains."""
     d = cfg["defense"]
     if d["lock"] == "none":
+        if d["keep"] != "decision":
+            raise NastyError(f"--keep {d['keep']} sets what a locked teacher serves; --lock none serves the nasty network alone")
         return
     if d["name"] == "budget":
         raise NastyError("--defense budget bounds the teacher's accuracy cost, which a decision lock already makes zero; "
