@@ -90,7 +90,7 @@ def test_cmi_is_zero_when_outputs_are_a_function_of_the_class_and_gradients_are_
     z = torch.tensor([[3.0, 0.0, 1.0], [0.0, 2.0, 0.0], [1.0, 1.0, 5.0]])[y].requires_grad_(True)
     c = conditional_mi(z, y, 4.0)
     c.backward()
-    assert abs(float(c)) < 1e-9 and torch.isfinite(z.grad).all()
+    assert abs(c.item()) < 1e-9 and torch.isfinite(z.grad).all()
 
 
 def _dirichlet(m: torch.Tensor, y: torch.Tensor, alpha: float, g: torch.Generator) -> torch.Tensor:
@@ -140,3 +140,18 @@ def test_served_cmi_whole_split_golden():
     z = torch.full((6, 2), float("-inf"))
     z[torch.arange(6), d] = 0.0
     assert served_cmi(_Fixed(z), x, y) == pytest.approx((3 * math.log(4 / 3) + math.log(4)) / 6, rel=1e-9)
+
+
+def test_pareto_plot_points_read_the_served_quality_with_the_labels_only_point():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("plot_locked", Path(__file__).resolve().parent.parent / "benchmarks" / "plot_locked.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    q = {k: {"top1": 90.0, "top5": t5, "ece": ece, "nll": 1.0}
+         for k, t5, ece in (("normal", 99.0, 2.0), ("locked", 96.0, 30.0), ("template", 95.0, 45.0), ("label", 94.4, 10.0))}
+    rows = [{"quality": q, "gains": {"mlp": {"label-smoothing": 1.0, "normal-kd": 5.0, "normal-rehead-affine": 3.0, "kd": -2.0,
+                                             "template-kd": 0.5, "template-rehead-affine": 0.0}}}]
+    assert plot.points(rows, "ece") == {"label": (10.0, 0.0), "normal": (2.0, 4.0), "locked": (30.0, -3.0), "template": (45.0, -0.5)}
+    assert plot.points(rows, "top5")["label"] == (94.4, 0.0)
