@@ -66,8 +66,8 @@ def topk_hits(p: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     classes, not 1 (an index tie-break would make labels alone look like 99% top-5)."""
     py = p.gather(1, y[:, None])
     above = (p > py).sum(1)
-    tied = (p == py).sum(1)  # the true class's tie group, itself included
-    return (k - above).clamp(min=0).minimum(tied).to(torch.float64) / tied.to(torch.float64)
+    tied = (p == py).sum(1)  # the true class's tie group, itself included (none when the row is NaN: no hit)
+    return (k - above).clamp(min=0).minimum(tied).to(torch.float64) / tied.clamp_min(1).to(torch.float64)
 
 
 def expected_calibration_error(p: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
