@@ -22,11 +22,11 @@ from ..attacks import run_attack
 from ..checkpoint import atomic_write_json, read_sidecar
 from ..config import train_config
 from ..data import stratified_indices
-from ..defenses import PAPER_OMEGA, DefendedModel, get_defense, split_model_specs
+from ..defenses import PAPER_OMEGA, get_defense, parse_output_defense, split_model_specs
 from ..defenses.lock import TUNING_ATTACKS, assemble, describe_lock, lock_summary, train_head
 from ..defenses.selective import split_accuracy
 from ..errors import NastyError
-from ..metrics import served_cmi, served_quality
+from ..metrics import quality_of_probabilities, served_cmi, served_probabilities, served_quality
 from ..models import model_spec, parse_model_spec
 from ..registry import slug
 from ..resume import Checkpointing
@@ -103,13 +103,16 @@ REFERENCES = {"labels_only": "label", "template": "template"}  # reference outpu
 
 
 def served_utility(normal: nn.Module, teacher: nn.Module, data) -> dict[str, dict]:
-    """What the served probabilities give a legitimate user on the test split (:func:`nasty.metrics.served_quality`:
+    """What the served probabilities give a legitimate user on the test split (:func:`nasty.metrics.quality_of_probabilities`:
     top-1, top-5, ECE, NLL), for the normal and the defended teacher and two references over the normal model:
     labels only (the one-hot of its decision) and the class template (its decision mapped to one fixed soft
-    vector per class), which say nothing beyond the decision."""
-    out = {f"{k}_quality": served_quality(DefendedModel(normal, spec), data.x_test, data.y_test) for k, spec in REFERENCES.items()}
-    return {"normal_quality": served_quality(normal, data.x_test, data.y_test),
-            "defended_quality": served_quality(teacher, data.x_test, data.y_test), **out}
+    vector per class), which say nothing beyond the decision (one pass of the normal model serves all three)."""
+    p = served_probabilities(normal, data.x_test)
+    out = {"normal_quality": quality_of_probabilities(p, data.y_test),
+           "defended_quality": served_quality(teacher, data.x_test, data.y_test)}
+    for k, spec in REFERENCES.items():
+        out[f"{k}_quality"] = quality_of_probabilities(parse_output_defense(spec)(p), data.y_test)
+    return out
 
 
 def _checkpoint_normalization(dcfg: dict) -> tuple[list[float], list[float]] | None:
