@@ -88,7 +88,8 @@ def run_seed(args, cfg: dict, seed: int) -> dict:
     locked = result(root / "locked", nasty("train-defended", *source, "--seed", str(seed), *shlex.split(args.flags)))
     normal_ckpt = locked["normal_checkpoint"]
     row: dict = {"seed": seed, "normal_accuracy": locked["normal_accuracy"], "served_accuracy": locked["defended_accuracy"],
-                 "omega": locked["omega"], "quality": {"normal": locked["normal_quality"], "locked": locked["defended_quality"]},
+                 "omega": locked["omega"], "quality": {"normal": locked["normal_quality"], "locked": locked["defended_quality"],
+                                                       **{k: locked[f"{r}_quality"] for k, r in REFERENCES.items() if f"{r}_quality" in locked}},
                  "probe": locked["probe"], "gains": {}}
     if args.defaults_only:
         row["seconds"] = time.time() - t0
@@ -119,8 +120,12 @@ def run_seed(args, cfg: dict, seed: int) -> dict:
     return row
 
 
+REFERENCES = {"template": "template", "label": "labels_only"}  # row name here -> result.json's <name>_quality
+
+
 def quality_of_references(args, seed: int) -> dict:
-    """top-1/top-5/ECE of the class template and of labels only, served over the normal teacher."""
+    """top-1/top-5/ECE/NLL of the class template and of labels only, served over the normal teacher (for a
+    result.json written before train-defended reported them itself)."""
     import torch
 
     from nasty.checkpoint import load_checkpoint
@@ -155,7 +160,8 @@ def main() -> None:
     rows = [run_seed(args, cfg, s) for s in args.seeds]
     if not args.defaults_only:
         for r in rows:
-            r["quality"].update(quality_of_references(args, r["seed"]))
+            if not all(k in r["quality"] for k in REFERENCES):
+                r["quality"].update(quality_of_references(args, r["seed"]))
     info = {"command": " ".join(shlex.quote(a) for a in sys.argv), "config": args.dataset or args.config, "seeds": args.seeds,
             "threads": os.environ.get("OMP_NUM_THREADS", "default"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "python": platform.python_version()}
@@ -189,11 +195,11 @@ def main() -> None:
         return
     print("| single network (paper), KD | " + " | ".join(
         mean_sd([next(x["kd_gain_defended"] for x in r["single_probe"]["students"] if x["student"] == s) for r in rows]) for s in students) + " |")
-    print("\n| served | top-1 | top-5 | ECE |\n|---|---|---|---|")
+    print("\n| served | top-1 | top-5 | ECE | NLL |\n|---|---|---|---|---|")
     for k in ("normal", "locked", "single", "template", "label"):
         q = [r["quality"][k] for r in rows]
         print(f"| {k} | " + " | ".join(f"{statistics.mean(x[m] for x in q):.2f} ± {statistics.stdev(x[m] for x in q) if len(q) > 1 else 0:.2f}"
-                                       for m in ("top1", "top5", "ece")) + " |")
+                                       if all(m in x for x in q) else "–" for m in ("top1", "top5", "ece", "nll")) + " |")
 
 
 if __name__ == "__main__":

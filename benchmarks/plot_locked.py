@@ -2,11 +2,12 @@
 
     python benchmarks/plot_locked.py docs/bench/locked-digits.json docs/bench/locked-fashion.json --out docs/pareto.png
 
-x: top-5 accuracy and calibration error (ECE) of the served probabilities (test split); y: the best
-attack's gain over the label-only twin (points; mean over seeds of the worst student), i.e. leakage.
-Served defenses: the normal teacher, the paper's single nasty network (KD only was measured), the
-decision-locked teacher (every attack of the benchmark), the class template and labels only (0 by
-definition: it is the label-only baseline).
+x: top-5 accuracy (ties broken at random) and calibration error (ECE) of the served probabilities (test
+split; train-defended's result.json gives them: ``normal_quality``, ``defended_quality``,
+``template_quality``, ``labels_only_quality``); y: the best attack's gain over the label-only twin
+(points; mean over seeds of the worst student), i.e. leakage. Served defenses: the normal teacher, the
+paper's single nasty network (KD only was measured), the decision-locked teacher (every attack of the
+benchmark), the class template and labels only (0 by definition: it is the label-only baseline).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def leakage(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def points(rows: list[dict], metric: str) -> dict[str, tuple[float, float]]:
+    """Per served defense with both numbers: (mean over seeds of the served quality ``metric`` from the rows'
+    ``quality``, which bench_locked.py takes from train-defended's result.json, leakage). Labels only is the
+    point at leakage 0."""
+    return {k: (statistics.mean(r["quality"][k][metric] for r in rows), y) for k, y in leakage(rows).items()
+            if all(k in r["quality"] and metric in r["quality"][k] for r in rows)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+")
@@ -53,14 +62,10 @@ def main() -> None:
     for row, path in zip(axes, args.results):
         doc = json.loads(Path(path).read_text())
         rows = doc["rows"]
-        leak = leakage(rows)
         name = Path(doc["info"]["config"]).stem
         for ax, metric, label in ((row[0], "top5", "top-5 accuracy of the served probabilities (%)"),
                                   (row[1], "ece", "calibration error of the served probabilities (ECE, %)")):
-            for k, y in leak.items():
-                if not all(k in r["quality"] for r in rows):
-                    continue
-                x = statistics.mean(r["quality"][k][metric] for r in rows)
+            for k, (x, y) in points(rows, metric).items():
                 ax.scatter(x, y, s=60)
                 ax.annotate(k, (x, y), textcoords="offset points", xytext=(5, 5))
             ax.axhline(0, color="grey", lw=0.8, ls="--")

@@ -168,7 +168,7 @@ class StepMemo:
 
 
 class TeacherOutputCache:
-    """Shared store of oracle outputs (training images) and teacher predictions (test split)."""
+    """Shared store of oracle outputs (training images) and teacher outputs (test split)."""
 
     def __init__(self, batch_size: int = 1024):
         self.batch_size = batch_size
@@ -196,13 +196,17 @@ class TeacherOutputCache:
         f._filled[:] = True  # noqa: SLF001
         return f
 
-    def test_pred(self, model, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's argmax predictions on ``x`` (the test split), computed once."""
+    def test_logits(self, model, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's outputs on ``x`` (the test split), computed once."""
         key = (query_key(model), id(x))
         hit = self._test.get(key)
         if hit is not None and hit[0] is model and hit[1] is x:
             return hit[2]
-        pred = predict_logits(model, x).argmax(1)
+        z = predict_logits(model, x)
         self.samples_run += len(x)
-        self._test[key] = (model, x, pred)
-        return pred
+        self._test[key] = (model, x, z)
+        return z
+
+    def test_pred(self, model, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's argmax predictions on ``x`` (the test split), computed once."""
+        return self.test_logits(model, x).argmax(1)

@@ -1,4 +1,5 @@
-"""Accuracy, per-class accuracy, confusion matrix and teacher agreement: the one metrics module."""
+"""Accuracy, per-class accuracy, confusion matrix, teacher agreement, what served probabilities give a
+user (top-k, calibration, NLL) and what they say beyond the class (CMI): the one metrics module."""
 
 from __future__ import annotations
 
@@ -79,11 +80,24 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: 
     return out
 
 
+def topk_hits(p: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the expected top-``k`` hit of the true class when ties in ``p`` are broken uniformly at
+    random: 1 when fewer than ``k`` classes beat it and the true class's tie group fits in the slots left,
+    ``slots / group size`` when its tie group straddles the boundary, 0 when ``k`` classes beat it. A
+    one-hot output has ``C - 1`` tied zeros, so a wrong answer hits the top-5 with probability 4/9 on 10
+    classes, not 1 (an index tie-break would make labels alone look like 99% top-5)."""
+    py = p.gather(1, y[:, None])
+    above = (p > py).sum(1)
+    tied = (p == py).sum(1)  # the true class's tie group, itself included (none when the row is NaN: no hit)
+    return (k - above).clamp(min=0).minimum(tied).to(torch.float64) / tied.clamp_min(1).to(torch.float64)
+
+
 def expected_calibration_error(p: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
     """ECE in percent: ``sum_b |B_b|/n * |acc(B_b) - conf(B_b)|`` over equal-width confidence bins
-    of the top-1 probability (Guo et al. 2017)."""
-    conf, pred = p.max(1)
-    correct = (pred == y).float()
+    of the top-1 probability (Guo et al. 2017); a row's accuracy is its expected top-1 hit under a random
+    tie-break (:func:`topk_hits`)."""
+    conf = p.max(1).values.to(torch.float64)
+    correct = topk_hits(p, y, 1)
     idx = (conf * bins).long().clamp(0, bins - 1)
     n = len(y)
     ece = 0.0
@@ -94,14 +108,71 @@ def expected_calibration_error(p: torch.Tensor, y: torch.Tensor, bins: int = 15)
     return 100.0 * ece
 
 
+NLL_FLOOR = 1e-12  # the served probability of the true class is clipped here: a withheld class costs 27.6 nats, not infinity
+
+
+def quality_of_probabilities(p: torch.Tensor, y: torch.Tensor) -> dict:
+    """``top1``, ``top5`` (expected hits under a random tie-break, percent), ``ece`` (15 bins, percent) and
+    ``nll`` (mean ``-log`` of the true class's probability clipped at :data:`NLL_FLOOR`, nats) of
+    probability rows ``p``."""
+    if not len(y):
+        return {"top1": float("nan"), "top5": float("nan"), "ece": float("nan"), "nll": float("nan")}
+    p = p.detach().to(torch.float64)
+    k = min(5, p.shape[1])
+    nll = -torch.log(p.gather(1, y[:, None]).squeeze(1).clamp_min(NLL_FLOOR))
+    return {"top1": float(100.0 * topk_hits(p, y, 1).mean()), "top5": float(100.0 * topk_hits(p, y, k).mean()),
+            "ece": expected_calibration_error(p, y), "nll": float(nll.mean())}
+
+
+def served_probabilities(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """What a client receives: ``softmax`` of the served logits at temperature 1 (``-inf`` for a withheld class gives 0)."""
+    return torch.softmax(predict_logits(model, x).to(torch.float64), 1)
+
+
 def served_quality(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict:
     """What a model's served probabilities still give a legitimate user: top-1 and top-5 accuracy
-    and calibration error (ECE, 15 bins), all in percent."""
-    z = predict_logits(model, x)
-    p = torch.softmax(z, 1)
-    k = min(5, p.shape[1])
-    top5 = (p.topk(k, 1).indices == y[:, None]).any(1)
-    return {"top1": accuracy(p.argmax(1), y), "top5": float(100.0 * top5.float().mean()), "ece": expected_calibration_error(p, y)}
+    (ties broken at random), calibration error (ECE, 15 bins), all in percent, and NLL in nats
+    (:func:`quality_of_probabilities`)."""
+    return quality_of_probabilities(served_probabilities(model, x), y)
+
+
+def class_conditional_mi(log_p: torch.Tensor, y: torch.Tensor, leave_one_out: bool, floor: float = 1e-12) -> torch.Tensor:
+    """``mean_i KL(P_i || Q_i)`` in nats for log-probability rows ``log_p`` and classes ``y``: the
+    conditional mutual information of the outputs given the class, estimated from these samples.
+    ``Q_i`` is the mean ``P`` of the samples of class ``y_i``: with ``leave_one_out`` without sample ``i``,
+    ``(n_c Q_c - P_i) / (n_c - 1)``, and then a sample alone in its class has no ``Q_i`` and is left out of
+    the mean (0 when every sample is alone); else with it (the plug-in form, biased low by the sample's own
+    share of its mean, and finite even for one-hot outputs). ``Q`` is floored at ``floor``. Computed in
+    float64 (the leave-one-out difference would cancel in float32); differentiable."""
+    dtype = log_p.dtype
+    log_p = log_p.to(torch.float64).clamp_min(-745.0)  # exp(-745) is the last float64 above 0: a withheld class weighs 0, not NaN
+    p = log_p.exp()
+    onehot = torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
+    n_c = onehot.sum(0)
+    sums = onehot.T @ p
+    if leave_one_out:
+        n_i = n_c[y]
+        keep = n_i > 1
+        if not keep.any():
+            return (log_p.sum() * 0).to(dtype)
+        q = (sums[y] - p) / (n_i - 1).clamp_min(1)[:, None]
+    else:
+        keep = torch.ones_like(y, dtype=torch.bool)
+        q = sums[y] / n_c[y][:, None]
+    kl = (p * (log_p - torch.log(q.clamp_min(floor)))).sum(1)
+    return kl[keep].mean().to(dtype)
+
+
+def served_cmi(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """The conditional mutual information (nats) of a model's served probabilities (temperature 1, what a
+    thief receives) given the true class, over the whole split ``x``: ``Q_c`` is the mean served output
+    of class ``c`` over the split (the plug-in form of :func:`class_conditional_mi`). 0 when the outputs
+    are a function of the class; labels-only outputs of a model that errs score above 0 (their decision
+    says something beyond the class)."""
+    if not len(y):
+        return float("nan")
+    log_p = torch.log_softmax(predict_logits(model, x).to(torch.float64), 1)
+    return float(class_conditional_mi(log_p, y, leave_one_out=False))
 
 
 def use_channels_last(x: torch.Tensor, models: Sequence[nn.Module] = ()) -> bool:

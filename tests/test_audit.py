@@ -76,13 +76,18 @@ def _audit(out):
     return json.loads((out / "audit.json").read_text())
 
 
-def test_audit_outputs_cache_and_resume(run_cli, teacher_ckpt, digits, tmp_path):
+def test_audit_outputs_cache_and_resume(run_cli, teacher_ckpt, teacher, digits, tmp_path):
     out = tmp_path / "a"
     args = ["audit", teacher_ckpt, "--attacks", "kd,test-kd-twin", "--seeds", "2", "--out", out, *TINY]
     rc, stdout, err = run_cli(*args)
     assert rc == 0, err
     assert "of 10 classes transferable" in stdout
     a = validate(_audit(out))
+    from nasty.metrics import served_quality
+
+    q = a["targets"]["teacher"]["quality"]  # the teacher's served utility on the test split, in the terminal table too
+    assert q == pytest.approx(served_quality(teacher, digits.x_test, digits.y_test), rel=1e-4)
+    assert f"served top-5 {q['top5']:.2f}%, ECE {q['ece']:.2f}%, NLL {q['nll']:.3f}" in stdout
     assert a["status"] == "complete" and a["config"]["seeds"] == [0, 1] and a["schema_version"] == 3
     kd = a["targets"]["teacher"]["attacks"]["kd"]
     assert kd["rule"] == "gain" and kd["transferred_count"] == len(kd["transferred_classes"])
@@ -332,11 +337,25 @@ def test_output_defense_is_audited_and_named(run_cli, teacher_ckpt, tmp_path):
     a = _audit(out)
     assert a["config"]["output_defense"] == "label" and a["targets"]["teacher"]["defense"] == {"training": None, "output": "label"}
     assert "Defense: output: label." in (out / "audit.md").read_text()
+    # served utility as deployed (labels only): top-5 = top-1 + 4/9 of the misses, the misses cost -log(1e-12) nats each
+    q = a["targets"]["teacher"]["quality"]
+    assert q["top1"] == pytest.approx(a["targets"]["teacher"]["accuracy"])
+    assert q["top5"] == pytest.approx(q["top1"] + (100 - q["top1"]) * 4 / 9)
+    assert q["nll"] == pytest.approx((100 - q["top1"]) / 100 * 27.631021, rel=1e-6)
+    assert q["ece"] == pytest.approx(100 - q["top1"])
+    line = f"top-5 {q['top5']:.2f}% (ties broken at random), calibration error (ECE) {q['ece']:.2f}%, NLL {q['nll']:.3f} nats"
+    assert line in (out / "audit.md").read_text() and line in (out / "audit.html").read_text()
     old = _audit(out)
     del old["targets"]["teacher"]["defense"]  # an audit.json written before targets recorded their defense
+    del old["targets"]["teacher"]["quality"]  # ... or their served utility
     (tmp_path / "old.json").write_text(json.dumps(old))
-    rc, _, err = run_cli("report", tmp_path / "old.json", "--out", tmp_path / "old")
+    rc, stdout, err = run_cli("report", tmp_path / "old.json", "--out", tmp_path / "old")
     assert rc == 0 and "Defense:" not in (tmp_path / "old" / "audit.md").read_text()
+    assert "Served outputs" not in (tmp_path / "old" / "audit.md").read_text() and "served top-5" not in stdout
+    old["targets"]["teacher"]["quality"] = {**q, "ece": "<b>"}
+    (tmp_path / "bad.json").write_text(json.dumps(old))
+    rc, _, err = run_cli("report", tmp_path / "bad.json", "--out", tmp_path / "bad")
+    assert rc == 2 and "targets.teacher.quality" in err and err.strip().count("\n") == 0
     res = json.loads((out / "runs/teacher/kd/mlp/seed-0/result.json").read_text())
     assert res["resources"]["output_defense"] == "label"
     # another output defense is another configuration; white-box access bypasses any output defense

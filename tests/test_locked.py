@@ -89,8 +89,18 @@ def test_two_head_default_keeps_accuracy_exactly_and_picks_omega_on_validation(t
     side = json.loads((tmp_path / "d" / "defended" / "model.json").read_text())
     assert side["model"]["name"] == "locked" and side["defense"]["omega"] == r["omega"]
     assert "normal model" in side["defense_info"]["lock"]["white_box"]
-    assert {"top1", "top5", "ece"} <= set(r["defended_quality"])
-    assert r["defended_quality"]["top1"] == r["normal_quality"]["top1"]
+    rows = ("labels_only", "template", "normal", "defended")
+    assert all(set(r[f"{k}_quality"]) == {"top1", "top5", "ece", "nll"} for k in rows)
+    # every row serves the normal model's decision: one top-1; labels only gets 4/9 of the misses in its top-5
+    assert len({round(r[f"{k}_quality"]["top1"], 9) for k in rows}) == 1
+    lab = r["labels_only_quality"]
+    assert lab["top5"] == pytest.approx(lab["top1"] + (100 - lab["top1"]) * 4 / 9)
+    assert r["template_quality"]["top5"] < r["normal_quality"]["top5"]
+    assert set(r["validation_cmi"]) == {"normal", "defended"} and all(v >= 0 for v in r["validation_cmi"].values())
+    saved = json.loads((tmp_path / "d" / "result.json").read_text())
+    assert saved["labels_only_quality"] == lab and saved["validation_cmi"] == r["validation_cmi"]
+    (line,) = [x for x in r["verdict"].splitlines() if x.startswith("served utility")]
+    assert f"labels only {lab['ece']:.2f}%" in line and f"defended {r['defended_quality']['top5']:.2f}%" in line
 
 
 def test_two_head_harms_plain_kd_far_more_than_the_single_network(tmp_path):

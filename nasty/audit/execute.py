@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from .. import safe_io
 from ..attacks import can_share_pass, prepare_attack, run_attacks_together
@@ -25,7 +26,7 @@ from ..config import train_config
 from ..defenses.output import DefendedModel
 from ..errors import AuditIncomplete, NastyError, TrainingDiverged
 from ..frozen import TeacherOutputCache
-from ..metrics import predict_logits
+from ..metrics import predict_logits, quality_of_probabilities
 from ..train import seed_everything
 from .plan import AuditPlan, Job
 
@@ -271,7 +272,9 @@ def execute(plan: AuditPlan, out: Path, log: Callable[[str], None], verbose: boo
     deployed = dict(plan.targets)
     if plan.post is not None:  # the teacher's answers as deployed: argmax of the defended probabilities
         deployed["teacher"] = DefendedModel(plan.targets["teacher"], plan.post)
-    teacher_pred = {g: runner.cache.test_pred(m, plan.data.x_test).numpy() for g, m in deployed.items()}
+    test_out = {g: runner.cache.test_logits(m, plan.data.x_test) for g, m in deployed.items()}
+    teacher_pred = {g: z.argmax(1).numpy() for g, z in test_out.items()}
+    quality = {g: quality_of_probabilities(torch.softmax(z.to(torch.float64), 1), plan.data.y_test) for g, z in test_out.items()}
     for h in hooks:
         h.remove()
     runtime = {"seconds": ex.seconds, "runs_trained": ex.counts["trained"], "runs_reused": ex.counts["reused"],
@@ -281,4 +284,4 @@ def execute(plan: AuditPlan, out: Path, log: Callable[[str], None], verbose: boo
     if callable(extra):  # an executor training in other processes adds their teacher counts and names itself
         for k, v in extra().items():
             runtime[k] = runtime[k] + v if isinstance(runtime.get(k), int) and isinstance(v, int) else v
-    return ex, {"teacher_pred": teacher_pred, "runtime": runtime}
+    return ex, {"teacher_pred": teacher_pred, "quality": quality, "runtime": runtime}

@@ -263,6 +263,15 @@ def _defense_sentence(target: dict) -> str:
     return f" Defense: {defense_text(target['defense'])}." if "defense" in target else ""
 
 
+def _quality_sentence(target: dict) -> str:
+    """The served-utility sentence, for audits that record it (older audit.json files do not: then nothing)."""
+    q = target.get("quality")
+    if not q:
+        return ""
+    return (f" Served outputs on the test split: top-1 {q['top1']:.2f}%, top-5 {q['top5']:.2f}% (ties broken at random), "
+            f"calibration error (ECE) {q['ece']:.2f}%, NLL {q['nll']:.3f} nats.")
+
+
 class Md(str):
     """A table cell that is trusted Markdown (static text), written as it is; every other cell is escaped."""
 
@@ -331,7 +340,8 @@ def render_markdown(audit: dict) -> str:
     for target in audit["targets"]:
         notes = _found_lines(audit, target) + resolution_lines(audit, target)
         md += [f"## {e(TARGET_TITLES.get(target, target))}: summary",
-               f"Teacher test accuracy {audit['targets'][target]['accuracy']:.2f}%." + e(_defense_sentence(audit["targets"][target])), "",
+               f"Teacher test accuracy {audit['targets'][target]['accuracy']:.2f}%." + e(_defense_sentence(audit["targets"][target]))
+               + e(_quality_sentence(audit["targets"][target])), "",
                _md_table(_summary_head(audit), _summary_rows(audit, target)), ""]
         md += [f"- {e(line)}" for line in notes] + ([""] if notes else [])
     if audit.get("defense_effect"):
@@ -412,7 +422,7 @@ def render_html(audit: dict) -> str:
     for target in audit["targets"]:
         t = audit["targets"][target]
         parts.append(f"<h2>{_h(TARGET_TITLES.get(target, target))}</h2><p>Teacher test accuracy <b>{t['accuracy']:.2f}%</b>."
-                     f"{_h(_defense_sentence(t))}</p>")
+                     f"{_h(_defense_sentence(t))}{_h(_quality_sentence(t))}</p>")
         chips = []
         for a, att in t["attacks"].items():
             kind = "muted" if att["status"] != "ok" else ("bad" if att["transferred_count"] else "good")
@@ -467,7 +477,9 @@ def terminal_table(audit: dict) -> str:
     C = len(audit["dataset"]["classes"])
     lines = []
     for target, t in audit["targets"].items():
-        lines.append(f"{TARGET_TITLES.get(target, target)} (accuracy {t['accuracy']:.2f}%):")
+        q = t.get("quality")
+        served = f"; served top-5 {q['top5']:.2f}%, ECE {q['ece']:.2f}%, NLL {q['nll']:.3f}" if q else ""
+        lines.append(f"{TARGET_TITLES.get(target, target)} (accuracy {t['accuracy']:.2f}%{served}):")
         width = max([len(esc.term(a)) for a in t["attacks"]] + [6])
         for a, att in t["attacks"].items():
             tail = f"  [{att['threshold']}] classes {att['transferred_classes']}" if att["status"] == "ok" else ""

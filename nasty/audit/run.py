@@ -44,6 +44,8 @@ def run_audit(s: AuditSettings, out: str | Path, *, force: bool = False, log: Ca
                     ex.skipped_students)
     for g, d in plan.defenses.items():
         audit["targets"][g]["defense"] = d
+    for g, q in facts["quality"].items():
+        audit["targets"][g]["quality"] = q
     audit["runtime"] = facts["runtime"]
     audit["versions"] = versions()
     atomic_write_json(out / "audit.json", audit)

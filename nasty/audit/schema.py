@@ -20,7 +20,10 @@ with bootstrap intervals and no p-values, are still read and rendered). Top-leve
 - ``targets``: ``{"teacher": T, "reference": T}`` (reference only with ``--reference``), where ``T`` has
   ``checkpoint``, ``accuracy``, ``per_class_accuracy`` (as deployed: behind the output defense, if any),
   ``defense`` (``training``: the training-time defense and its parameters from the checkpoint, or null;
-  ``output``: the output defense the answers pass through, or null) and ``attacks``: ``{name: A}``;
+  ``output``: the output defense the answers pass through, or null), ``quality`` (added within v3; older
+  files lack it: what the served probabilities, as deployed, give a user on the test split: ``top1`` and ``top5``
+  (percent, ties broken at random), ``ece`` (percent, 15 bins) and ``nll`` (nats, the true class's probability
+  clipped at 1e-12); :func:`nasty.metrics.quality_of_probabilities`) and ``attacks``: ``{name: A}``;
 - ``A`` (one attack, **the stable interface**): ``method`` (attack name), ``rule`` (``"gain"`` or
   ``"fidelity"``), ``threshold`` (text), ``status`` (``"ok"``, ``"skipped"``, ``"failed"``), ``reason``,
   ``transferred_classes`` (class indices, union over students), ``transferred_count``, ``num_classes``,
@@ -70,6 +73,7 @@ _TOP = {"schema": str, "schema_version": int, "status": str, "config": dict, "da
 _ATTACK = {"method": str, "rule": str, "status": str, "transferred_classes": list, "transferred_count": int, "students": dict}
 _ROW = ("class", "accuracy", "baseline", "gain", "gain_ci", "teacher_accuracy", "fidelity", "fidelity_ci", "transferred")
 _ROW_V2 = ("p_value", "p_adjusted", "detectable", "safe", "interval")
+QUALITY = ("top1", "top5", "ece", "nll")  # targets.*.quality (optional within v3)
 _POOLED = ("gain", "ci_low", "ci_high", "p", "p_adjusted", "transferred", "detectable_gain", "resolution_ok")
 
 
@@ -95,6 +99,9 @@ def validate(obj: object, where: str = "audit.json") -> dict:
             raise NastyError(f"{where}: targets.{g}.attacks missing")
         if not isinstance(tgt.get("per_class_accuracy"), list) or len(tgt["per_class_accuracy"]) != len(classes):
             raise NastyError(f"{where}: targets.{g}.per_class_accuracy must have one entry per class")
+        q = tgt.get("quality")
+        if q is not None and not (isinstance(q, dict) and all(_is_number(q.get(k)) for k in QUALITY)):
+            raise NastyError(f"{where}: targets.{g}.quality must give {', '.join(QUALITY)} as numbers")
         for a, att in tgt["attacks"].items():
             w = f"{where}: targets.{g}.attacks.{a}"
             for k, t in _ATTACK.items():
@@ -119,6 +126,10 @@ def validate(obj: object, where: str = "audit.json") -> dict:
                     if missing:
                         raise NastyError(f"{w}.students.{st}: class row lacks {missing[0]!r}")
     return obj
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def load_audit(path: str | Path) -> dict:

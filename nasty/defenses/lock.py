@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ..errors import NastyError
 from ..frozen import Frozen
-from ..metrics import predict_logits
+from ..metrics import class_conditional_mi, predict_logits
 from ..models import create_model, model_spec
 from ..models.locked import LOCKS, LockedTeacher, head_module
 from ..models.served import KEEP_EXPECT, Served, fit_bins, keep_ok
@@ -113,19 +113,26 @@ def check_lock_defends(locked: LockedTeacher, x: torch.Tensor, what: str) -> Non
 
 
 def conditional_mi(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
-    """Batch estimate of the conditional mutual information of the tempered outputs given the class
-    (Ye, Hamidi, Yang 2025): ``mean_i KL(P_i || Q_{y_i})`` with ``P = softmax(z / tau)`` and ``Q_c``
-    the mean ``P`` over the batch's samples of class ``c``. Zero when the outputs say nothing beyond
-    the class, so no correction fitted on labels can recover more than the class."""
-    log_p = torch.log_softmax(z / tau, 1)
-    p = log_p.exp()
-    onehot = torch.nn.functional.one_hot(y, z.shape[1]).to(p.dtype)
-    q = (onehot.T @ p) / onehot.sum(0).clamp_min(1)[:, None]
-    return (p * (log_p - torch.log(q[y].clamp_min(1e-12)))).sum(1).mean()
+    """Leave-one-out batch estimate of the conditional mutual information of the tempered outputs given
+    the class (after Ye, Hamidi, Yang 2025), in nats: ``mean_i KL(P_i || Q_{-i})`` with ``P = softmax(z / tau)``
+    and ``Q_{-i} = (n_c Q_c - P_i) / (n_c - 1)`` the mean ``P`` of the *other* samples of class ``c = y_i`` in
+    the batch (:func:`nasty.metrics.class_conditional_mi`). A sample alone in its class in the batch has
+    no such mean and is left out (the mean is over the others; 0 when every sample is alone). Zero when the
+    outputs say nothing beyond the class, so no correction fitted on labels can recover more than the class.
+
+    Since ``Q_{-i}`` is independent of ``P_i``, the estimate is an upper bound of the CMI in expectation
+    (Jensen on ``-log``), whereas a sample inside its own class mean pulls that mean toward itself and the
+    estimate is a lower bound that the outputs can push down without the CMI falling. Measured on
+    class-conditional Dirichlet outputs with a known CMI (``python benchmarks/cmi_bias.py``; alpha 20,
+    uniform labels; bias in percent of the truth), own-mean vs leave-one-out: 10 classes, batch 64
+    -17% vs +24%, batch 256 -4% vs +5%; 100 classes, batch 64 -81% vs +244%, batch 256 -49% vs +139%;
+    at a whole split (1000 or 10000 samples) both are within 2.5%."""
+    return class_conditional_mi(torch.log_softmax(z / tau, 1), y, leave_one_out=True)
 
 
 def with_cmi(objective: Objective, weight: float, tau: float) -> Objective:
-    """``objective`` plus ``weight * CMI`` of the head's outputs given the label (unchanged for weight 0)."""
+    """``objective`` plus ``weight * CMI`` of the head's outputs given the label, the leave-one-out batch
+    estimate of :func:`conditional_mi` (unchanged for weight 0)."""
     if not weight:
         return objective
 

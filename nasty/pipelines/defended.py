@@ -22,11 +22,11 @@ from ..attacks import run_attack
 from ..checkpoint import atomic_write_json, read_sidecar
 from ..config import train_config
 from ..data import stratified_indices
-from ..defenses import PAPER_OMEGA, get_defense, split_model_specs
+from ..defenses import PAPER_OMEGA, get_defense, parse_output_defense, split_model_specs
 from ..defenses.lock import TUNING_ATTACKS, assemble, describe_lock, lock_summary, train_head
 from ..defenses.selective import split_accuracy
 from ..errors import NastyError
-from ..metrics import served_quality
+from ..metrics import quality_of_probabilities, served_cmi, served_probabilities, served_quality
 from ..models import model_spec, parse_model_spec
 from ..registry import slug
 from ..resume import Checkpointing
@@ -77,8 +77,8 @@ def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log, ck: 
         "accuracy_drop": normal_test["accuracy"] - defended_test["accuracy"],
         "normal_per_class_accuracy": normal_test["per_class_accuracy"],
         "defended_per_class_accuracy": defended_test["per_class_accuracy"],
-        "normal_quality": served_quality(normal, data.x_test, data.y_test),
-        "defended_quality": served_quality(teacher, data.x_test, data.y_test),
+        **served_utility(normal, teacher, data),
+        "validation_cmi": {"normal": served_cmi(normal, data.x_val, data.y_val), "defended": served_cmi(teacher, data.x_val, data.y_val)},
         "defense": defense.name,
         "lock": dcfg["lock"],
         "omega": omega,
@@ -97,6 +97,22 @@ def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log, ck: 
     result["verdict"] = verdict_text(result)
     atomic_write_json(out / "result.json", result)
     return result
+
+
+REFERENCES = {"labels_only": "label", "template": "template"}  # reference outputs served over the normal model (output defenses, defaults)
+
+
+def served_utility(normal: nn.Module, teacher: nn.Module, data) -> dict[str, dict]:
+    """What the served probabilities give a legitimate user on the test split (:func:`nasty.metrics.quality_of_probabilities`:
+    top-1, top-5, ECE, NLL), for the normal and the defended teacher and two references over the normal model:
+    labels only (the one-hot of its decision) and the class template (its decision mapped to one fixed soft
+    vector per class), which say nothing beyond the decision (one pass of the normal model serves all three)."""
+    p = served_probabilities(normal, data.x_test)
+    out = {"normal_quality": quality_of_probabilities(p, data.y_test),
+           "defended_quality": served_quality(teacher, data.x_test, data.y_test)}
+    for k, spec in REFERENCES.items():
+        out[f"{k}_quality"] = quality_of_probabilities(parse_output_defense(spec)(p), data.y_test)
+    return out
 
 
 def _checkpoint_normalization(dcfg: dict) -> tuple[list[float], list[float]] | None:

@@ -102,11 +102,27 @@ def _leakage_lines(probe: dict) -> list[str]:
     return lines
 
 
+UTILITY_ROWS = (("defended", "defended_quality"), ("normal", "normal_quality"), ("labels only", "labels_only_quality"))
+
+
+def utility_line(result: dict) -> str | None:
+    """One line of served utility on the test split: ECE and top-5 of the defended teacher vs the normal one vs
+    labels only (``None`` for a result without these rows)."""
+    rows = [(name, result[k]) for name, k in UTILITY_ROWS if isinstance(result.get(k), dict)]
+    if not rows:
+        return None
+    return ("served utility (test): ECE " + ", ".join(f"{name} {q['ece']:.2f}%" for name, q in rows)
+            + "; top-5 " + ", ".join(f"{name} {q['top5']:.2f}%" for name, q in rows))
+
+
 def verdict_text(result: dict) -> str:
     lock = result.get("lock", "none")
     served = "" if lock in (None, "none") else f" (served; decisions locked to the normal model, {lock}, omega {result['omega']:g})"
     lines = [f"teacher accuracy: normal {result['normal_accuracy']:.2f}%, defended {result['defended_accuracy']:.2f}%{served} "
              f"({-result['accuracy_drop']:+.2f} points)"]
+    utility = utility_line(result)
+    if utility:
+        lines.append(utility)
     probe = result.get("probe")
     if probe and "leakage" in probe:
         lines += _leakage_lines(probe)
