@@ -5,8 +5,8 @@ comes from one run on one machine.
 
     python benchmarks/bench_cost.py --configs configs/digits.toml --threads 1 2 --json docs/bench/cost.json
 
-Each command runs as a subprocess with ``OMP_NUM_THREADS`` set (the CLI as a user runs it, start-up
-included); the stage times come from the time each log line arrived. Fashion-MNIST needs its dataset
+Each command runs as a subprocess with ``OMP_NUM_THREADS`` set and ``--jobs`` equal to it (T threads:
+T student processes of one thread each; the CLI as a user runs it, start-up included); the stage times come from the time each log line arrived. Fashion-MNIST needs its dataset
 (the benchmark skips a config whose data it cannot load).
 """
 
@@ -146,8 +146,8 @@ def main() -> None:
             wall, _ = timed(nasty + ["train-teacher", "--config", config, "--out", str(d / "teacher"), "--force"], threads,
                             args.out / f"{tag}-t{threads}-teacher.log")
             row["train_teacher_s"] = wall
-            wall, lines = timed(nasty + ["train-defended", "--config", config, "--out", str(d / "noprobe"), "--no-probe", "--force"],
-                                threads, args.out / f"{tag}-t{threads}-noprobe.log")
+            wall, lines = timed(nasty + ["train-defended", "--config", config, "--out", str(d / "noprobe"), "--no-probe", "--force",
+                                         "--jobs", str(threads)], threads, args.out / f"{tag}-t{threads}-noprobe.log")
             row["train_defended_no_probe_s"], row["no_probe_stages"] = wall, stages(lines, wall)
             if not args.no_full:
                 wall, lines = timed(nasty + ["train-defended", "--config", config, "--out", str(d / "full"), "--force"] +

@@ -155,3 +155,33 @@ def test_pareto_plot_points_read_the_served_quality_with_the_labels_only_point()
                                              "template-kd": 0.5, "template-rehead-affine": 0.0}}}]
     assert plot.points(rows, "ece") == {"label": (10.0, 0.0), "normal": (2.0, 4.0), "locked": (30.0, -3.0), "template": (45.0, -0.5)}
     assert plot.points(rows, "top5")["label"] == (94.4, 0.0)
+
+
+def test_cmi_penalty_reuses_the_objectives_served_outputs():
+    """with_cmi adds the CMI of the outputs the objective already computed: one head pass per step, the same
+    loss and gradients as a second pass would give."""
+    from nasty.data import Batch
+    from nasty.defenses.lock import with_cmi
+    from nasty.train import Objective
+
+    class Counted(torch.nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            Counted.calls += 1
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    head = Counted(6, 4)
+    x, y = torch.randn(32, 6), torch.randint(0, 4, (32,))
+    batch = Batch(x, y, torch.arange(32), False)
+    base = Objective(lambda m, b, e: (torch.nn.functional.cross_entropy(m(b.x), b.y), {}))
+    total, terms = with_cmi(base, 10.0, 4.0).loss(head, batch, 0)
+    assert Counted.calls == 1
+    total.backward()
+    got = head.weight.grad.clone()
+    head.weight.grad = None
+    want = torch.nn.functional.cross_entropy(head(x), y) + 10.0 * conditional_mi(head(x), y, 4.0)
+    want.backward()
+    assert total.item() == pytest.approx(want.item(), rel=1e-6) and torch.allclose(got, head.weight.grad, atol=1e-6)
+    assert terms["cmi"] == pytest.approx(float(conditional_mi(head(x), y, 4.0)), rel=1e-6)

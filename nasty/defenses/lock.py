@@ -137,11 +137,30 @@ def with_cmi(objective: Objective, weight: float, tau: float) -> Objective:
         return objective
 
     def loss(model, batch, epoch):
-        total, terms = objective.loss(model, batch, epoch)
-        cmi = conditional_mi(model(batch.x), batch.y, tau)  # a second pass of a head on features: negligible
+        once = _OncePerBatch(model, batch.x)
+        total, terms = objective.loss(once, batch, epoch)
+        cmi = conditional_mi(once(batch.x), batch.y, tau)  # the served outputs the objective computed, not a second pass
         return total + weight * cmi, {**terms, "cmi": cmi.item()}
 
     return Objective(loss, frozen=objective.frozen, end_of_epoch=objective.end_of_epoch, state=objective.state)
+
+
+class _OncePerBatch:
+    """``model`` that runs once on the batch's images ``x``: a second call with the same tensor returns the
+    first output (with its graph); any other input or attribute goes to the model itself."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self._model, self._x, self._out = model, x, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._x:
+            return self._model(x)
+        if self._out is None:
+            self._out = self._model(x)
+        return self._out
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
 
 
 class ServedHead(nn.Module):
