@@ -17,8 +17,8 @@ import sys
 import traceback
 from typing import Callable, Iterator, Sequence
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as tensors_from_bytes, save as tensors_to_bytes  # bytes in memory, never a file
 
 Task = Callable[[], tuple[dict, dict[str, torch.Tensor]]]  # -> (JSON-able header, tensors)
 
@@ -44,7 +44,7 @@ def one_thread() -> Iterator[None]:
 
 def encode(header: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     h = json.dumps(header).encode()
-    body = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}) if tensors else b""
+    body = tensors_to_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}) if tensors else b""
     return len(h).to_bytes(8, "little") + h + body
 
 
@@ -52,7 +52,7 @@ def decode(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
     body = data[8 + n :]
-    return header, (safetensors.torch.load(body) if body else {})
+    return header, (tensors_from_bytes(body) if body else {})
 
 
 def run_tasks(tasks: Sequence[Task], jobs: int = 1) -> list[tuple[dict, dict[str, torch.Tensor]]]:
