@@ -276,3 +276,19 @@ def test_nasty_attacks_lists_them(run_cli):
     assert rc == 0 and rows["set-uniform"]["access"] == ["weights", "logits", "probs", "topk"]
     assert rows["set-uniform"]["params"]["k"] == 5 and rows["confidence-label"]["params"]["confidence"] == "smooth"
     assert rows["hard-label"]["params"] == {"label_smoothing": 0.0, "tune": False}
+
+
+def test_top1_confidence_reads_the_served_top1_probability_of_a_topk_answer(digits, small_teacher):
+    """Under --query topk:1 the served top probability is read as served (a (label, score) API), not
+    renormalised to 1 by a softmax of the answer."""
+    from nasty.attacks.top1conf import top1_confidence_from_probs
+
+    ctx, model, batch, p = _mixed(digits, small_teacher, "topk:1")
+    q, top = p.max(1)
+    obj = get_attack("top1-confidence")(temperature=2.0, alpha=0.6).objective(ctx, model)
+    loss, _ = obj(model, batch, 0)
+    served = torch.zeros_like(p).scatter(1, top[:, None], q[:, None])
+    expect, _ = kd_loss(model(batch.x), top1_confidence_from_probs(served), batch.y, 2.0, 0.6)
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    onehot, _ = kd_loss(model(batch.x), top1_confidence_from_probs(F.one_hot(top, 10).float()), batch.y, 2.0, 0.6)
+    assert loss.item() != pytest.approx(onehot.item(), rel=1e-3)  # not the q = 1 of a renormalised answer

@@ -12,14 +12,19 @@ import torch.nn.functional as F
 
 from ..losses import kd_loss
 from ..train import Objective
-from .base import TUNE, Attack, check_temperature_alpha, register_attack
+from .base import TUNE, Attack, check_temperature_alpha, register_attack, served_probs
 
 
 def top1_confidence_target(z: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the two-level distribution built from each row's top class and its probability."""
-    p = F.softmax(z, dim=1)
+    return top1_confidence_from_probs(F.softmax(z, dim=1))
+
+
+def top1_confidence_from_probs(p: torch.Tensor) -> torch.Tensor:
+    """The same target from served probabilities ``p`` (a top-k answer's are not renormalised: the served
+    top-1 probability is read as served, not as 1)."""
     q, top = p.max(1)
-    c = z.shape[1]
+    c = p.shape[1]
     rest = ((1 - q) / (c - 1)).clamp_min(1e-12)
     target = rest[:, None].expand(-1, c).clone()
     target.scatter_(1, top[:, None], q[:, None])
@@ -40,7 +45,9 @@ class Top1Confidence(Attack):
         teacher = ctx.frozen_teacher()
         T, a = self.p["temperature"], self.p["alpha"]
 
+        log_probs = ctx.teacher.serves_log_probs
+
         def loss(model, batch, epoch):
-            return kd_loss(model(batch.x), top1_confidence_target(teacher(batch)), batch.y, T, a)
+            return kd_loss(model(batch.x), top1_confidence_from_probs(served_probs(teacher(batch), log_probs)), batch.y, T, a)
 
         return Objective(loss, frozen=[teacher])
