@@ -26,6 +26,7 @@ from .audit.schema import load_audit
 from .checkpoint import atomic_write_json, load_checkpoint, read_sidecar, split_settings
 from .data import list_datasets
 from .defenses import list_defenses
+from .defenses.lock import LOCK_PARAMS
 from .errors import USER_PATH_ERRNOS, NastyError, error_line, short_paths
 from .export import export_cmd
 from .models import list_models, model_doc, model_prefixes
@@ -269,12 +270,13 @@ def _explicit_query(kw: dict) -> bool:
 @click.option("--nasty", "nasty_part", required=True, type=click.Path(), help="The nasty network whose soft outputs are served.")
 @click.option("--lock-rule", type=click.Choice(["swap", "margin"]), default="swap", show_default=True)
 @click.option("--lock-margin", type=float, default=0.0, show_default=True)
+@click.option("--keep", default="decision", show_default=True, help=LOCK_PARAMS["keep"].help)
 @click.option("--out", required=True, help="Folder of the locked checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
 @click.option("--json", "as_json", is_flag=True)
-def lock_cmd(decision: str, nasty_part: str, lock_rule: str, lock_margin: float, out: str, force: bool, as_json: bool) -> None:
+def lock_cmd(decision: str, nasty_part: str, lock_rule: str, lock_margin: float, keep: str, out: str, force: bool, as_json: bool) -> None:
     """Lock an existing nasty network to a normal model's decisions (one two-net artifact)."""
-    res = lock_job(decision, nasty_part, out, rule=lock_rule, margin=lock_margin, force=force)
+    res = lock_job(decision, nasty_part, out, rule=lock_rule, margin=lock_margin, keep=keep, force=force)
     _emit(res, as_json, lambda: click.echo(esc.term(f"locked teacher -> {res['checkpoint']} (decisions from {decision}, soft outputs from {nasty_part})")))
 
 

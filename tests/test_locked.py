@@ -129,6 +129,30 @@ def test_two_net_lock_and_the_lock_command(tmp_path, run_cli):
     assert rc == 0, err
     assert json.loads(out)["accuracy"] == pytest.approx(r["normal_accuracy"])
     assert single["accuracy_drop"] != 0.0
+    # --keep on the lock command: the served top probability is the decision model's, or its validation-calibrated bin
+    from nasty.checkpoint import load_checkpoint
+    from nasty.data import load_dataset
+    from nasty.metrics import predict_logits
+    from nasty.models.served import fit_bins
+
+    normal, side = load_checkpoint(tmp_path / "d" / "normal")
+    data = load_dataset("digits", normalization=(side["normalization"]["mean"], side["normalization"]["std"]))
+    p_normal = predict_logits(normal, data.x_test).softmax(1)
+    for keep in ("confidence", "confidence:bins=4"):
+        out_dir = tmp_path / keep.replace(":", "-")
+        rc, out, err = run_cli("lock", "--decision", tmp_path / "d" / "normal", "--nasty", tmp_path / "single" / "defended",
+                               "--keep", keep, "--out", out_dir, "--json")
+        assert rc == 0, err
+        locked, _ = load_checkpoint(out_dir)
+        served = predict_logits(locked, data.x_test).softmax(1)
+        assert torch.equal(served.argmax(1), p_normal.argmax(1))
+        if keep == "confidence":
+            assert torch.allclose(served.amax(1), p_normal.amax(1).clamp(max=1 - 1e-6), atol=1e-5)
+        else:
+            edges, values = fit_bins(predict_logits(normal, data.x_val), data.y_val, 4)
+            assert torch.equal(locked.served.bin_edges, edges) and torch.equal(locked.served.bin_values, values)
+    _one_line(*run_cli("lock", "--decision", tmp_path / "d" / "normal", "--nasty", tmp_path / "single" / "defended",
+                       "--keep", "confidence:bins=1", "--out", tmp_path / "bad"), "keep")
 
 
 def _one_line(rc, out, err, needle):

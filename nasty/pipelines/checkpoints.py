@@ -21,21 +21,25 @@ from ..runs import data_from_config, new_model, prepare_out_dir, save_model, tes
 from .common import normalization
 
 
-def lock_job(decision: str, nasty_part: str, out: str, *, rule: str = "swap", margin: float = 0.0, force: bool = False) -> dict:
-    """Lock ``nasty_part`` to ``decision``'s decisions; save the two-net artifact into ``out``."""
+def lock_job(decision: str, nasty_part: str, out: str, *, rule: str = "swap", margin: float = 0.0, keep: str = "decision",
+             force: bool = False) -> dict:
+    """Lock ``nasty_part`` to ``decision``'s decisions, serving what ``keep`` says (``confidence:bins=B``:
+    calibrated on the validation split of the decision model's dataset); save the two-net artifact into ``out``."""
     LOCK_PARAMS["lock_rule"].validate("--lock-rule", rule)
     LOCK_PARAMS["lock_margin"].validate("--lock-margin", margin)
-    model, side, nside = _lock(decision, nasty_part, rule, margin)
+    LOCK_PARAMS["keep"].validate("--keep", keep)
+    model, side, nside = _lock(decision, nasty_part, rule, margin, keep)
     folder = prepare_out_dir(out, force, "locked")
     mean, std = normalization(side)
     save_checkpoint(folder, model, classes=side["classes"], input_shape=tuple(side["input_shape"]), mean=mean, std=std,
                     dataset=side["dataset"], config={"lock": {"decision": str(decision), "nasty": str(nasty_part)}},
                     extra={"defense": nside.get("defense", {"name": "locked"}),
-                           "lock": {"decision": str(decision), "nasty": str(nasty_part), "rule": rule, "margin": margin}})
-    return {"checkpoint": str(folder), "decision": str(decision), "nasty": str(nasty_part), "lock_rule": rule}
+                           "lock": {"decision": str(decision), "nasty": str(nasty_part), "rule": rule, "margin": margin, "keep": keep}})
+    return {"checkpoint": str(folder), "decision": str(decision), "nasty": str(nasty_part), "lock_rule": rule, "keep": keep}
 
 
-def _lock(decision_path: str, nasty_path: str, lock: str = "swap", margin: float = 0.0) -> tuple[LockedTeacher, dict, dict]:
+def _lock(decision_path: str, nasty_path: str, lock: str = "swap", margin: float = 0.0,
+          keep: str = "decision") -> tuple[LockedTeacher, dict, dict]:
     """A two-net lock from two existing checkpoints (e.g. a nasty teacher trained with ``--lock none``
     and the normal model it was trained against). Both must agree on classes, input shape and
     normalisation, and neither may already be locked; returns the model and both sidecars."""
@@ -56,15 +60,29 @@ def _lock(decision_path: str, nasty_path: str, lock: str = "swap", margin: float
     decision, _ = load_checkpoint(decision_path)
     nasty, _ = load_checkpoint(nasty_path)
 
-    class _Data:  # what assemble needs of a dataset
+    class _Data:  # what assemble needs of a dataset (and, to calibrate bins, its validation split)
         classes = d["classes"]
         num_classes = len(d["classes"])
         in_channels = d["input_shape"][0]
         image_size = tuple(d["input_shape"][1:])
 
-    locked = assemble(decision, nasty, _Data, "two-net", {"lock_rule": lock, "lock_margin": margin})
+    if ":" in keep:
+        x_val, y_val = _validation_split(d, decision_path)
+        _Data.x_val, _Data.y_val = x_val, y_val
+    locked = assemble(decision, nasty, _Data, "two-net", {"lock_rule": lock, "lock_margin": margin, "keep": keep})
     check_lock_defends(locked, *_check_images(d))  # what the artifact serves, on data: not only what its files are
     return locked, d, n
+
+
+def _validation_split(side: dict, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decision model's validation split (normalised as its inputs), as it was carved when it trained."""
+    split_cfg = split_settings(side)
+    data = load_dataset(side["dataset"], split_cfg["data_root"], val_fraction=split_cfg["val_fraction"],
+                        split_seed=split_cfg["split_seed"], normalization=normalization(side))
+    check_compatible(side, data)
+    if not len(data.x_val):
+        raise NastyError(f"--keep calibrates bins on the validation split of {path}'s dataset ({side['dataset']}), which is empty")
+    return data.x_val, data.y_val
 
 
 def _check_images(side: dict, n: int = 512) -> tuple[torch.Tensor, str]:
