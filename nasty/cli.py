@@ -270,7 +270,7 @@ def _explicit_query(kw: dict) -> bool:
 @click.option("--nasty", "nasty_part", required=True, type=click.Path(), help="The nasty network whose soft outputs are served.")
 @click.option("--lock-rule", type=click.Choice(["swap", "margin"]), default="swap", show_default=True)
 @click.option("--lock-margin", type=float, default=0.0, show_default=True)
-@click.option("--keep", default="decision", show_default=True, help=LOCK_PARAMS["keep"].help)
+@click.option("--keep", default=LOCK_PARAMS["keep"].default, show_default=True, help=LOCK_PARAMS["keep"].help)
 @click.option("--out", required=True, help="Folder of the locked checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
 @click.option("--json", "as_json", is_flag=True)

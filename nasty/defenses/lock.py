@@ -50,10 +50,10 @@ LOCK_PARAMS: dict[str, Param] = {  # the [defense] keys of the lock and of choos
     "lock_rule": Param("str", "swap", "How the decision is imposed on the nasty logits (default swap).", choices=LOCKS),
     "lock_margin": Param("float", 0.0, "margin lock: how far the decided class is put above the others (default 0).",
                          lambda v: 0 <= v <= 100, "in [0, 100]"),
-    "keep": Param("str", "decision", "What the served top probability is: decision (the nasty part's own, with the normal model's "
-                  "decision on top; default), confidence (the normal model's top probability, the rest shaped by the nasty part) or "
-                  "confidence:bins=B (that probability calibrated on the validation split in B equal-mass bins).",
-                  keep_ok, KEEP_EXPECT),
+    "keep": Param("str", "confidence:bins=10", "What the served top probability is: confidence:bins=B (the normal model's top "
+                  "probability calibrated on the validation split in B equal-mass bins; default B=10, the one kept variant measured "
+                  "to hold at 1 point while serving calibrated probabilities), confidence (that probability exactly) or decision "
+                  "(the nasty part's own, with the normal model's decision on top).", keep_ok, KEEP_EXPECT),
     "omega_grid": Param("list[float]", [0.1, 0.3, 1.0], "Candidates for omega, chosen by a KD probe on the validation split when "
                         "--omega is not given (comma-separated; default 0.1,0.3,1).", lambda v: all(o >= 0 for o in v),
                         "a list of numbers >= 0", hi=1000.0),
@@ -75,7 +75,7 @@ def spec_string(spec: dict) -> str:
 def served_for(decision: nn.Module, data, dcfg: dict) -> Served:
     """The served function's settings of ``dcfg`` (``lock_rule``, ``lock_margin``, ``keep``); for
     ``keep = "confidence:bins=B"`` its bins fitted on ``decision``'s logits of the **validation** split."""
-    served = Served(data.num_classes, dcfg["lock_rule"], dcfg["lock_margin"], dcfg.get("keep", "decision"))
+    served = Served(data.num_classes, dcfg["lock_rule"], dcfg["lock_margin"], dcfg.get("keep", LOCK_PARAMS["keep"].default))
     if served.bins is not None:
         if not len(data.x_val):
             raise NastyError(f"--keep {served.keep} calibrates on the validation split, which is empty")
@@ -100,16 +100,20 @@ SAME_OUTPUTS = 1e-4
 
 
 def check_lock_defends(locked: LockedTeacher, x: torch.Tensor, what: str) -> None:
-    """Refuse (one line, exit 2) a locked artifact that serves its decision model's own probabilities on
-    ``x`` (normalised images; ``what`` says which): it would be named a defended teacher and serve the
-    undefended model. The data check of a lock, whatever its parts' files say."""
+    """Refuse (one line, exit 2) a locked artifact whose nasty part adds nothing on ``x`` (normalised images;
+    ``what`` says which): it serves what its own served function would serve with the decision model's
+    logits in the nasty part's place (for ``keep decision``, the decision model's own probabilities; for the
+    confidence kinds, the decision model's runner-up distribution under the kept top). It would be named a
+    defended teacher and serve the undefended model's dark knowledge. The data check of a lock, whatever its
+    parts' files say."""
     with torch.no_grad():
+        normal_logits, _ = locked.decide_and_serve(x)
         served = torch.softmax(locked(x).float(), 1)
-        normal = torch.softmax(locked.decision(x).float(), 1)
-    gap = float((served - normal).abs().max())
+        undefended = torch.softmax(locked.served(normal_logits, normal_logits).float(), 1)
+    gap = float((served - undefended).abs().max())
     if gap <= SAME_OUTPUTS:
         raise NastyError(f"the locked teacher would serve its decision model's own probabilities (max |p_served - p_decision| "
-                         f"= {gap:.1e} on {len(x)} {what}): its nasty part does not defend it; refused")
+                         f"= {gap:.1e} on {len(x)} {what}, keep {locked.keep}): its nasty part does not defend it; refused")
 
 
 def conditional_mi(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:

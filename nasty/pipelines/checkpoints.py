@@ -21,7 +21,7 @@ from ..runs import data_from_config, new_model, prepare_out_dir, save_model, tes
 from .common import normalization
 
 
-def lock_job(decision: str, nasty_part: str, out: str, *, rule: str = "swap", margin: float = 0.0, keep: str = "decision",
+def lock_job(decision: str, nasty_part: str, out: str, *, rule: str = "swap", margin: float = 0.0, keep: str = LOCK_PARAMS["keep"].default,
              force: bool = False) -> dict:
     """Lock ``nasty_part`` to ``decision``'s decisions, serving what ``keep`` says (``confidence:bins=B``:
     calibrated on the validation split of the decision model's dataset); save the two-net artifact into ``out``."""

@@ -23,7 +23,7 @@ from ..checkpoint import atomic_write_json, read_sidecar
 from ..config import train_config
 from ..data import stratified_indices
 from ..defenses import PAPER_OMEGA, get_defense, parse_output_defense, split_model_specs
-from ..defenses.lock import TUNING_ATTACKS, assemble, describe_lock, lock_summary, train_head
+from ..defenses.lock import LOCK_PARAMS, TUNING_ATTACKS, assemble, describe_lock, lock_summary, train_head
 from ..defenses.selective import split_accuracy
 from ..errors import NastyError
 from ..metrics import quality_of_probabilities, served_cmi, served_probabilities, served_quality
@@ -265,7 +265,7 @@ def check_lock_config(cfg: dict) -> None:
     """Settings a lock cannot honour, refused before anything trains."""
     d = cfg["defense"]
     if d["lock"] == "none":
-        if d["keep"] != "decision":
+        if d["keep"] != LOCK_PARAMS["keep"].default:  # the default is simply not used without a lock
             raise NastyError(f"--keep {d['keep']} sets what a locked teacher serves; --lock none serves the nasty network alone")
         return
     if d["name"] == "budget":
