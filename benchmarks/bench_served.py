@@ -52,21 +52,23 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--teacher", type=Path, default=None, help="an existing normal teacher's checkpoint (default: train one)")
     ap.add_argument("--out", type=Path, default=Path("bench-served"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quality-only", action="store_true", help="recompute the served utility of the teachers in --out and "
                     "update --json (the leakage runs are kept)")
     args = ap.parse_args()
     t0 = time.time()
-    first = train(args.config, args.out / args.keeps[0].replace(":", "-"), args.keeps[0], args.omega, None)
+    first = train(args.config, args.out / args.keeps[0].replace(":", "-"), args.keeps[0], args.omega, args.teacher)
+    normal_dir = args.teacher or first / "normal"
     runs = {args.keeps[0]: first}
     for keep in args.keeps[1:]:
-        runs[keep] = train(args.config, args.out / keep.replace(":", "-"), keep, args.omega, first / "normal")
+        runs[keep] = train(args.config, args.out / keep.replace(":", "-"), keep, args.omega, normal_dir)
     cfg = load_config(args.config)
     if args.jobs:
         cfg["probe"]["jobs"] = args.jobs
     data = data_from_config(cfg)
-    normal, _ = load_checkpoint(first / "normal")
+    normal, _ = load_checkpoint(normal_dir)
     targets = {"normal": normal.eval()}
     for keep, d in runs.items():
         targets[keep] = load_checkpoint(d / "defended")[0].eval()
