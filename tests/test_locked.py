@@ -108,7 +108,7 @@ def test_two_head_harms_plain_kd_far_more_than_the_single_network(tmp_path):
     when the head shapes the whole served distribution (keep decision; a kept confidence near 1 serves almost
     labels, which plain KD learns from as from hard labels)."""
     cfg = load_config(None, {"model": {"name": "cnn:width=0.5"}, "train": {"epochs": 10, "batch_size": 64, "seed": 0},
-                             "defense": {"omega": 0.1, "keep": "decision"},
+                             "defense": {"omega": 0.1, "keep": "decision"},  # the default, said where the test depends on it
                              "probe": {"students": ["mlp:hidden=32"], "train_subset": 400, "train": {"epochs": 30}}})
     r = train_defended(cfg, tmp_path / "d", log=lambda m: None)
     s = r["probe"]["students"][0]

@@ -50,10 +50,10 @@ LOCK_PARAMS: dict[str, Param] = {  # the [defense] keys of the lock and of choos
     "lock_rule": Param("str", "swap", "How the decision is imposed on the nasty logits (default swap).", choices=LOCKS),
     "lock_margin": Param("float", 0.0, "margin lock: how far the decided class is put above the others (default 0).",
                          lambda v: 0 <= v <= 100, "in [0, 100]"),
-    "keep": Param("str", "confidence:bins=10", "What the served top probability is: confidence:bins=B (the normal model's top "
-                  "probability calibrated on the validation split in B equal-mass bins; default B=10, the one kept variant measured "
-                  "to hold at 1 point while serving calibrated probabilities), confidence (that probability exactly) or decision "
-                  "(the nasty part's own, with the normal model's decision on top).", keep_ok, KEEP_EXPECT),
+    "keep": Param("str", "decision", "What the served top probability is: decision (the nasty part's own, with the normal "
+                  "model's decision on top; default: the one variant measured to hold at 1 point on two teachers), confidence (the "
+                  "normal model's top probability: calibrated, and measured to leak about 1 point) or confidence:bins=B (that "
+                  "probability calibrated on the validation split in B equal-mass bins).", keep_ok, KEEP_EXPECT),
     "omega_grid": Param("list[float]", [0.1, 0.3, 1.0], "Candidates for omega, chosen by a KD probe on the validation split when "
                         "--omega is not given (comma-separated; default 0.1,0.3,1).", lambda v: all(o >= 0 for o in v),
                         "a list of numbers >= 0", hi=1000.0),
