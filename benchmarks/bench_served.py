@@ -29,6 +29,7 @@ import torch
 from nasty.checkpoint import load_checkpoint
 from nasty.config import load_config
 from nasty.metrics import served_quality
+from nasty.pipelines.defended import served_utility
 from nasty.pipelines.leakage import best_attack, measure, thief_pool
 from nasty.runs import data_from_config
 
@@ -79,9 +80,8 @@ def main() -> None:
         res = {k: old[k] for k in ("labelled", "queries", "seeds", "accuracy", "failed", "leakage")}
     else:
         res = measure(cfg, pool, targets, attacks, seeds=args.seeds, out=None, log=lambda m: print(m, file=sys.stderr, flush=True))
-    labels_only = lambda x: torch.nn.functional.one_hot(normal(x).argmax(1), data.num_classes).float().log()  # noqa: E731
     quality = {name: served_quality(m, data.x_test, data.y_test) for name, m in targets.items()}
-    quality["labels-only"] = served_quality(labels_only, data.x_test, data.y_test)
+    quality["labels-only"] = served_utility(normal, normal, data)["labels_only_quality"]  # the reference train-defended reports
     meta = {"command": " ".join(sys.argv), "leakage_command": old["meta"]["command"] if args.quality_only else None, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t0) / 60, "pool": note, "omega": args.omega}
     print(f"\nthief: {res['labelled']} labelled of {res['queries']} images; {note}; seeds {args.seeds}")
