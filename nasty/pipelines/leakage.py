@@ -10,7 +10,8 @@ settings (alpha, T, ...) and its epoch on the thief's own validation split (``tu
 seed and student; a student that diverged is an instrument failure, listed and never scored.
 
 Used by the probe of ``train-defended`` (scored on the test split) and by the choice of the strength
-(scored on the teacher's validation split: the test split is never read there).
+(scored on images the owner held out; its students also predict the test images, whose labels it never
+reads, so that the probe can reuse them: :class:`StudentRuns`).
 """
 
 from __future__ import annotations
