@@ -154,7 +154,7 @@ def test_two_net_lock_and_the_lock_command(tmp_path, run_cli):
             edges, values = fit_bins(predict_logits(normal, data.x_val), data.y_val, 4)
             assert torch.equal(locked.served.bin_edges, edges) and torch.equal(locked.served.bin_values, values)
     _one_line(*run_cli("lock", "--decision", tmp_path / "d" / "normal", "--nasty", tmp_path / "single" / "defended",
-                       "--keep", "confidence:bins=1", "--out", tmp_path / "bad"), "keep")
+                       "--keep", "confidence:bins=0", "--out", tmp_path / "bad"), "keep")
 
 
 def _one_line(rc, out, err, needle):

@@ -17,7 +17,7 @@ from nasty.models.served import MIN_GAP, TOP_MAX, Served, fit_bins, parse_keep, 
 
 GAP = 1.01e-3  # what the gap rule aims at (MIN_GAP plus its rounding allowance), for golden values
 RULES = [("swap", 0.0), ("margin", 0.0), ("margin", 0.5)]
-KEEPS = ["decision", "confidence", "confidence:bins=4"]
+KEEPS = ["decision", "confidence", "confidence:bins=4", "confidence:bins=1"]
 NASTY_VALUES = [0.0, 1.0, -1.0, 1e-30, -1e-30, 1e30, -1e30, 3e38, -3e38, float("nan"), float("inf"), float("-inf")]
 
 
@@ -115,6 +115,22 @@ def test_fit_bins_golden():
     assert torch.allclose(values, torch.tensor([top_floor(2), TOP_MAX]))  # 0.5 and 1.0, clipped
 
 
+def test_one_bin_serves_the_validation_accuracy_on_every_row():
+    """keep=confidence:bins=1: no inner edge, one value = the decisions' validation accuracy (3 of 4 right),
+    served as the top probability of every row whatever the normal model's confidence: calibrated on
+    average and nothing beyond the decision."""
+    conf = torch.tensor([0.6, 0.7, 0.8, 0.9])
+    logits = torch.stack([torch.log(conf), torch.log(1 - conf)], 1)
+    edges, values = fit_bins(logits, torch.tensor([0, 1, 0, 0]), 1)
+    assert edges.shape == (0,) and torch.allclose(values, torch.tensor([0.75]))
+    s = Served(3, "swap", 0.0, "confidence:bins=1")
+    s.set_bins(edges, values)
+    g = torch.Generator().manual_seed(0)
+    normal = 5 * torch.randn(500, 3, generator=g)
+    top = s(torch.randn(500, 3, generator=g), normal).softmax(1).amax(1)
+    assert torch.allclose(top, torch.full_like(top, 0.75), atol=1e-6)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=rows(finite_normal=True), rule=st.sampled_from(RULES))
 def test_keep_confidence_serves_the_normal_top_probability(data, rule):
@@ -161,7 +177,7 @@ def test_keep_parsing():
     assert parse_keep("decision") == ("decision", None)
     assert parse_keep("confidence") == ("confidence", None)
     assert parse_keep("confidence:bins=2") == ("confidence", 2) and parse_keep("confidence:bins=1000") == ("confidence", 1000)
-    for bad in ("", "conf", "decision:bins=3", "confidence:bins=1", "confidence:bins=1001", "confidence:bins=nan",
+    for bad in ("", "conf", "decision:bins=3", "confidence:bins=0", "confidence:bins=1001", "confidence:bins=nan",
                 "confidence:bins=-3", "confidence:bins=2.5", "confidence:edges=3", "confidence:bins", None, 3):
         with pytest.raises(ValueError, match="keep must be"):
             parse_keep(bad)
@@ -337,7 +353,7 @@ def test_attack_and_audit_refuse_it_before_anything_runs(run_cli, locked_ckpt, t
 def test_keep_on_the_command_line(run_cli, tmp_path):
     """--keep is checked with the config, before anything trains; --lock none has nothing to keep."""
     tiny = ["train-defended", "--dataset", "digits", "--epochs", "1", "--no-probe"]
-    for value in ("confidence:bins=1", "confidence:bins=x", "top"):
+    for value in ("confidence:bins=0", "confidence:bins=x", "top"):
         rc, _, err = run_cli(*tiny, "--keep", value, "--out", tmp_path / "o")
         assert rc == 2 and err.strip().count("\n") == 0 and "keep" in err and "confidence:bins=B" in err, err
     rc, _, err = run_cli(*tiny, "--keep", "confidence", "--lock", "none", "--out", tmp_path / "o")

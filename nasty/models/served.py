@@ -46,7 +46,7 @@ CLIP = 1e30  # nasty logits are clipped to +-CLIP
 LOCKS = ("swap", "margin")
 KEEPS = ("decision", "confidence")
 MAX_BINS = 1000
-KEEP_EXPECT = f"decision, confidence or confidence:bins=B (B an integer in 2..{MAX_BINS})"
+KEEP_EXPECT = f"decision, confidence or confidence:bins=B (B an integer in 1..{MAX_BINS})"
 
 
 def parse_keep(text: object) -> tuple[str, int | None]:
@@ -60,7 +60,7 @@ def parse_keep(text: object) -> tuple[str, int | None]:
     if not colon:
         return kind, None
     key, eq, val = rest.partition("=")
-    if key.strip() != "bins" or not eq or not val.strip().isdigit() or not 2 <= int(val) <= MAX_BINS:
+    if key.strip() != "bins" or not eq or not val.strip().isdigit() or not 1 <= int(val) <= MAX_BINS:
         raise ValueError(f"keep must be {KEEP_EXPECT}, got {text!r}")
     return kind, int(val)
 
