@@ -482,3 +482,17 @@ def test_pooled_verdict_resolution_and_older_schemas(run_cli, teacher_ckpt, tmp_
     (tmp_path / "v3.json").write_text(json.dumps(old))
     rc, _, err = run_cli("report", tmp_path / "v3.json", "--out", tmp_path / "v3")
     assert rc == 2 and "pooled" in err and err.strip().count("\n") == 0
+
+
+def test_a_detectable_gain_above_100_points_prints_as_more_than_100():
+    """A class with huge variance can need a 19,032-point gain to be seen: printed ">100" (no accuracy gains
+    that much), in the per-class cell, the range and the pooled cell; fidelity ratios and sane gains unchanged."""
+    from nasty.audit.render import _power_cell, pooled_cell
+
+    classes = [{"detectable": 19032.4, "safe": None}, {"detectable": 12.34, "safe": None}]
+    att = {"status": "ok", "rule": "gain", "students": {"s": {"classes": classes}}}
+    assert _power_cell(att) == "12.3–>100 pts"
+    att["rule"] = "fidelity"
+    assert _power_cell(att) == "12.34–19032.40 (fidelity ratio)"
+    pooled = {"transferred": False, "detectable_gain": 250.0, "gain": 1.0, "ci_low": -3.0, "ci_high": 5.0, "p_adjusted": 0.4}
+    assert "detectable >100 pts" in pooled_cell({"pooled": pooled, "status": "ok", "rule": "gain"})

@@ -44,13 +44,20 @@ def _unit(att: dict) -> str:
     return " (fidelity ratio)" if att["rule"] == "fidelity" else " pts"
 
 
+def _det(value: float, rule: str) -> str:
+    """A detectable gain (points) or fidelity as printed: a gain above 100 points (no accuracy can gain
+    that much: the test cannot see any gain) is printed as ">100"; the JSON keeps the number."""
+    if rule == "fidelity":
+        return f"{value:.2f}"
+    return ">100" if value > 100 else f"{value:.1f}"
+
+
 def _power_cell(att: dict) -> str:
     """Detectable gain (or fidelity) of the classes not transferred, over all students: range and how many are safe."""
     dets = [r["detectable"] for row in att.get("students", {}).values() for r in row["classes"] if r.get("detectable") is not None]
     if att["status"] != "ok" or not dets:
         return "–"
-    fmt = "{:.2f}" if att["rule"] == "fidelity" else "{:.1f}"
-    out = (fmt.format(min(dets)) + "–" + fmt.format(max(dets)) if len(dets) > 1 else fmt.format(dets[0])) + _unit(att)
+    out = (_det(min(dets), att["rule"]) + "–" + _det(max(dets), att["rule"]) if len(dets) > 1 else _det(dets[0], att["rule"])) + _unit(att)
     safe = [r["safe"] for row in att["students"].values() for r in row["classes"] if r.get("safe") is not None]
     if safe:
         out += f"; safe at this power: {sum(safe)} of {len(safe)}"
@@ -185,7 +192,7 @@ def pooled_cell(att: dict) -> str:
         nums = f"{_f(pl['gain'], '{:+.1f}')} {_ci([pl['ci_low'], pl['ci_high']])} pts"
     out = f"pooled: {'transfers' if pl['transferred'] else 'not shown'}: {nums}, p {_p(pl['p_adjusted'])}"
     if not pl["transferred"] and pl.get("detectable_gain") is not None:
-        out += f"; detectable {pl['detectable_gain']:.1f} pts"
+        out += f"; detectable {_det(pl['detectable_gain'], 'gain')} pts"
     if not pl["transferred"] and pl.get("resolution_ok") is False:
         out += f"; cannot show protection at {pl['resolution']:g} pts"
     return out
@@ -198,7 +205,7 @@ def resolution_lines(audit: dict, target: str) -> list[str]:
         pl = att.get("pooled") or {}
         if pl.get("resolution_ok") is False and not pl.get("transferred"):
             out.append(f"{a}: {resolution_text(pl['resolution'])}; its pooled detectable gain is "
-                       f"{pl['detectable_gain']:.1f} points")
+                       f"{_det(pl['detectable_gain'], 'gain')} points")
     return out
 
 
@@ -234,7 +241,7 @@ def _detail_rows(audit: dict, att: dict, st: str) -> tuple[list[str], list[list[
         if sc:
             row.append(f"{_p(r.get('p_value'))} ({_p(r.get('p_adjusted'))})")
             det = r.get("detectable")
-            row.append("–" if det is None else (f"{det:.2f}" if att["rule"] == "fidelity" else f"{det:.1f}")
+            row.append("–" if det is None else _det(det, att["rule"])
                        + ("" if r.get("safe") is None else (" (safe)" if r["safe"] else " (not safe)")))
         row.append(Md("**yes**") if r["transferred"] else "no")
         rows.append(row)
