@@ -33,7 +33,7 @@ from nasty.pipelines.defended import served_utility
 from nasty.pipelines.leakage import best_attack, measure, thief_pool
 from nasty.runs import data_from_config
 
-ATTACKS = ["kd", "rehead", "top1-confidence", "set-uniform", "confidence-label"]
+ATTACKS = ["kd", "rehead", "top1-confidence", "set-uniform", "confidence-label", "confidence-curriculum"]
 
 
 def train(config: str, out: Path, keep: str, omega: float, adversary: Path | None) -> Path:

@@ -104,10 +104,11 @@ SCHEMA: dict[str, dict[str, Param]] = {
                          at_least_1, ">= 1", flag="--probe-queries"),
         "seeds": Param("int", 3, "Student seeds of the probe and of the strength's choice in the thief regime (at least 2 for "
                        "an interval; 3 by default).", lambda v: 1 <= v <= 100, "in 1..100", flag="--probe-seeds"),
-        "attacks": Param("list[str]", ["kd", "rehead", "top1-confidence", "set-uniform", "confidence-label", "skeptical"],
+        "attacks": Param("list[str]", ["kd", "rehead", "top1-confidence", "set-uniform", "confidence-label",
+                                              "confidence-curriculum", "skeptical"],
                          "Attacks of the probe's thief regime (each tunes itself on the thief's validation split); by default "
                          "every thief of the served outputs, with those that read only the served confidence and runner-up set "
-                         "(top1-confidence, set-uniform, confidence-label) against a decision-locked teacher.",
+                         "(top1-confidence, set-uniform, confidence-label, confidence-curriculum) against a decision-locked teacher.",
                          flag="--probe-attacks"),
         "jobs": Param("int?", None, "Probe students trained at once, each in its own process with one thread (default: the "
                       "CPU cores; the numbers do not depend on it).", lambda v: 1 <= v <= 256, "in 1..256", flag="--jobs"),

@@ -260,12 +260,12 @@ def test_audit_all_and_the_probe_list_the_served_output_thieves():
     from nasty.config import defaults
 
     picked, _ = resolve_attacks(["all"])
-    assert {"set-uniform", "confidence-label"} <= set(picked) and "hard-label" not in picked
+    assert {"set-uniform", "confidence-label", "confidence-curriculum"} <= set(picked) and "hard-label" not in picked
     for method in ("set-uniform", "confidence-label"):
         assert access_problem(method, "label") is not None  # skipped, with the reason, under label access
         assert access_problem(method, "topk:2") is None and access_problem(method, "probs") is None
     probe = defaults()["probe"]["attacks"]
-    assert {"top1-confidence", "set-uniform", "confidence-label"} <= set(probe)
+    assert {"top1-confidence", "set-uniform", "confidence-label", "confidence-curriculum"} <= set(probe)
 
 
 def test_nasty_attacks_lists_them(run_cli):
@@ -292,3 +292,48 @@ def test_top1_confidence_reads_the_served_top1_probability_of_a_topk_answer(digi
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
     onehot, _ = kd_loss(model(batch.x), top1_confidence_from_probs(F.one_hot(top, 10).float()), batch.y, 2.0, 0.6)
     assert loss.item() != pytest.approx(onehot.item(), rel=1e-3)  # not the q = 1 of a renormalised answer
+
+
+# -- the confidence-curriculum thief
+
+def test_curriculum_admits_the_most_confident_queries_first_golden():
+    from nasty.attacks.confcurriculum import admitted, admitted_fraction
+
+    assert [admitted_fraction(e, 40, 0.25, 1.0) for e in (0, 10, 20, 39)] == [0.25, 0.625, 1.0, 1.0]
+    assert admitted_fraction(7, 40, 0.5, 0.5) == 0.5  # a filter
+    q = torch.tensor([0.9, 0.2, 0.5, 0.5, 0.7, 0.1])
+    query = torch.tensor([True, True, True, True, True, False])  # the last row is labelled: always counts
+    assert admitted(q, query, 0.4).tolist() == [True, False, False, False, True, True]  # top 2 of 5 queries
+    assert admitted(q, query, 0.6).tolist() == [True, False, True, True, True, True]  # the 3rd is a tie: both enter
+    assert admitted(q, query, 1.0).all() and admitted(q, torch.zeros(6, dtype=torch.bool), 0.1).all()
+
+
+def test_curriculum_objective_counts_only_admitted_queries(digits, small_teacher):
+    ctx, model, batch, p = _mixed(digits, small_teacher, "probs")
+    ctx.train = TrainConfig(epochs=10)
+    obj = get_attack("confidence-curriculum")(start=0.25, end=1.0, label_smoothing=0.3).objective(ctx, model)
+    q, top = p.max(1)
+    query = batch.y < 0
+    y = torch.where(query, top, batch.y)
+    ce = F.cross_entropy(model(batch.x), y, label_smoothing=0.3, reduction="none")
+    for epoch, frac in ((0, 0.25), (5, 1.0)):
+        loss, terms = obj(model, batch, epoch)
+        cut = q[query].topk(int(-(-frac * int(query.sum()) // 1))).values[-1]
+        keep = ~query | (q >= cut)
+        assert loss.item() == pytest.approx(ce[keep].mean().item(), rel=1e-5)
+        assert terms["admitted"] == pytest.approx(keep.float().mean().item())
+    assert obj(model, batch, 0)[0].item() != pytest.approx(ce.mean().item(), rel=1e-4)  # the confidence is read
+
+
+def test_curriculum_runs_end_to_end_tunes_and_refuses_bad_settings(digits, small_teacher):
+    _, r = run_attack("confidence-curriculum", data=digits, teachers=[small_teacher], train=TrainConfig(epochs=10, batch_size=32, lr=0.05, seed=0),
+                      params={}, query="topk:1", **{**FAST, "student": "mlp:hidden=16"})
+    assert r["accuracy"] > 60 and r["resources"]["queries"] == 190
+    _, r = run_attack("confidence-curriculum", data=digits, teachers=[small_teacher], train=TrainConfig(epochs=1, batch_size=128, seed=0),
+                      params={"tune": True}, query="probs", **FAST)
+    assert len(r["tuning"]) == 8 and r["tuned"] in get_attack("confidence-curriculum")().tuning_grid()
+    for params, msg in (({"start": 0.0}, "start must be in"), ({"end": 1.5}, "end must be in"), ({"start": math.nan}, "finite"),
+                        ({"label_smoothing": 1.0}, "label_smoothing must be in")):
+        with pytest.raises(NastyError, match=msg) as e:
+            get_attack("confidence-curriculum")(**params)
+        assert "\n" not in str(e.value)

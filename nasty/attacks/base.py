@@ -35,7 +35,8 @@ TUNE_ALPHAS = (0.3, 0.6, 0.9)  # with alpha 0 (labels only): the honest thief's 
 TUNE_TEMPERATURES = (1.0, 4.0, 10.0)
 TUNE = Param("bool", False, "Tune the attack's settings and the epoch on the thief's own validation split, every candidate in "
              "one pass over the data (soft-output attacks: alpha 0, 0.3, 0.6, 0.9 (0 = labels only) x temperature 1, 4, 10; "
-             "hard-label: label smoothing 0, 0.1, 0.3; confidence-label: its confidence use x exponent); the audit and the "
+             "hard-label: label smoothing 0, 0.1, 0.3; confidence-label: its confidence use x exponent; confidence-curriculum: "
+             "its schedule x label smoothing); the audit and the "
              "probe always tune.")
 
 ATTACKS = Registry("attack")
