@@ -72,21 +72,24 @@ def spec_string(spec: dict) -> str:
     return spec["name"] + (f":{kw}" if kw else "")
 
 
-def served_for(decision: nn.Module, data, dcfg: dict) -> Served:
+def served_for(decision: nn.Module, data, dcfg: dict, calibration: tuple | None = None) -> Served:
     """The served function's settings of ``dcfg`` (``lock_rule``, ``lock_margin``, ``keep``); for
-    ``keep = "confidence:bins=B"`` its bins fitted on ``decision``'s logits of the **validation** split."""
+    ``keep = "confidence:bins=B"`` its bins fitted on ``decision``'s logits of ``calibration`` (images,
+    labels), by default the **validation** split."""
     served = Served(data.num_classes, dcfg["lock_rule"], dcfg["lock_margin"], dcfg.get("keep", LOCK_PARAMS["keep"].default))
     if served.bins is not None:
-        if not len(data.x_val):
+        x, y = calibration if calibration is not None else (data.x_val, data.y_val)
+        if not len(x):
             raise NastyError(f"--keep {served.keep} calibrates on the validation split, which is empty")
-        served.set_bins(*fit_bins(_cached(_logits, decision, data.x_val), data.y_val, served.bins))
+        served.set_bins(*fit_bins(_cached(_logits, decision, x), y, served.bins))
     return served
 
 
-def assemble(decision: nn.Module, nasty: nn.Module, data, form: str, dcfg: dict) -> LockedTeacher:
-    """One artifact from a trained normal model and a trained nasty part (a head or a network)."""
+def assemble(decision: nn.Module, nasty: nn.Module, data, form: str, dcfg: dict, calibration: tuple | None = None) -> LockedTeacher:
+    """One artifact from a trained normal model and a trained nasty part (a head or a network); ``calibration``:
+    see :func:`served_for`."""
     nasty_spec = dcfg["nasty_head"] if form == "two-head" else spec_string(model_spec(nasty))
-    served = served_for(decision, data, dcfg)
+    served = served_for(decision, data, dcfg, calibration)
     locked = create_model("locked", data.num_classes, data.in_channels, data.image_size, decision=spec_string(model_spec(decision)),
                           nasty=nasty_spec, form=form, lock=served.lock, margin=served.margin, keep=served.keep)
     locked.decision.load_state_dict(decision.state_dict())
@@ -215,9 +218,11 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data, dcfg: dict, seed: int, deterministic: bool,
-               run_dir: Path | None, log: Callable[[str], None], ck: Checkpointing = Checkpointing()) -> tuple[nn.Module, dict]:
+               run_dir: Path | None, log: Callable[[str], None], ck: Checkpointing = Checkpointing(),
+               calibration: tuple | None = None) -> tuple[nn.Module, dict]:
     """Train a nasty head on ``decision``'s frozen features with ``defense``'s objective (the backbone's
-    features and the adversaries' logits are computed once per run, shared by every strength candidate)."""
+    features and the adversaries' logits are computed once per run, shared by every strength candidate),
+    through the served function (its bins fitted on ``calibration``, see :func:`served_for`)."""
 
     f_train, f_val = (_cached(_with_normal_logits, decision, x) for x in (data.x_train, data.x_val))
     adv = [Frozen.from_outputs(_cached(_logits, a, data.x_train)) for a in adversaries]
@@ -228,7 +233,7 @@ def train_head(defense, decision: nn.Module, adversaries: list[nn.Module], data,
     epochs = dcfg["head_epochs"] or max(5, min(300, math.ceil(HEAD_STEPS / steps)))
     seed_everything(seed, deterministic)
     head = head_module(dcfg["nasty_head"], f_train.shape[1] - data.num_classes, data.num_classes)
-    net = ServedHead(head, served_for(decision, data, dcfg))
+    net = ServedHead(head, served_for(decision, data, dcfg, calibration))
     cfg = TrainConfig(epochs=epochs, batch_size=batch, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine",
                       seed=seed, deterministic=deterministic, select="last")
     res = fit(net, with_cmi(defense.objective(adv), dcfg["cmi"], defense.cfg["tau"]), fdata, cfg, run_dir=run_dir,
