@@ -389,3 +389,36 @@ def test_train_defended_keep_bins_fits_on_validation(tmp_path, digits):
     want = values[bin_of(n.softmax(1).amax(1, keepdim=True), edges)[:, 0]]
     assert torch.allclose(p.amax(1), want, atol=1e-6)
     assert not math.isnan(float(p.sum()))
+    assert "validation split (" in r["defense_info"]["lock"]["calibration"]  # no held-out images: said so
+
+
+def test_bins_calibrate_on_the_owners_held_out_images_when_the_teacher_trained_on_a_subset(tmp_path):
+    """With a train_subset the bins are fitted on owner_holdout's images (never trained on, never used to pick
+    an epoch), not on the validation split that selected the normal model's epoch; the run says where.
+    Seen failing (bins equal to the validation split's) with the calibration split not passed to assemble."""
+    from nasty.checkpoint import load_checkpoint
+    from nasty.config import load_config
+    from nasty.metrics import predict_logits
+    from nasty.pipelines.defended import calibration_split, owner_holdout, train_defended
+    from nasty.pipelines.leakage import thief_pool
+    from nasty.runs import data_from_config
+
+    cfg = load_config(None, {"data": {"train_subset": 500}, "model": {"name": "cnn:width=0.25"},
+                             "train": {"epochs": 2, "batch_size": 64, "seed": 0},
+                             "defense": {"omega": 0.1, "head_epochs": 2, "keep": "confidence:bins=3"},
+                             "probe": {"labelled": 20, "queries": 100}})
+    cfg["probe"]["enabled"] = False
+    r = train_defended(cfg, tmp_path / "d", log=lambda m: None)
+    data = data_from_config(cfg)
+    x, y = owner_holdout(cfg, thief_pool(cfg, data)[0], data)
+    assert len(y) > 2 * len(data.y_val) and calibration_split(cfg, data)[0][1].tolist() == y.tolist()
+    assert r["defense_info"]["lock"]["calibration"].startswith(f"calibration bins fitted on {len(y)} held-out images")
+    model, _ = load_checkpoint(tmp_path / "d" / "defended")
+    normal, _ = load_checkpoint(tmp_path / "d" / "normal")
+    with torch.no_grad():
+        edges, values = fit_bins(predict_logits(normal, x), y, 3)
+        val_edges, _ = fit_bins(predict_logits(normal, data.x_val), data.y_val, 3)
+    assert torch.equal(model.served.bin_edges, edges) and torch.equal(model.served.bin_values, values)
+    assert not torch.equal(edges, val_edges)
+    cfg["defense"]["keep"] = "decision"
+    assert calibration_split(cfg, data) == (None, None)
