@@ -5,9 +5,9 @@ two panels per results file: a dataset or a teacher).
         --out docs/pareto.png
 
 x: ECE (left) and top-5 accuracy (right) of the served probabilities on the test split; y: the best
-self-tuning thief's gain over the better floor (points), for the probe student where it is largest: the
-mean over seeds, with a bar from the mean to its 95% upper bound (the number the target bounds: +1, the
-dotted line). Labels only is the floor itself (leakage 0 by definition); the normal teacher's point is the
+self-tuning thief's gain over the better floor (points): the largest mean over seeds of the probe
+students, with a bar up to the largest 95% upper bound (the number the target bounds: +1, the dotted
+line). Labels only is the floor itself (leakage 0 by definition); the normal teacher's point is the
 positive control (KD).
 """
 
@@ -21,16 +21,19 @@ from nasty.pipelines.leakage import best_attack
 
 
 def points(doc: dict) -> dict[str, dict]:
-    """Per served variant of a bench_served.py result: its quality (top1, top5, ece, nll) and the leakage of
-    the best thief on the student where that thief's mean is largest (``mean``, ``ci_high``, ``attack``,
-    ``student``); labels only at leakage 0."""
+    """Per served variant of a bench_served.py result: its quality (top1, top5, ece, nll) and, over the probe
+    students, the largest mean of the best thief (``mean``, with its ``attack`` and ``student``) and the
+    largest 95% upper bound (``ci_high``: the target's number, possibly another student's); labels only at 0."""
     out = {}
     for name, per_student in doc["leakage"].items():
         best = None
         for student, per in per_student.items():
             attack, stats = best_attack(per)
-            if stats is not None and (best is None or stats["mean"] > best["mean"]):
-                best = {"mean": stats["mean"], "ci_high": stats["ci_high"], "attack": attack, "student": student}
+            if stats is None:
+                continue
+            if best is None or stats["mean"] > best["mean"]:
+                best = {**(best or {}), "mean": stats["mean"], "attack": attack, "student": student}
+            best["ci_high"] = max(best.get("ci_high", float("-inf")), stats["ci_high"])
         if best is not None and name in doc["quality"]:
             out[name] = {**doc["quality"][name], **best}
     if "labels-only" in doc["quality"]:
