@@ -1,6 +1,6 @@
 """Leakage vs what the served probabilities still give a legitimate user, from bench_locked.py results.
 
-    python benchmarks/plot_locked.py docs/bench/locked-digits.json docs/bench/locked-fashion.json --out docs/pareto.png
+    python benchmarks/plot_locked.py docs/bench/locked-digits.json docs/bench/locked-fashion.json --out docs/pareto-locked.png
 
 x: top-5 accuracy (ties broken at random) and calibration error (ECE) of the served probabilities (test
 split; train-defended's result.json gives them: ``normal_quality``, ``defended_quality``,
@@ -51,7 +51,7 @@ def points(rows: list[dict], metric: str) -> dict[str, tuple[float, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+")
-    ap.add_argument("--out", default="docs/pareto.png")
+    ap.add_argument("--out", default="docs/pareto-locked.png")
     args = ap.parse_args()
     import matplotlib
 
