@@ -53,7 +53,9 @@ LOCK_PARAMS: dict[str, Param] = {  # the [defense] keys of the lock and of choos
     "keep": Param("str", "decision", "What the served top probability is: decision (the nasty part's own, with the normal "
                   "model's decision on top; default: the one variant measured to hold at 1 point on two teachers), confidence (the "
                   "normal model's top probability: calibrated, and measured to leak about 1 point) or confidence:bins=B (that "
-                  "probability calibrated on the validation split in B equal-mass bins).", keep_ok, KEEP_EXPECT),
+                  "probability's accuracy in B equal-mass bins fitted on held-out images, else the validation split; bins=3 "
+                  "serves the normal model's calibration and measured within noise on digits, not yet shown <= 1 point).",
+                  keep_ok, KEEP_EXPECT),
     "omega_grid": Param("list[float]", [0.1, 0.3, 1.0], "Candidates for omega, chosen by a KD probe on the validation split when "
                         "--omega is not given (comma-separated; default 0.1,0.3,1).", lambda v: all(o >= 0 for o in v),
                         "a list of numbers >= 0", hi=1000.0),
