@@ -18,9 +18,9 @@ all equal, NaN, +-inf). Steps:
    softmax (the nasty part's distribution, with the decision on top); ``confidence``: the normal
    model's top probability ``p_max`` exactly, the rest ``1 - p_max`` shared among the other classes
    in proportion to the locked row's softmax over them; ``confidence:bins=B``: the same with
-   ``p_max`` replaced by the validation accuracy of its calibration bin (``bin_edges``, B - 1 inner
+   ``p_max`` replaced by the held-out accuracy of its calibration bin (``bin_edges``, B - 1 inner
    edges, and ``bin_values``, B values; a bin holds the ``p_max`` at or above its lower edge).
-   ``bins=1`` serves one value, the decisions' validation accuracy, as every top probability:
+   ``bins=1`` serves one value, the decisions' accuracy on the calibration images, as every top probability:
    calibrated on average and carrying nothing beyond the decision.
 4. **Gap rule**, the same for every kind: with ``t`` the top probability and ``r`` the other
    classes' shares of ``1 - t``, when ``t < (1 - t) max(r) + gap`` the top is first raised to at
