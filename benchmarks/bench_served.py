@@ -45,24 +45,6 @@ def train(config: str, out: Path, keep: str, omega: float, adversary: Path | Non
     return out
 
 
-def merge(old: dict, new: dict) -> dict:
-    """``old`` with ``new``'s attacks added (their accuracies and leakage), after checking that both measured the
-    same regime and seeds and that every floor run they share has the same accuracy (leakage is over floors)."""
-    for k in ("labelled", "queries", "seeds"):
-        if old[k] != new[k]:
-            raise SystemExit(f"--merge-into: {k} differs ({old[k]} vs {new[k]})")
-    floors = [k for k in new["accuracy"] if k.rsplit("/", 1)[1] in ("scratch", "label-smoothing", "hard-label")]
-    differ = [k for k in floors if k in old["accuracy"] and old["accuracy"][k] != new["accuracy"][k]]
-    if differ or not floors:
-        raise SystemExit(f"--merge-into: the floors differ ({differ[:3]}): not the same students, leakage would not compare")
-    out = {**old, "accuracy": {**old["accuracy"], **new["accuracy"]}, "failed": old["failed"] + new["failed"]}
-    out["leakage"] = {t: {s: {**old["leakage"].get(t, {}).get(s, {}), **per} for s, per in students.items()}
-                      for t, students in new["leakage"].items()}
-    for t, students in old["leakage"].items():
-        out["leakage"].setdefault(t, students)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/digits.toml")
@@ -76,9 +58,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quality-only", action="store_true", help="recompute the served utility of the teachers in --out and "
                     "update --json (the leakage runs are kept)")
-    ap.add_argument("--merge-into", type=Path, default=None, help="add this run's attacks to an earlier result of the same "
-                    "teachers and seeds (refused unless every floor's accuracy is the same, i.e. the same students were "
-                    "retrained) and write the merged result to --json")
     args = ap.parse_args()
     t0 = time.time()
     first = train(args.config, args.out / args.keeps[0].replace(":", "-"), args.keeps[0], args.omega, args.teacher)
@@ -101,12 +80,9 @@ def main() -> None:
         res = {k: old[k] for k in ("labelled", "queries", "seeds", "accuracy", "failed", "leakage")}
     else:
         res = measure(cfg, pool, targets, attacks, seeds=args.seeds, out=None, log=lambda m: print(m, file=sys.stderr, flush=True))
-    if args.merge_into:
-        res = merge(json.loads(args.merge_into.read_text()), res)
     quality = {name: served_quality(m, data.x_test, data.y_test) for name, m in targets.items()}
     quality["labels-only"] = served_utility(normal, normal, data)["labels_only_quality"]  # the reference train-defended reports
-    meta = {"command": " ".join(sys.argv), "leakage_command": old["meta"]["command"] if args.quality_only else None,
-            "merged_into": json.loads(args.merge_into.read_text())["meta"] if args.merge_into else None, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+    meta = {"command": " ".join(sys.argv), "leakage_command": old["meta"]["command"] if args.quality_only else None, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t0) / 60, "pool": note, "omega": args.omega}
     print(f"\nthief: {res['labelled']} labelled of {res['queries']} images; {note}; seeds {args.seeds}")
     print("| served | student | best attack: mean ± sd [95% CI] | every attack's mean | top-1 | top-5 | ECE | NLL |")
