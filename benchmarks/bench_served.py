@@ -10,7 +10,7 @@ served utility (top-1, top-5, ECE, NLL on the test split) and the labels-only re
 The teachers are trained with ``nasty train-defended`` (``--omega`` fixed, no probe; the first run trains
 the normal teacher, the others reuse it as ``--adversary``); the attacks run through the probe's own
 measurement (:func:`nasty.pipelines.leakage.measure`: floors, self-tuning thieves, leakage = accuracy minus
-the better floor of the same seed and student, 95% t-intervals over seeds).
+the best floor of the same seed and student, 95% t-intervals over seeds).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
     pool, note = thief_pool(cfg, data)
     if args.quality_only:
         old = json.loads(args.json.read_text())
-        res = {k: old[k] for k in ("labelled", "queries", "seeds", "accuracy", "failed", "leakage")}
+        res = {k: old.get(k, {}) for k in ("labelled", "queries", "seeds", "accuracy", "failed", "leakage", "floors")}
     else:
         res = measure(cfg, pool, targets, attacks, seeds=args.seeds, out=None, log=lambda m: print(m, file=sys.stderr, flush=True))
     quality = {name: served_quality(m, data.x_test, data.y_test) for name, m in targets.items()}
@@ -94,6 +94,9 @@ def main() -> None:
             best = "-" if b is None else f"{a} {b['mean']:+.2f} ± {b['sd']:.2f} [{b['ci_low']:+.2f}, {b['ci_high']:+.2f}]"
             every = ", ".join(f"{k} {v['mean']:+.2f}" for k, v in per.items() if v["n"])
             print(f"| {name} | {s} | {best} | {every} | {q['top1']:.2f} | {q['top5']:.2f} | {q['ece']:.2f} | {q.get('nll', float('nan')):.3f} |")
+    for name, st in res["floors"].items():
+        for s, per in st.items():
+            print(f"floors of {name} / {s}: " + ", ".join(f"{f} {v['mean']:.2f}" for f, v in per.items()))
     q = quality["labels-only"]
     print(f"| labels-only | - | (the floor) | - | {q['top1']:.2f} | {q['top5']:.2f} | {q['ece']:.2f} | {q.get('nll', float('nan')):.3f} |")
     if res["failed"]:

@@ -62,3 +62,39 @@ def test_strength_search_stops_at_the_first_strength_that_leaks_nothing(monkeypa
     assert asked == ["omega=0.1", "omega=0.3"]  # omega 1 never measured
     assert table[0]["score"] is None and "not measured" in table[0]["skipped"]
     assert pick == 2  # omega 0.1 (+0.1 +- 0.35) is within noise of omega 0.3's 0: the smaller wins, as with every candidate measured
+
+
+def test_leakage_is_over_the_best_floor_of_the_seed_with_every_hard_label_smoothing(digits, monkeypatch):
+    """The floor of a seed is the best of labels alone and hard-label at each smoothing of its grid, each trained
+    with its own fixed smoothing (not one chosen on a few validation images): an attack gains only over all."""
+    import torch
+
+    from nasty.config import load_config
+
+    scripted = {("scratch", None): 50.0, ("label-smoothing", None): 55.0, ("hard-label", 0.0): 70.0,
+                ("hard-label", 0.1): 60.0, ("hard-label", 0.3): 65.0, ("kd", None): 72.0}
+    seen = []
+
+    def fake_run_attack(method, params, **kw):
+        seen.append((method, dict(params)))
+        return (method, params.get("label_smoothing")), {}
+
+    n = len(digits.y_test)
+
+    def fake_predict(model, x):
+        right = round(scripted[model] / 100 * n)
+        wrong = (digits.y_test + 1) % digits.num_classes
+        pred = torch.cat([digits.y_test[:right], wrong[right:]])
+        return torch.nn.functional.one_hot(pred, digits.num_classes).float()
+
+    monkeypatch.setattr(leakage, "run_attack", fake_run_attack)
+    monkeypatch.setattr(leakage, "predict_logits", fake_predict)
+    cfg = load_config(None)
+    cfg["probe"].update(labelled=20, queries=60, students=["s"], jobs=1)
+    res = leakage.measure(cfg, digits, {"t": torch.nn.Identity()}, {"t": ["kd"]}, seeds=[0], out=None, log=lambda m: None)
+    assert sorted(p.get("label_smoothing") for m, p in seen if m == "hard-label") == [0.0, 0.1, 0.3]
+    assert all("tune" not in p for m, p in seen if m == "hard-label")  # fixed settings, not tuned on validation
+    assert ("kd", {"tune": True}) in seen  # the attack tunes itself
+    best = 100 * round(0.70 * n) / n
+    assert res["leakage"]["t"]["s"]["kd"]["mean"] == pytest.approx(100 * round(0.72 * n) / n - best)
+    assert res["floors"]["t"]["s"]["hard-label:ls=0"]["mean"] == pytest.approx(best)

@@ -81,16 +81,16 @@ def test_probe_reuses_the_students_of_the_strength_choice(digits, small_teacher,
     first = leakage.measure(cfg, digits, {"t": small_teacher}, {"t": ["kd"]}, score_on=holdout, seeds=[0], out=None,
                             log=lambda m: None, runs=runs, also={"test": digits.x_test})
     again = leakage.measure(cfg, digits, {"t": small_teacher}, {"t": ["kd"]}, seeds=[0], out=None, log=lambda m: None, runs=runs)
-    assert trained == [4, 0]  # scratch, label-smoothing, hard-label, kd; then nothing
+    assert trained == [6, 0]  # scratch, label-smoothing, hard-label at three smoothings, kd; then nothing
     fresh = leakage.measure(cfg, digits, {"t": small_teacher}, {"t": ["kd"]}, seeds=[0], out=None, log=lambda m: None)
     assert again["accuracy"] == fresh["accuracy"]  # reused = what training them again gives, on the test split
     assert again["accuracy"] != first["accuracy"]  # the first call scored on the held-out images, not the test split
     other = torch.nn.Sequential(small_teacher, torch.nn.Identity()).eval()
     leakage.measure(cfg, digits, {"u": other}, {"u": ["kd"]}, seeds=[0], out=None, log=lambda m: None, runs=runs)
-    assert trained[-1] == 2  # hard-label (another teacher's decisions, by weights) and kd; the label floors are reused
+    assert trained[-1] == 4  # hard-label x 3 (another teacher's decisions, by weights) and kd; the label floors are reused
 
 
 def test_probe_numbers_do_not_depend_on_jobs(digits, small_teacher):
     one = leakage.measure(_cfg(1), digits, {"t": small_teacher}, {"t": ["kd"]}, seeds=[0, 1], out=None, log=lambda m: None)
     two = leakage.measure(_cfg(2), digits, {"t": small_teacher}, {"t": ["kd"]}, seeds=[0, 1], out=None, log=lambda m: None)
-    assert one["accuracy"] == two["accuracy"] and len(one["accuracy"]) == 8
+    assert one["accuracy"] == two["accuracy"] and len(one["accuracy"]) == 12

@@ -3,11 +3,14 @@ defense leaves, per student, over several seeds.
 
 A thief holds ``labelled`` labelled images and ``queries - labelled`` unlabelled ones
 (:func:`nasty.attacks.run.thief_view`), drawn from training images the teacher never saw when the
-teacher trained on a ``train_subset`` (the rest of the training split is the thief's pool). Its floors:
-labels alone (``scratch``, ``label-smoothing``) and hard-label extraction (``hard-label``: its labels
-plus the teacher's top-1 on the queries, its label smoothing tuned from 0.3). Each attack tunes its
-settings (alpha, T, ...) and its epoch on the thief's own validation split (``tune``). Leakage of an attack = its accuracy minus the better floor of the same
-seed and student; a student that diverged is an instrument failure, listed and never scored.
+teacher trained on a ``train_subset`` (the rest of the training split is the thief's pool). Its floors
+(:data:`FLOORS`): labels alone (``scratch``, ``label-smoothing``) and hard-label extraction (``hard-label``:
+its labels plus the teacher's top-1 on the queries) at each label smoothing of its grid, 0, 0.1 and 0.3,
+every one trained (not chosen on the thief's validation split of a few images: the floor is the best
+decision-only thief of the family, and a thief reading the served confidence must beat every one). Each
+attack tunes its settings (alpha, T, ...) and its epoch on the thief's own validation split (``tune``).
+Leakage of an attack = its accuracy minus the best floor of the same seed and student; a student that
+diverged is an instrument failure, listed and never scored.
 
 Used by the probe of ``train-defended`` (scored on the test split) and by the choice of the strength
 (scored on images the owner held out; its students also predict the test images, whose labels it never
@@ -28,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..attacks import get_attack, run_attack
+from ..attacks.hardlabel import TUNE_SMOOTHING
 from ..config import train_config
 from ..errors import TrainingDiverged
 from ..frozen import TeacherOutputCache
@@ -38,7 +42,9 @@ from ..resume import Checkpointing
 from ..runs import data_from_config
 from ..workers import default_jobs, run_tasks
 
-FLOORS = ("scratch", "label-smoothing", "hard-label")
+# name -> (method, its fixed settings): every floor trains for every student and seed; the best one of a seed is the floor
+FLOORS: dict[str, tuple[str, dict]] = {"scratch": ("scratch", {}), "label-smoothing": ("label-smoothing", {}),
+                                       **{f"hard-label:ls={ls:g}": ("hard-label", {"label_smoothing": ls}) for ls in TUNE_SMOOTHING}}
 HOLDS_BELOW = 1.0  # points: a defense holds when the best honest attack's 95% upper bound of leakage is at most this
 
 
@@ -130,32 +136,34 @@ def measure(cfg: dict, pool, targets: dict[str, nn.Module], attacks: dict[str, l
     base = f"{n}/{m}/{fingerprint(pool.x_train)}/{fingerprint(pool.y_train)}"
     cache = TeacherOutputCache()
 
-    def job_key(method: str, target: str | None, student: str, seed: int) -> str:
+    def job_key(name: str, target: str | None, student: str, seed: int) -> str:
         tcfg = train_config(cfg, p["train"], seed=seed)
-        return "/".join([method, student, str(seed), base, _teacher_key(method, targets[target] if target else None),
-                         json.dumps(tcfg.to_dict(), sort_keys=True)])
+        method, fixed = FLOORS.get(name, (name, {}))
+        return "/".join([name, json.dumps(fixed, sort_keys=True), student, str(seed), base,
+                         _teacher_key(method, targets[target] if target else None), json.dumps(tcfg.to_dict(), sort_keys=True)])
 
     first = next(iter(targets))
-    plan: dict[str, tuple[str, str | None, str, int]] = {}  # job key -> (method, target, student, seed)
+    plan: dict[str, tuple[str, str | None, str, int]] = {}  # job key -> (floor or attack name, target, student, seed)
     cells = []  # (target, student, seed, floor keys, {attack: key})
     for target, model in targets.items():
         floor_target = first if same_decisions(model) and target != first else target
         for student in p["students"]:
             for seed in seeds:
-                jobs = [("scratch", None), ("label-smoothing", None), ("hard-label", floor_target)] + [(a, target) for a in attacks[target]]
+                jobs = [(f, floor_target if get_attack(m).needs_teacher else None) for f, (m, _) in FLOORS.items()]
+                jobs += [(a, target) for a in attacks[target]]
                 keys = []
-                for method, t in jobs:
-                    k = job_key(method, t, student, seed)
-                    plan.setdefault(k, (method, t, student, seed))
+                for name, t in jobs:
+                    k = job_key(name, t, student, seed)
+                    plan.setdefault(k, (name, t, student, seed))
                     keys.append(k)
-                cells.append((target, student, seed, keys[:3], dict(zip(attacks[target], keys[3:]))))
+                cells.append((target, student, seed, keys[:len(FLOORS)], dict(zip(attacks[target], keys[len(FLOORS):]))))
 
-    def task(method: str, target: str | None, student: str, seed: int):
+    def task(name: str, target: str | None, student: str, seed: int):
         def train() -> tuple[dict, dict[str, torch.Tensor]]:
             teacher = targets[target] if target else None
-            cls = get_attack(method)
-            params = {**(cls.floor_params if cls.floor else {}), **({"tune": True} if "tune" in cls.params else {})}
-            run_dir = None if out is None else out / slug(student, "") / f"seed-{seed}" / f"{target or 'labels'}-{method}"
+            method, fixed = FLOORS.get(name, (name, None))
+            params = fixed if fixed is not None else ({"tune": True} if "tune" in get_attack(method).params else {})
+            run_dir = None if out is None else out / slug(student, "") / f"seed-{seed}" / f"{target or 'labels'}-{slug(name, '')}"
             try:
                 model, r = run_attack(method, data=data, teachers=[teacher] if teacher is not None else [], student=student,
                                       train=train_config(cfg, p["train"], seed=seed), params=params, labelled=n, query_budget=m,
@@ -186,16 +194,21 @@ def measure(cfg: dict, pool, targets: dict[str, nn.Module], attacks: dict[str, l
         log(f"[probe] {name}: {accuracy[name]:.2f}" + (f" (tuned {r['tuned']})" if r.get("tuned") else ""))
     score = {k: accuracy[f"{st}/{sd}/{t or '-'}/{mt}"] for k, (mt, t, st, sd) in plan.items()}
     summary: dict = {}
+    floor_acc: dict = {}  # target -> student -> floor -> accuracies over seeds (which floor is the best, and by how much)
     for target, student, seed, floor_keys, attack_keys in cells:
         leak = summary.setdefault(target, {}).setdefault(student, {a: [] for a in attacks[target]})
         floors = [score[k] for k in floor_keys]
         if any(f is None for f in floors):
             continue
+        for f, v in zip(FLOORS, floors):
+            floor_acc.setdefault(target, {}).setdefault(student, {}).setdefault(f, []).append(v)
         for a, k in attack_keys.items():
             if score[k] is not None:
                 leak[a].append(score[k] - max(floors))
     summary = {t: {s: {a: interval(v) for a, v in per.items()} for s, per in st.items()} for t, st in summary.items()}
-    return {"labelled": n, "queries": m, "seeds": seeds, "accuracy": accuracy, "failed": failed, "leakage": summary}
+    floor_acc = {t: {s: {f: interval(v) for f, v in per.items()} for s, per in st.items()} for t, st in floor_acc.items()}
+    return {"labelled": n, "queries": m, "seeds": seeds, "accuracy": accuracy, "failed": failed, "leakage": summary,
+            "floors": floor_acc}
 
 
 def best_attack(per_attack: dict[str, dict]) -> tuple[str | None, dict | None]:

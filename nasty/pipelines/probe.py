@@ -74,13 +74,13 @@ def run_leakage_probe(cfg: dict, data, normal, defended, out: Path, log: Callabl
         students.append({"student": s, "positive_control": res["leakage"]["normal"][s]["kd"], "best_attack": name, "best": best,
                          "holds": holds(res["leakage"]["defended"][s])})
     return {"regime": {"labelled": res["labelled"], "queries": res["queries"], "pool": note}, "seeds": res["seeds"],
-            "leakage": res["leakage"], "accuracy": res["accuracy"], "failed": res["failed"], "students": students,
+            "leakage": res["leakage"], "floors": res["floors"], "accuracy": res["accuracy"], "failed": res["failed"], "students": students,
             "holds_below": HOLDS_BELOW}
 
 
 def _leakage_lines(probe: dict) -> list[str]:
     lines = [f"thief: {probe['regime']['labelled']} labelled of {probe['regime']['queries'] or 'all'} images; {esc.term(probe['regime']['pool'])}; "
-             f"{len(probe['seeds'])} seeds; leakage = accuracy minus the better floor (labels only, hard-label)"]
+             f"{len(probe['seeds'])} seeds; leakage = accuracy minus the best floor (labels only, hard-label at label smoothing 0, 0.1, 0.3)"]
     held = 0
     for r in probe["students"]:
         pc, b = r["positive_control"], r["best"]
