@@ -9,6 +9,9 @@ M), each probe student and each seed: scratch and label-smoothing (the N labelle
 (the labels plus the teacher's top-1 on the M - N queries), and KD (soft outputs on all M, labels on
 N; tuned on the thief's validation split with ``--tune``, otherwise alpha 0.9, T 4). Leakage = KD
 minus the better floor of the same seed. Student seeds = SEEDS; every run uses the config's [probe.train].
+These are section 12's floors (hard-label with its smoothing tuned from 0.3), kept so that its numbers
+reproduce; the probe and bench_served.py measure over the floor family of ``nasty.pipelines.leakage.FLOORS``
+(hard-label at each smoothing, every one trained), which is higher by about 0.3-0.4 points on digits.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_positive_control.py --config configs/fashion-mnist.toml \
         --teacher-subset 50000 --regimes 100:300,100:1000 --seeds 0 1 2 3 4 --tune

@@ -1,14 +1,14 @@
 """Leakage against what the served probabilities are worth, from bench_served.py results (one row of
 two panels per results file: a dataset or a teacher).
 
-    python benchmarks/plot_served.py docs/bench/served-digits-frontier.json docs/bench/served-digits-teacher2.json \
-        --out docs/pareto.png
+    python benchmarks/plot_served.py docs/bench/served-digits-floors.json docs/bench/served-digits-teacher2-floors.json \
+        docs/bench/served-fashion-mnist-floors.json --out docs/pareto.png
 
 x: ECE (left) and top-5 accuracy (right) of the served probabilities on the test split; y: the best
-self-tuning thief's gain over the better floor (points): the largest mean over seeds of the probe
+self-tuning thief's gain over the best floor of the seed (points): the largest mean over seeds of the probe
 students, with a bar up to the largest 95% upper bound (the number the target bounds: +1, the dotted
 line). Labels only is the floor itself (leakage 0 by definition); the normal teacher's point is the
-positive control (KD).
+positive control (KD); the default ``--keep`` is drawn in green.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+from nasty.defenses.lock import LOCK_PARAMS
 from nasty.pipelines.leakage import best_attack
+
+DEFAULT = LOCK_PARAMS["keep"].default  # the served variant train-defended serves unless told otherwise: drawn in green
 
 
 def points(doc: dict) -> dict[str, dict]:
@@ -59,9 +62,10 @@ def main() -> None:
         for ax, metric, label in ((row[0], "ece", "calibration error of the served probabilities (ECE, %)"),
                                   (row[1], "top5", "top-5 accuracy of the served probabilities (%)")):
             for name, p in pts.items():
-                colour = "tab:red" if name == "normal" else "tab:grey" if name == "labels-only" else "tab:blue"
+                colour = {"normal": "tab:red", "labels-only": "tab:grey", DEFAULT: "tab:green"}.get(name, "tab:blue")
                 ax.errorbar(p[metric], p["mean"], yerr=[[0.0], [p["ci_high"] - p["mean"]]], fmt="o", color=colour, capsize=3)
-                ax.annotate(name, (p[metric], p["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+                ax.annotate(name + (" (default)" if name == DEFAULT else ""), (p[metric], p["mean"]), textcoords="offset points",
+                            xytext=(5, 4), fontsize=8)
             ax.axhline(0, color="grey", lw=0.8, ls="--")
             ax.axhline(1, color="grey", lw=0.8, ls=":")
             ax.set_xlabel(label)

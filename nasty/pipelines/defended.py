@@ -357,7 +357,7 @@ def choose_by_leakage(candidates: list[tuple[float, nn.Module]], cfg: dict, data
     the owner's held-out images: the thief pool's images this thief does not hold (the teacher, the
     defense and the thief never trained on them), else the teacher's validation split; never the test
     split. A candidate's score is, for its worst probe student, the best
-    attack's mean gain over the better floor, clipped at 0; among the candidates whose score is within
+    attack's mean gain over the best floor of the seed, clipped at 0; among the candidates whose score is within
     noise of the best (1.96 standard errors of the difference) the smallest omega wins: the least
     distortion that leaks no more. The candidates are measured from the smallest omega up, and the first
     that leaks nothing (score 0) ends the search: no candidate can score lower and the others are larger, so
