@@ -98,3 +98,26 @@ def test_leakage_is_over_the_best_floor_of_the_seed_with_every_hard_label_smooth
     best = 100 * round(0.70 * n) / n
     assert res["leakage"]["t"]["s"]["kd"]["mean"] == pytest.approx(100 * round(0.72 * n) / n - best)
     assert res["floors"]["t"]["s"]["hard-label:ls=0"]["mean"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("labelled", [None, 20])
+def test_calibration_bins_fit_on_images_the_teacher_never_saw_with_or_without_a_thiefs_regime(labelled):
+    """A teacher on a train_subset: the bins (and the strength's choice) use the pool images it never trained on,
+    less the probe thief's own when there is one; the validation split (which picked its epoch) only otherwise."""
+    import numpy as np
+
+    from nasty.config import load_config
+    from nasty.runs import data_from_config
+
+    cfg = load_config(None)
+    cfg["data"]["train_subset"] = 300
+    cfg["defense"].update(lock="two-head", keep="confidence:bins=3")
+    cfg["probe"].update(labelled=labelled, queries=None if labelled is None else 100)
+    data = data_from_config(cfg)
+    pool, _ = leakage.thief_pool(cfg, data)
+    (x, y), note = defended.calibration_split(cfg, data)
+    assert "held-out images the teacher never trained on" in note
+    seen = {bytes(r) for r in data.x_train.numpy().reshape(len(data.x_train), -1)}
+    assert not any(bytes(r) in seen for r in x.numpy().reshape(len(x), -1))  # never a training image of the teacher
+    expected = len(pool.y_train) + len(pool.y_val) - (0 if labelled is None else 100)
+    assert len(y) == expected

@@ -408,17 +408,20 @@ def choose_by_leakage(candidates: list[tuple[float, nn.Module]], cfg: dict, data
 
 
 def owner_holdout(cfg: dict, pool, data) -> tuple:
-    """Images the owner may score the strength's choice on: the thief pool's images outside the probe thief's
-    own (when the teacher trained on a subset, at least 200 of them), else the teacher's validation split."""
+    """Images the owner may score the strength's choice on (and fit calibration bins on): the thief pool's images
+    outside the probe thief's own (all of them outside the thief's regime), when the teacher trained on a subset
+    and at least 200 are left, else the teacher's validation split."""
     import numpy as np
 
     from ..attacks.run import thief_indices
 
     p = cfg["probe"]
     if pool is not data:
-        m = p["queries"] or len(pool.y_train)
-        lab, que, val = thief_indices(pool, p["labelled"], m)
-        rest = torch.from_numpy(np.setdiff1d(np.arange(len(pool.y_train)), np.concatenate([lab, que, val])))
+        if p["labelled"] is None:  # not in the thief's regime: no probe thief holds any of the pool
+            taken = np.array([], dtype=np.int64)
+        else:
+            taken = np.concatenate(thief_indices(pool, p["labelled"], p["queries"] or len(pool.y_train)))
+        rest = torch.from_numpy(np.setdiff1d(np.arange(len(pool.y_train)), taken))
         if len(rest) >= 200:
             return torch.cat([pool.x_train[rest], pool.x_val]), torch.cat([pool.y_train[rest], pool.y_val])
     return data.x_val, data.y_val
