@@ -235,7 +235,9 @@ def test_the_floor_of_the_thiefs_regime_is_the_tuned_smoothed_hard_label():
     assert attack_params("copycat", {}, tune=True) == {"label_smoothing": 0.0}  # not a floor, nothing to tune
 
 
-def test_the_probes_floor_is_the_tuned_smoothed_hard_label(digits, small_teacher, monkeypatch):
+def test_the_probes_attacks_tune_themselves_and_its_floors_keep_fixed_settings(digits, small_teacher, monkeypatch):
+    """The probe's thieves tune on their validation split; its floors (hard-label at each smoothing: the whole family
+    is tested in test_leakage.py) run with fixed settings."""
     import nasty.pipelines.leakage as leakage
     from nasty.config import defaults
 
@@ -250,7 +252,7 @@ def test_the_probes_floor_is_the_tuned_smoothed_hard_label(digits, small_teacher
     cfg["probe"].update(labelled=40, queries=200, students=["mlp:hidden=8"], jobs=1)  # in this process: the fake sees every call
     leakage.measure(cfg, digits, {"defended": small_teacher}, {"defended": ["set-uniform", "confidence-label"]}, seeds=[0], out=None,
                     log=lambda m: None)
-    assert seen["hard-label"] == {"label_smoothing": 0.3}  # the last of the floor family (0, 0.1, 0.3), each with fixed settings
+    assert seen["hard-label"] == {"label_smoothing": 0.3}  # the last of the floor family (0, 0.1, 0.3), not tuned
     assert seen["set-uniform"] == {"tune": True} and seen["confidence-label"] == {"tune": True}
     assert seen["scratch"] == {}
 

@@ -104,8 +104,6 @@ def test_leakage_is_over_the_best_floor_of_the_seed_with_every_hard_label_smooth
 def test_calibration_bins_fit_on_images_the_teacher_never_saw_with_or_without_a_thiefs_regime(labelled):
     """A teacher on a train_subset: the bins (and the strength's choice) use the pool images it never trained on,
     less the probe thief's own when there is one; the validation split (which picked its epoch) only otherwise."""
-    import numpy as np
-
     from nasty.config import load_config
     from nasty.runs import data_from_config
 
