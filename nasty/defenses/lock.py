@@ -53,7 +53,7 @@ LOCK_PARAMS: dict[str, Param] = {  # the [defense] keys of the lock and of choos
     "keep": Param("str", "confidence:bins=3", "What the served top probability is: confidence:bins=B (the normal model's top "
                   "probability replaced by its held-out accuracy in B equal-mass bins, fitted on held-out images the teacher never "
                   "trained on, else the validation split; default bins=3: the normal model's calibration, measured within the 1-point "
-                  "target on two digits teachers), decision (the nasty part's own, with the normal model's decision on top: also "
+                  "target on two digits teachers, where the undefended teacher leaks 2-3 points), decision (the nasty part's own, with the normal model's decision on top: also "
                   "within the target, ECE about 25%) or confidence (the normal model's top probability exactly: leaks about 1 point).",
                   keep_ok, KEEP_EXPECT),
     "omega_grid": Param("list[float]", [0.1, 0.3, 1.0], "Candidates for omega, chosen by a KD probe on the validation split when "
