@@ -153,6 +153,7 @@ def prepare_out_dir(out: str | Path | None, force: bool, default_name: str, inpu
     not count), or with ``force`` an old run replaced (see :func:`check_replaceable`). The folder is
     locked against a concurrent nasty run for the rest of the command."""
     path = Path(out) if out else Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    created, replaced = not os.path.lexists(path), False
     if os.path.lexists(path) and not path.is_dir():
         raise NastyError(f"--out {path} exists and is not a directory")
     if path.is_dir():
@@ -160,6 +161,7 @@ def prepare_out_dir(out: str | Path | None, force: bool, default_name: str, inpu
             if not force:
                 raise NastyError(f"output directory {path} is not empty; pass --force to overwrite it or choose another --out")
             check_replaceable(path, inputs)
+            replaced = True
             lock_out_dir(path)  # refuses a folder that a live run is writing
             try:
                 safe_io.set_aside(path)  # deleted once this command succeeds, put back if it fails
@@ -176,6 +178,8 @@ def prepare_out_dir(out: str | Path | None, force: bool, default_name: str, inpu
     if has_content(path):  # another run filled it between our check and our lock
         unlock_out_dir(path)
         raise NastyError(f"output directory {path} was filled by another nasty run; choose another --out")
+    if not replaced:  # a folder replaced with --force is put back instead (safe_io.settle)
+        safe_io.track_fresh(path, created, {"run.json", LOCK_FILE})
     return path
 
 

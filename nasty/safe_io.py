@@ -335,9 +335,31 @@ def set_aside(path: str | Path) -> None:
     _ASIDE.append((path, aside))
 
 
+_FRESH: list[tuple[Path, bool, frozenset]] = []  # (run folder, whether this command created it, what it may remove)
+
+
+def track_fresh(path: str | Path, created: bool, removable: set[str]) -> None:
+    """Run folder ``path`` was empty (``created``: made) for this command: if the command fails while the
+    folder holds nothing but the files named in ``removable`` (its ``run.json``, its lock: refused before
+    any work), :func:`settle` removes them (and the folder it made), so that the retry is not refused."""
+    _FRESH.append((Path(path), created, frozenset(removable)))
+
+
 def settle(ok: bool) -> list[Path]:
     """At the end of a command: delete the folders set aside (``ok``), or put them back in place of the
-    failed command's folders. Returns the folders put back."""
+    failed command's folders; a failed command's fresh run folder that holds no work is emptied again
+    (:func:`track_fresh`). Returns the folders put back."""
+    while _FRESH:
+        path, created, removable = _FRESH.pop()
+        try:
+            names = set(os.listdir(path)) if not ok and path.is_dir() and not path.is_symlink() else None
+            if names is not None and names <= removable:
+                for n in names:
+                    os.unlink(path / n)  # never follows a link: unlinks the name itself
+                if created:
+                    os.rmdir(path)
+        except OSError:
+            pass
     restored = []
     while _ASIDE:
         path, aside = _ASIDE.pop()

@@ -126,6 +126,40 @@ def test_force_replaces_an_old_run(run_cli, tmp_path):
     assert not (out / "old-marker").exists() and (out / "result.json").is_file()
 
 
+def test_a_run_refused_before_any_work_leaves_nothing_that_blocks_the_retry(run_cli, tmp_path):
+    """A refusal found after the run folder was prepared (here: --keep without a lock, checked with the
+    defense) removes what the command wrote there: a folder it made, the run.json and lock in an empty
+    folder it was given; the corrected retry then runs without --force. Seen failing (the retry refused:
+    'not empty') without safe_io.track_fresh."""
+    bad = ["train-defended", "--dataset", "digits", "--epochs", "1", "--no-probe", "--keep", "confidence", "--lock", "none"]
+    made, given = tmp_path / "made", tmp_path / "given"
+    given.mkdir()
+    for out in (made, given):
+        rc, _, err = run_cli(*bad, "--out", out)
+        assert rc == 2 and "--lock none" in err, err
+    assert not made.exists() and given.is_dir() and not any(given.iterdir())
+    rc, _, err = run_cli("train-teacher", "--out", made, *FAST)
+    assert rc == 0, err
+
+
+def test_a_failed_run_keeps_its_work_and_what_it_did_not_write(tmp_path):
+    """Only a folder holding nothing but the named files is emptied: anything else (a training state,
+    a link) keeps the whole folder as it was."""
+    from nasty import safe_io
+
+    for extra in ("train_state-teacher.safetensors", "link"):
+        out = tmp_path / extra
+        out.mkdir()
+        safe_io.track_fresh(out, True, {"run.json", ".nasty.lock"})
+        (out / "run.json").write_text("{}")
+        if extra == "link":
+            os.symlink(tmp_path / "elsewhere", out / "link")
+        else:
+            (out / extra).write_bytes(b"state")
+        safe_io.settle(False)
+        assert sorted(p.name for p in out.iterdir()) == sorted(["run.json", extra])
+
+
 # ---------------------------------------------------------------------------------------------- class 6
 
 

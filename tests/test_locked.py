@@ -140,7 +140,7 @@ def test_two_net_lock_and_the_lock_command(tmp_path, run_cli):
     normal, side = load_checkpoint(tmp_path / "d" / "normal")
     data = load_dataset("digits", normalization=(side["normalization"]["mean"], side["normalization"]["std"]))
     p_normal = predict_logits(normal, data.x_test).softmax(1)
-    for keep in ("confidence", "confidence:bins=4"):
+    for keep in ("confidence", "confidence:bins=4", "decision:top=5"):
         out_dir = tmp_path / keep.replace(":", "-")
         rc, out, err = run_cli("lock", "--decision", tmp_path / "d" / "normal", "--nasty", tmp_path / "single" / "defended",
                                "--keep", keep, "--out", out_dir, "--json")
@@ -150,11 +150,17 @@ def test_two_net_lock_and_the_lock_command(tmp_path, run_cli):
         assert torch.equal(served.argmax(1), p_normal.argmax(1))
         if keep == "confidence":
             assert torch.allclose(served.amax(1), p_normal.amax(1).clamp(max=1 - 1e-6), atol=1e-5)
+        elif keep == "decision:top=5":  # the served top-5 set is the decision model's on (nearly) every image
+            same = (served.topk(5, 1).indices.sort(1).values == p_normal.topk(5, 1).indices.sort(1).values).all(1)
+            assert same.float().mean() > 0.99, same.float().mean()
         else:
             edges, values = fit_bins(predict_logits(normal, data.x_val), data.y_val, 4)
             assert torch.equal(locked.served.bin_edges, edges) and torch.equal(locked.served.bin_values, values)
     _one_line(*run_cli("lock", "--decision", tmp_path / "d" / "normal", "--nasty", tmp_path / "single" / "defended",
                        "--keep", "confidence:bins=0", "--out", tmp_path / "bad"), "keep")
+    _one_line(*run_cli("lock", "--decision", tmp_path / "d" / "normal", "--nasty", tmp_path / "single" / "defended",
+                       "--keep", "decision:top=11", "--out", tmp_path / "bad"), "top=11 is more than the 10 classes")
+    assert not (tmp_path / "bad").exists()
 
 
 def _one_line(rc, out, err, needle):

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from nasty.errors import NastyError
 from nasty.models import create_model
-from nasty.models.served import MIN_GAP, TOP_MAX, Served, fit_bins, parse_keep, serve, served_gap, top_floor
+from nasty.models.served import MIN_GAP, TOP_MAX, Served, fit_bins, lock_rule, parse_keep, serve, served_gap, top_floor
 
 GAP = 1.01e-3  # what the gap rule aims at (MIN_GAP plus its rounding allowance), for golden values
 RULES = [("swap", 0.0), ("margin", 0.0), ("margin", 0.5)]
-KEEPS = ["decision", "confidence", "confidence:bins=4", "confidence:bins=1"]
+KEEPS = ["decision", "confidence", "confidence:bins=4", "confidence:bins=1", "decision:top=2", "confidence:bins=3,top=2"]
 NASTY_VALUES = [0.0, 1.0, -1.0, 1e-30, -1e-30, 1e30, -1e30, 3e38, -3e38, float("nan"), float("inf"), float("-inf")]
 
 
@@ -174,15 +174,56 @@ def test_keep_bins_calibrates_the_served_top_probability(temper, slack):
 
 
 def test_keep_parsing():
-    assert parse_keep("decision") == ("decision", None)
-    assert parse_keep("confidence") == ("confidence", None)
-    assert parse_keep("confidence:bins=2") == ("confidence", 2) and parse_keep("confidence:bins=1000") == ("confidence", 1000)
+    assert parse_keep("decision") == ("decision", None, None)
+    assert parse_keep("confidence") == ("confidence", None, None)
+    assert parse_keep("confidence:bins=2") == ("confidence", 2, None) and parse_keep("confidence:bins=1000") == ("confidence", 1000, None)
+    assert parse_keep("decision:top=5") == ("decision", None, 5) and parse_keep("confidence:top=2") == ("confidence", None, 2)
+    assert parse_keep("confidence:bins=3,top=5") == parse_keep(" confidence: top = 5 , bins = 3 ") == ("confidence", 3, 5)
     for bad in ("", "conf", "decision:bins=3", "confidence:bins=0", "confidence:bins=1001", "confidence:bins=nan",
-                "confidence:bins=-3", "confidence:bins=2.5", "confidence:edges=3", "confidence:bins", None, 3):
+                "confidence:bins=-3", "confidence:bins=2.5", "confidence:edges=3", "confidence:bins", None, 3,
+                "confidence:", "decision:", "decision:top=1", "decision:top=0", "decision:top=1001", "decision:top=\u00b2",
+                "confidence:bins=3,bins=3", "confidence:top=5,top=5", "confidence:bins=3,", "confidence:,top=5", "decision:top"):
         with pytest.raises(ValueError, match="keep must be"):
             parse_keep(bad)
     with pytest.raises(NastyError, match="^model locked: keep must be"):
         create_model("locked:keep='confidence:bins=0'", 10, 1, (8, 8))
+    with pytest.raises(NastyError, match="top=11 is more than the 10 classes"):
+        create_model("locked:keep='decision:top=11'", 10, 1, (8, 8))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=rows(finite_normal=True), rule=st.sampled_from(RULES), kind=st.sampled_from(["decision", "confidence", "confidence:bins=3"]),
+       top=st.integers(2, 12))
+def test_keep_top_serves_the_normal_models_top_set(data, rule, kind, top):
+    """``top=K``: the served K most probable classes are the normal model's K (the decision first, the
+    nasty order within the set and outside it), and the other classes' shares are the nasty part's
+    shares, permuted. Checked on rows whose nasty logits are finite and distinct (elsewhere shares tie).
+    Seen failing with the set taken from the nasty logits instead of the normal ones."""
+    z, normal = data
+    c = z.shape[1]
+    top = min(top, c)
+    keep = f"{kind}{',' if 'bins' in kind else ':'}top={top}"
+    s, plain = _served(c, *rule, keep), _served(c, *rule, kind)
+    with torch.no_grad():
+        p, q = s(z, normal).exp().double(), plain(z, normal).exp().double()
+    d = normal.argmax(1)
+    locked = lock_rule(z.double(), d[:, None], *rule)  # the nasty order after the lock rule
+    for i in range(len(z)):
+        zi = locked[i]
+        if not torch.isfinite(z[i]).all() or len(set(zi.tolist())) < c or zi.abs().max() > 1e6:
+            continue
+        n_order = normal[i].double().scatter(0, d[i:i + 1], float("inf")).argsort(descending=True, stable=True)
+        served_order = p[i].argsort(descending=True, stable=True)
+        assert served_order[0] == d[i]
+        if len(set(p[i].tolist())) == c:  # distinct served probabilities: the set and the orders are exact
+            assert set(served_order[:top].tolist()) == set(n_order[:top].tolist())
+            in_set, rest = served_order[1:top], served_order[top:]
+            assert torch.equal(zi[in_set].argsort(descending=True), torch.arange(len(in_set)))
+            assert torch.equal(zi[rest].argsort(descending=True), torch.arange(len(rest)))
+        # the same top probability and the same multiset of other shares as without the set
+        assert abs(float(p[i, d[i]] - q[i, d[i]])) <= 1e-6
+        others = lambda v: torch.sort(v[torch.arange(c) != d[i]]).values
+        assert torch.allclose(others(p[i]), others(q[i]), atol=1e-6)
 
 
 def test_the_lock_serves_the_function_and_its_bins_round_trip(tmp_path, digits):
@@ -358,6 +399,8 @@ def test_keep_on_the_command_line(run_cli, tmp_path):
         assert rc == 2 and err.strip().count("\n") == 0 and "keep" in err and "confidence:bins=B" in err, err
     rc, _, err = run_cli(*tiny, "--keep", "confidence", "--lock", "none", "--out", tmp_path / "o")
     assert rc == 2 and "--lock none" in err and err.strip().count("\n") == 0, err
+    rc, _, err = run_cli(*tiny, "--keep", "confidence:bins=3,top=11", "--out", tmp_path / "o")  # digits has 10 classes
+    assert rc == 2 and "top=11 is more than the 10 classes" in err and err.strip().count("\n") == 0, err
     assert not (tmp_path / "o" / "normal").exists()
 
 

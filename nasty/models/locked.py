@@ -74,7 +74,8 @@ def locked(num_classes: int, in_channels: int, image_size: tuple[int, int], deci
            form: str = "two-head", lock: str = "swap", margin: float = 0.0, keep: str = "decision") -> nn.Module:
     """Decision-locked teacher: ``decision`` model spec decides, ``nasty`` (a head spec for
     ``form=two-head``, a model spec for ``two-net``) shapes the soft outputs; ``lock`` swap|margin;
-    ``keep`` decision|confidence|confidence:bins=B (the served top probability)."""
+    ``keep`` decision|confidence|confidence:bins=B (the served top probability), optionally with top=K
+    (the normal model's top-K set served as the top K)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     if lock not in LOCKS:

@@ -22,6 +22,11 @@ all equal, NaN, +-inf). Steps:
    edges, and ``bin_values``, B values; a bin holds the ``p_max`` at or above its lower edge).
    ``bins=1`` serves one value, the decisions' accuracy on the calibration images, as every top probability:
    calibrated on average and carrying nothing beyond the decision.
+   ``top=K`` (after any kind: ``decision:top=5``, ``confidence:bins=3,top=5``): the served K most probable
+   classes are the normal model's K (useful top-K answers), ordered within and after the set by the
+   locked nasty logits; the other classes' shares are the nasty part's shares, permuted so that the K - 1
+   largest go to the set (:func:`top_set_shares`). The set is the normal model's similarity structure:
+   a thief reads it as it would read the normal teacher (docs: measured leakage).
 4. **Gap rule**, the same for every kind: with ``t`` the top probability and ``r`` the other
    classes' shares of ``1 - t``, when ``t < (1 - t) max(r) + gap`` the top is first raised to at
    least ``t_min = (1 + gap (C - 1)) / C`` (the least top that can lead uniform others by the gap),
@@ -37,6 +42,8 @@ confidence kinds (so no class is served exactly zero mass from ``1 - p_max``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,23 +55,37 @@ CLIP = 1e30  # nasty logits are clipped to +-CLIP
 LOCKS = ("swap", "margin")
 KEEPS = ("decision", "confidence")
 MAX_BINS = 1000
-KEEP_EXPECT = f"decision, confidence or confidence:bins=B (B an integer in 1..{MAX_BINS})"
+MAX_TOP = 1000
+KEEP_EXPECT = (f"decision, confidence or confidence:bins=B (B an integer in 1..{MAX_BINS}), optionally followed by top=K "
+               f"(K an integer in 2..{MAX_TOP}, at most the number of classes; after a colon or a comma: decision:top=5, "
+               "confidence:bins=3,top=5)")
 
 
-def parse_keep(text: object) -> tuple[str, int | None]:
-    """``"decision"`` -> ``("decision", None)``; ``"confidence:bins=10"`` -> ``("confidence", 10)``.
-    Raises ValueError (one line) on anything else."""
+class Keep(NamedTuple):
+    """A parsed ``keep``: its kind, its bins (``confidence:bins=B``) and its top set size (``top=K``)."""
+    kind: str
+    bins: int | None = None
+    top: int | None = None
+
+
+def parse_keep(text: object) -> Keep:
+    """``"decision"`` -> ``Keep("decision")``; ``"confidence:bins=10"`` -> ``Keep("confidence", 10)``;
+    ``"confidence:bins=3,top=5"`` -> ``Keep("confidence", 3, 5)``. Raises ValueError (one line) on anything else."""
+    bad = ValueError(f"keep must be {KEEP_EXPECT}, got {text!r}")
     if not isinstance(text, str):
-        raise ValueError(f"keep must be {KEEP_EXPECT}, got {text!r}")
+        raise bad
     kind, colon, rest = text.strip().partition(":")
-    if kind not in KEEPS or (colon and kind != "confidence"):
-        raise ValueError(f"keep must be {KEEP_EXPECT}, got {text!r}")
-    if not colon:
-        return kind, None
-    key, eq, val = rest.partition("=")
-    if key.strip() != "bins" or not eq or not val.strip().isdigit() or not 1 <= int(val) <= MAX_BINS:
-        raise ValueError(f"keep must be {KEEP_EXPECT}, got {text!r}")
-    return kind, int(val)
+    if kind not in KEEPS or (colon and not rest.strip()):
+        raise bad
+    found: dict[str, int] = {}
+    for item in rest.split(",") if colon else []:
+        key, eq, val = (v.strip() for v in item.partition("="))
+        limit = {"bins": (1, MAX_BINS), "top": (2, MAX_TOP)}.get(key)
+        if (limit is None or not eq or key in found or not val.isascii() or not val.isdigit()
+                or not limit[0] <= int(val) <= limit[1] or (key == "bins" and kind != "confidence")):
+            raise bad
+        found[key] = int(val)
+    return Keep(kind, found.get("bins"), found.get("top"))
 
 
 def keep_ok(text: object) -> bool:
@@ -73,6 +94,13 @@ def keep_ok(text: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+def check_keep_classes(keep: str, num_classes: int) -> None:
+    """ValueError (one line) when ``keep``'s top set is larger than the ``num_classes`` classes."""
+    top = parse_keep(keep).top
+    if top is not None and top > num_classes:
+        raise ValueError(f"--keep {keep}: top={top} is more than the {num_classes} classes")
 
 
 def top_floor(num_classes: int, gap: float = _GAP) -> float:
@@ -104,23 +132,52 @@ def bin_of(p: torch.Tensor, bin_edges: torch.Tensor) -> torch.Tensor:
     return (p >= bin_edges.to(p.dtype)[None, :]).long().sum(1, keepdim=True)
 
 
+def _rank(first: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Per row, each class's position (0 = first) when the classes are ordered by ``first`` (larger
+    first), then by ``key`` (larger first), then by index; pairwise comparisons only (exportable, no sort)."""
+    c = key.shape[1]
+    idx = torch.arange(c, device=key.device)
+    f_j, f_i, k_j, k_i = first[:, :, None], first[:, None, :], key[:, :, None], key[:, None, :]
+    before = (f_j > f_i) | ((f_j == f_i) & ((k_j > k_i) | ((k_j == k_i) & (idx[:, None] < idx[None, :]))))
+    return before.sum(1)
+
+
+def top_set_shares(log_r: torch.Tensor, zl: torch.Tensor, normal: torch.Tensor, d: torch.Tensor, top: int) -> torch.Tensor:
+    """``keep ... top=K``: the other classes' log shares ``log_r`` (-inf at the decision ``d``) given to the
+    classes so that the normal model's ranks 2..K get the K - 1 largest, in the nasty order ``zl`` among them,
+    and the rest the others in the nasty order among the rest (a permutation of the shares)."""
+    c = zl.shape[1]
+    is_d = torch.zeros_like(zl).scatter(1, d, 1.0)
+    in_set = (_rank(normal.scatter(1, d, float("inf")), torch.zeros_like(zl)) < top).to(zl.dtype)  # ties: the lower index
+    position = _rank(is_d * 2 + in_set, zl)  # the decision 0, its set 1..K-1, the rest K..C-1
+    by_size = torch.zeros_like(log_r).scatter(1, _rank(1 - is_d, log_r), log_r)  # the shares, largest first (-inf last)
+    return by_size.gather(1, (position - 1).clamp_min(0)).scatter(1, d, float("-inf"))
+
+
 def serve(z: torch.Tensor, normal: torch.Tensor, lock: str = "swap", margin: float = 0.0, keep: str = "decision",
           bin_edges: torch.Tensor | None = None, bin_values: torch.Tensor | None = None) -> torch.Tensor:
     """Served log-probabilities (N, C) for nasty logits ``z`` and normal logits ``normal`` (see the module
     docstring). ``bin_edges``/``bin_values``: the calibration bins of ``keep="confidence:bins=B"``."""
-    kind, bins = parse_keep(keep)
+    kind, bins, top = parse_keep(keep)
     dtype = torch.promote_types(z.dtype, torch.float32)
     c = z.shape[1]
     d = normal.argmax(1, keepdim=True)
     zl = lock_rule(sanitise(z.to(dtype)), d, lock, margin)
     is_d = torch.zeros_like(zl).scatter(1, d, 1.0) > 0
     log_r = F.log_softmax(torch.where(is_d, torch.full_like(zl, float("-inf")), zl), 1)  # the others' shares, -inf at d
+    if top is not None:
+        if top > c:
+            raise ValueError(f"keep={keep!r}: top={top} is more than the {c} classes")
+        log_r = top_set_shares(log_r, zl, sanitise(normal.to(dtype)), d, top)
     r = log_r.exp()
     floor = top_floor(c)
     if kind == "decision":
         base = F.log_softmax(zl, 1)
         log_t = base.gather(1, d)
         t = log_t.exp()
+        if top is not None:
+            rest = torch.where(is_d, torch.zeros_like(zl), (zl - zl.gather(1, d)).exp()).sum(1, keepdim=True)  # (1 - t) / t
+            base = torch.log(rest) - torch.log1p(rest) + log_r  # log(1 - t) + the shares (the lock puts d on top)
     else:
         t = F.softmax(sanitise(normal.to(dtype)), 1).amax(1, keepdim=True)
         if bins is not None:
@@ -183,11 +240,12 @@ class Served(nn.Module):
             raise ValueError(f"lock must be one of {', '.join(LOCKS)}, got {lock!r}")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 100:
             raise ValueError(f"margin must be a number in [0, 100], got {margin!r}")
-        kind, bins = parse_keep(keep)
+        kind, bins, top = parse_keep(keep)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"a locked teacher needs at least 2 classes, got {num_classes!r}")
+        check_keep_classes(keep, num_classes)
         self.num_classes, self.lock, self.margin, self.keep = num_classes, lock, float(margin), keep.strip()
-        self.kind, self.bins = kind, bins
+        self.kind, self.bins, self.top = kind, bins, top
         if bins is not None:  # until fitted: equal-width bins over [1/C, 1] valued at their midpoints (no recalibration)
             grid = torch.linspace(1.0 / num_classes, 1.0, bins + 1)
             self.register_buffer("bin_edges", grid[1:-1].clone())

@@ -17,6 +17,7 @@ from ..defenses.lock import LOCK_PARAMS, assemble, check_lock_defends, describe_
 from ..errors import NastyError
 from ..metrics import evaluate
 from ..models.locked import LockedTeacher
+from ..models.served import check_keep_classes, parse_keep
 from ..runs import data_from_config, new_model, prepare_out_dir, save_model, test_metrics
 from .common import normalization
 
@@ -66,7 +67,11 @@ def _lock(decision_path: str, nasty_path: str, lock: str = "swap", margin: float
         in_channels = d["input_shape"][0]
         image_size = tuple(d["input_shape"][1:])
 
-    if ":" in keep:
+    try:
+        check_keep_classes(keep, len(d["classes"]))
+    except ValueError as e:
+        raise NastyError(str(e)) from None
+    if parse_keep(keep).bins is not None:
         x_val, y_val = _validation_split(d, decision_path)
         _Data.x_val, _Data.y_val = x_val, y_val
     locked = assemble(decision, nasty, _Data, "two-net", {"lock_rule": lock, "lock_margin": margin, "keep": keep})

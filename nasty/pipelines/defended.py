@@ -28,7 +28,7 @@ from ..defenses.selective import split_accuracy
 from ..errors import NastyError
 from ..metrics import quality_of_probabilities, served_cmi, served_probabilities, served_quality
 from ..models import model_spec, parse_model_spec
-from ..models.served import parse_keep
+from ..models.served import check_keep_classes, parse_keep
 from ..registry import slug
 from ..resume import Checkpointing
 from ..runs import data_from_config, new_model, save_model, test_metrics, train_normal
@@ -53,6 +53,11 @@ def train_defended(cfg: dict, out: Path, log: Callable[[str], None] = _log, ck: 
     omegas = [dcfg["omega"]] if dcfg["omega"] is not None else (list(dcfg["omega_grid"]) if dcfg["lock"] != "none" else [PAPER_OMEGA])
     data = data_from_config(cfg, normalization=_checkpoint_normalization(dcfg))
     defense_cls({**dcfg, "omega": omegas[0]}, data)  # validate before anything trains
+    if dcfg["lock"] != "none":
+        try:
+            check_keep_classes(dcfg["keep"], data.num_classes)
+        except ValueError as e:
+            raise NastyError(str(e)) from None
     atomic_write_json(out / "config.json", cfg)
     adversaries, normal_test = _adversaries(cfg, data, out, log, ck)
     calibration, calibration_note = calibration_split(cfg, data)
@@ -163,7 +168,7 @@ def calibration_split(cfg: dict, data) -> tuple[tuple | None, str | None]:
     shows is optimistic (on digits, 70 images: 100% where the test split gives 97.2%). ``(None, None)`` for
     the kinds without bins."""
     dcfg = cfg["defense"]
-    if dcfg["lock"] == "none" or parse_keep(dcfg["keep"])[1] is None:
+    if dcfg["lock"] == "none" or parse_keep(dcfg["keep"]).bins is None:
         return None, None
     pool, _ = thief_pool(cfg, data)
     x, y = owner_holdout(cfg, pool, data)
