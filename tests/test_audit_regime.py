@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 
@@ -46,11 +47,26 @@ def test_audit_in_the_thiefs_regime(run_cli, subset_teacher, tmp_path):
     # hard-label is the floor of the thief's regime: reported beside the baselines, never gated as an attack
     assert "hard-label" not in t["attacks"] and "mlp:hidden=16" in t["floors"]["hard-label"]
     assert "every floor" in t["attacks"]["kd"]["threshold"]
-    hl = t["floors"]["hard-label"]["mlp:hidden=16"]["per_class_accuracy"]
-    base = {b: audit["baselines"][b]["mlp:hidden=16"]["per_class_accuracy"] for b in ("scratch", "label-smoothing")}
-    for c, row in enumerate(t["attacks"]["kd"]["students"]["mlp:hidden=16"]["classes"]):  # the better floor of each class
-        best = max([("hard-label", hl[c]), *((b, v[c]) for b, v in base.items())], key=lambda kv: kv[1])
-        assert row["baseline"] == best[0] or [v for _, v in [("hard-label", hl[c]), *((b, v[c]) for b, v in base.items())]].count(best[1]) > 1
+    # hard-label at each label smoothing of its grid is a floor of its own (the family of the probe's leakage)
+    hl = json.loads(next((runs / "teacher" / "hard-label").rglob("result.json")).read_text())
+    assert list(hl["floor_variants"]) == ["hard-label:ls=0", "hard-label:ls=0.1", "hard-label:ls=0.3"]
+    assert {n: t["floors"][n]["mlp:hidden=16"]["accuracy"] for n in hl["floor_variants"]} == pytest.approx(hl["floor_variants"])
+    assert hl["floor_variants"][f"hard-label:ls={hl['tuned']['label_smoothing']:g}"] == pytest.approx(hl["accuracy"])
+    y = __import__("nasty.data", fromlist=["load_dataset"]).load_dataset("digits", train_subset=700).y_test.numpy()
+    floors = {n: [float(100 * (np.load(next((runs / "teacher" / "hard-label").rglob(f"test_pred-variant{i}.npy")))[y == c] == c).mean())
+                  for c in range(10)] for i, n in enumerate(hl["floor_variants"])}
+    floors.update({b: audit["baselines"][b]["mlp:hidden=16"]["per_class_accuracy"] for b in ("scratch", "label-smoothing")})
+    for c, row in enumerate(t["attacks"]["kd"]["students"]["mlp:hidden=16"]["classes"]):  # the best floor of each class
+        best = max(v[c] for v in floors.values())
+        assert floors[row["baseline"]][c] == pytest.approx(best), (c, row["baseline"], {n: v[c] for n, v in floors.items()})
+    # a second run of the same audit reuses every run, the floors' candidates included
+    rc, stdout2, err = run_cli("audit", subset_teacher, "--attacks", "kd,hard-label,copycat", "--students", "mlp:hidden=16",
+                               "--seeds", "1", "--labelled", "30", "--queries", "150", "--epochs", "2", "--batch-size", "64", "--out", out)
+    assert rc in (0, 1), err
+    second = json.loads((out / "audit.json").read_text())
+    assert second["runtime"]["runs_trained"] == 0 and second["runtime"]["runs_reused"] > 0, second["runtime"]
+    again = second["targets"]["teacher"]
+    assert again["floors"] == t["floors"] and again["attacks"]["kd"]["students"] == t["attacks"]["kd"]["students"]
     # the regime is part of every run's key: another regime in the same folder is refused, not mixed in
     rc, _, err = run_cli("audit", subset_teacher, "--attacks", "kd", "--students", "mlp:hidden=16", "--seeds", "1", "--labelled", "40",
                          "--queries", "150", "--epochs", "2", "--batch-size", "64", "--out", out)

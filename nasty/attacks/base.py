@@ -270,7 +270,14 @@ class Attack:
                     f"{sum('failed' in r for r in rows)} failed)")
         if chosen.get("alpha") == 0:
             ctx.notes.append("tuning: the thief's validation split says labels alone win (alpha 0 chosen)")
-        return model, {"best_epoch": f.best_epoch, "val_accuracy": f.best_val_accuracy, "tuned": chosen, "tuning": rows}
+        extra = {"best_epoch": f.best_epoch, "val_accuracy": f.best_val_accuracy, "tuned": chosen, "tuning": rows}
+        if self.floor:  # a floor is judged as its whole family: every candidate that trained is a floor of its own
+            extra["_variants"] = {self.variant_name(g): m.model for g, m, f in zip(grid, members, fits) if not isinstance(f, Exception)}
+        return model, extra
+
+    def variant_name(self, values: dict[str, Any]) -> str:
+        """A tuning candidate as a floor of its own (``hard-label:ls=0.1``); see :data:`nasty.pipelines.leakage.FLOORS`."""
+        return f"{self.name}:{_tag(values)}"
 
 
 _SHORT = {"temperature": "T"}

@@ -20,6 +20,11 @@ from .copycat import Copycat
 TUNE_SMOOTHING = (0.0, 0.1, 0.3)
 
 
+def variant(label_smoothing: float) -> str:
+    """The name of hard-label at one label smoothing as a floor of its own: ``hard-label:ls=0.1``."""
+    return f"hard-label:ls={label_smoothing:g}"
+
+
 @register_attack
 class HardLabel(Copycat):
     name = "hard-label"
@@ -32,6 +37,9 @@ class HardLabel(Copycat):
     def tuning_grid(self, labels: bool = True) -> list[dict]:
         """The label smoothings 0, 0.1 and 0.3."""
         return [{"label_smoothing": ls} for ls in TUNE_SMOOTHING]
+
+    def variant_name(self, values: dict) -> str:
+        return variant(values["label_smoothing"])
 
     def objective(self, ctx, student):
         teacher = ctx.frozen_teacher()

@@ -7,7 +7,7 @@ attacks in one pass over the data (an audit's seeds).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,6 +68,7 @@ class PreparedAttack:
     augment: str
     output_defense: Any
     regime: dict | None = None  # the thief's regime (--labelled): how many labelled images, queries, validation images
+    variants: dict = field(default_factory=dict)  # a tuned floor's candidates, each a floor of its own: name -> test predictions
 
     def finish(self, model: nn.Module, extra: dict, seconds: float, *, trained_with: int = 1) -> tuple[nn.Module, dict]:
         """Score the trained student on the test split; the result dict of :func:`run_attack`."""
@@ -80,6 +81,8 @@ class PreparedAttack:
         else:
             teacher_pred = predict_logits(teachers[0], data.x_test).argmax(1)
         cls = type(self.attack)
+        variants = extra.pop("_variants", None) or {}  # models: kept out of the result (JSON), their predictions here
+        self.variants = {name: predict_logits(m, data.x_test).argmax(1) for name, m in variants.items()}
         result = {
             "method": self.method,
             "student": ctx.student,
@@ -102,6 +105,8 @@ class PreparedAttack:
             "train_seconds": seconds,
             "notes": self.notes + ctx.notes,
             **extra,
+            **({"floor_variants": {n: 100.0 * float((p == data.y_test).float().mean()) for n, p in self.variants.items()}}
+               if self.variants else {}),
         }
         if trained_with > 1:
             result["trained_with"] = trained_with  # students trained in the same pass; train_seconds is this run's share

@@ -74,10 +74,23 @@ class _Analysis:
         (``--labelled``) also hard-label extraction from the same target (the floor no decision-keeping defense lowers)."""
         out = dict(self.base_corr[student])
         if self.s.labelled is not None and a != "hard-label":
+            variants = self.variant_matrices(g, "hard-label", student)
             m = self.pred_matrix(g, "hard-label", student)
-            if m is not None:
+            if variants:  # every label smoothing of its grid, each a floor (the tuned one is among them)
+                out.update({n: stats.correctness(v, self.y) for n, v in variants.items()})
+            elif m is not None:
                 out["hard-label"] = stats.correctness(m, self.y)
         return out
+
+    def variant_matrices(self, group: str, method: str, student: str) -> dict[str, np.ndarray]:
+        """A tuned floor's candidates over the seeds (name -> (S, N) predictions); empty unless every seed has them all."""
+        rows = [self.runs.get((group, method, student, k)) for k in self.s.seed_list]
+        if any(r is None or not r.get("_variant_preds") for r in rows):
+            return {}
+        names = list(rows[0]["_variant_preds"])
+        if any(list(r["_variant_preds"]) != names for r in rows):
+            return {}
+        return {n: np.stack([r["_variant_preds"][n] for r in rows]) for n in names}
 
     def pred_matrix(self, group: str, method: str, student: str) -> np.ndarray | None:
         rows = [self.runs.get((group, method, student, k)) for k in self.s.seed_list]
@@ -105,6 +118,11 @@ class _Analysis:
             attacks = [a for a in attacks if a != "hard-label"]
             entry["floors"] = {"hard-label": {st: self.summary(g, "hard-label", st, tp) for st in s.students
                                               if self.pred_matrix(g, "hard-label", st) is not None}}
+            for st in s.students:  # each label smoothing's floor: accuracy over the seeds
+                for n, v in self.variant_matrices(g, "hard-label", st).items():
+                    accs = [float(100.0 * np.mean(row == self.y)) for row in v]
+                    entry["floors"].setdefault(n, {})[st] = {"accuracy": float(np.mean(accs)), "accuracy_per_seed": accs,
+                                                             "accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0}
         for a in attacks:
             att = self.attack_header(a)
             if (g, a) in skipped:
@@ -122,7 +140,7 @@ class _Analysis:
         s, cls = self.s, get_attack(a)
         rule = "gain" if cls.uses_labels else "fidelity"
         return {"method": a, "summary": cls.summary, "rule": rule,
-                "threshold": (f"gain > {s.margin:g} points over " + ("every floor (label-only baselines, hard-label)" if s.labelled is not None
+                "threshold": (f"gain > {s.margin:g} points over " + ("every floor (label-only baselines, hard-label at each label smoothing)" if s.labelled is not None
                                                                       else "both baselines") if rule == "gain"
                               else f"fidelity: accuracy / teacher's > {s.fidelity:g}")
                 + f", one-sided, {CORRECTION_TEXT[s.correction]}-adjusted p < {stats.ALPHA:g}",
@@ -337,8 +355,9 @@ def method_text(s: AuditSettings) -> dict:
     return {
         "gain": "gain g_c = acc(attack, c) - acc(better baseline, c), percentage points on test class c, averaged over seeds; "
                 "the better baseline is the label-only (scratch) or label-smoothing student with the higher accuracy on c"
-                + ("; in the thief's regime (labelled images plus unlabelled queries) also the hard-label student (the thief's labels "
-                   "and the teacher's top-1 on its queries, label smoothing tuned), trained against the same target: the tests run against every floor."
+                + ("; in the thief's regime (labelled images plus unlabelled queries) also the hard-label students (the thief's labels "
+                   "and the teacher's top-1 on its queries, one at each label smoothing 0, 0.1 and 0.3), trained against the same target: "
+                   "the tests run against every floor."
                    if s.labelled is not None else "."),
         "fidelity": "for attacks that never read the labels: r_c = acc(attack, c) / acc(teacher, c).",
         "pooled": "per attack and student, the same test with every test image together as one class: the overall "

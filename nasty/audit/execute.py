@@ -59,6 +59,12 @@ def load_run(run_dir: Path, key: str) -> dict | None:
     if not isinstance(res, dict) or res.get("audit_run_key") != key:
         return None
     res["_pred"] = pred
+    if res.get("floor_variants"):  # a tuned floor: each candidate's test predictions, a floor of its own
+        try:
+            res["_variant_preds"] = {n: np.load(run_dir / f"test_pred-variant{i}.npy", allow_pickle=False)
+                                     for i, n in enumerate(res["floor_variants"])}
+        except (OSError, ValueError):
+            return None
     if (run_dir / "val_pred.npy").is_file():
         try:
             res["_val_pred"] = np.load(run_dir / "val_pred.npy", allow_pickle=False)
@@ -118,9 +124,12 @@ class Runner:
             self.ex.failed.setdefault(gk, []).append(f"seed {job.seed}, {job.student}: internal error {type(e).__name__}: {e}")
             self.log(f"[audit] {job.label()} FAILED: internal error {type(e).__name__}: {e}")
 
-    def persist(self, job: Job, key: str, model, res: dict) -> None:
+    def persist(self, job: Job, key: str, model, res: dict, variants: dict | None = None) -> None:
         d, data = job.dir(self.out), self.plan.data
         pred = predict_logits(model, data.x_test).argmax(1).numpy().astype(np.int16)
+        variant_preds = {name: p.numpy().astype(np.int16) for name, p in (variants or {}).items()}
+        for i, p in enumerate(variant_preds.values()):  # in the order of res["floor_variants"]
+            save_npy(d / f"test_pred-variant{i}.npy", p)
         res.pop("confusion_matrix", None)
         res["audit_run_key"] = key
         res["group"] = job.group
@@ -131,6 +140,8 @@ class Runner:
         save_npy(d / "test_pred.npy", pred)
         atomic_write_json(d / "result.json", res)
         res["_pred"] = pred
+        if variant_preds:
+            res["_variant_preds"] = variant_preds
         if val_pred is not None:
             res["_val_pred"] = val_pred
         self.ex.runs[(job.group, job.method, job.student, job.seed)] = res
@@ -155,7 +166,7 @@ class Runner:
             return
         if (res.get("identification") or {}).get("label_only_run"):
             self.ex.counts["label_only_reused"] += 1
-        self.persist(job, key, model, res)
+        self.persist(job, key, model, res, prep.variants)
 
     def run_unit(self, unit: list[tuple[Job, str]]) -> None:
         """Train one unit: single-pass runs of one seed in one shared pass (grouped by their training

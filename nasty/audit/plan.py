@@ -89,7 +89,8 @@ class AuditPlan:
                       c["query"] if job.group != "baselines" else None, self.params[job.method], job.student, job.seed,
                       lab, s.surrogate if not lab else None, *([s.queries] if s.queries and not lab else []),
                       *([("thief", s.labelled, s.queries)] if s.labelled is not None else []),
-                      *([c["output_defense"]] if job.group == "teacher" and c["output_defense"] else [])])
+                      *([c["output_defense"]] if job.group == "teacher" and c["output_defense"] else []),
+                      *(["floor-variants"] if get_attack(job.method).floor else [])])  # runs of before the floor family retrain
 
 
 def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
@@ -154,7 +155,8 @@ def plan_audit(s: AuditSettings, log=print) -> AuditPlan:
     if s.labelled is not None and "hard-label" not in attacks_:
         attacks_.append("hard-label")  # the floor every attack of the thief's regime is judged against
         params["hard-label"] = attack_params("hard-label", s.params, tune=True)
-        regime_notes.append("hard-label is audited as the decision floor of the thief's regime (its label smoothing tuned, from 0.3)")
+        regime_notes.append("hard-label is audited as the decision floors of the thief's regime: one at each label smoothing of its grid "
+                            "(0, 0.1, 0.3); an attack transfers only where it beats every floor")
     notes = notes + regime_notes
     plan = AuditPlan(s, data, attacks_, notes, params, targets, teacher_sha, ref_sha, post, defenses, config,
                      {a: bool(get_attack(a).uses_labels) for a in attacks_}, {}, [], tcfg=tcfg)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..attacks import get_attack, run_attack
-from ..attacks.hardlabel import TUNE_SMOOTHING
+from ..attacks.hardlabel import TUNE_SMOOTHING, variant
 from ..config import train_config
 from ..errors import TrainingDiverged
 from ..frozen import TeacherOutputCache
@@ -44,7 +44,7 @@ from ..workers import default_jobs, run_tasks
 
 # name -> (method, its fixed settings): every floor trains for every student and seed; the best one of a seed is the floor
 FLOORS: dict[str, tuple[str, dict]] = {"scratch": ("scratch", {}), "label-smoothing": ("label-smoothing", {}),
-                                       **{f"hard-label:ls={ls:g}": ("hard-label", {"label_smoothing": ls}) for ls in TUNE_SMOOTHING}}
+                                       **{variant(ls): ("hard-label", {"label_smoothing": ls}) for ls in TUNE_SMOOTHING}}
 HOLDS_BELOW = 1.0  # points: a defense holds when the best honest attack's 95% upper bound of leakage is at most this
 
 
