@@ -5,7 +5,8 @@ decisions cannot lower this floor: a thief always gets at least this much from a
 teacher, so a defense's leakage is measured above the better of this floor and labels alone. Label
 smoothing (Szegedy et al. 2016) raises it: with ``tune`` it is chosen among 0, 0.1 and 0.3 on the thief's
 validation split, from 0.3 as a floor of the thief's regime (``floor_params``); it still reads only the
-thief's labels and the teacher's decisions.
+thief's labels and the teacher's decisions. As floors, the probe and the audit use each smoothing of the
+grid (:func:`variant`): a split of a few images cannot choose among them.
 """
 
 from __future__ import annotations
