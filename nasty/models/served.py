@@ -176,8 +176,12 @@ def serve(z: torch.Tensor, normal: torch.Tensor, lock: str = "swap", margin: flo
         log_t = base.gather(1, d)
         t = log_t.exp()
         if top is not None:
-            rest = torch.where(is_d, torch.zeros_like(zl), (zl - zl.gather(1, d)).exp()).sum(1, keepdim=True)  # (1 - t) / t
-            base = torch.log(rest) - torch.log1p(rest) + log_r  # log(1 - t) + the shares (the lock puts d on top)
+            # log((1 - t) / t) as a log-sum-exp over the others, shifted by their largest (never -inf, even
+            # where exp underflows); torch.logsumexp does not export
+            others = torch.where(is_d, torch.full_like(zl, float("-inf")), zl)
+            m = others.amax(1, keepdim=True)
+            log_rest = m - zl.gather(1, d) + torch.log((others - m).exp().sum(1, keepdim=True))
+            base = log_rest - F.softplus(log_rest) + log_r  # log(1 - t) + the shares (the lock puts d on top)
     else:
         t = F.softmax(sanitise(normal.to(dtype)), 1).amax(1, keepdim=True)
         if bins is not None:
