@@ -179,6 +179,12 @@ def test_exit_codes_and_report(run_cli, teacher_ckpt, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     rc, _, err = run_cli("report", tmp_path / "bad.json")
     assert rc == 2 and "transferred_count" in err
+    bad["targets"]["teacher"]["attacks"]["kd"]["transferred_count"] = len(bad["targets"]["teacher"]["attacks"]["kd"]["transferred_classes"])
+    for thief in ("x", {"images": "9", "labelled": 1, "pool": 9}, {"images": 9, "labelled": True, "pool": 9}, {"images": 9}):
+        bad["dataset"]["thief"] = thief
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        rc, _, err = run_cli("report", tmp_path / "bad.json")
+        assert rc == 2 and "dataset.thief" in err and err.strip().count("\n") == 0
     rc, _, err = run_cli("report", tmp_path / "missing.json")
     assert rc == 2 and "not found" in err
     # one seed: every interval is marked unreliable

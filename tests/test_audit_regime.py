@@ -43,6 +43,11 @@ def test_audit_in_the_thiefs_regime(run_cli, subset_teacher, tmp_path):
     assert cc["resources"]["train_images"] == 140 and cc["resources"]["labels"] is False
     audit = json.loads((out / "audit.json").read_text())
     assert any("never saw" in n for n in audit["notes"])
+    # the report says what the thief holds: its 150 images, 30 labelled, not the whole pool
+    assert audit["dataset"]["thief"] == {"images": 150, "labelled": 30, "pool": audit["dataset"]["train_images"]}
+    md = (out / "audit.md").read_text()
+    assert "the thief holds 150 of" in md and "30 of them labelled" in md and "the thief trains on" not in md
+    assert "on 150 images of the teacher's distribution, 30 of them with their ground-truth labels" in md
     t = audit["targets"]["teacher"]
     # hard-label is the floor of the thief's regime: reported beside the baselines, never gated as an attack
     assert "hard-label" not in t["attacks"] and "mlp:hidden=16" in t["floors"]["hard-label"]
@@ -81,3 +86,22 @@ def test_audit_refuses_impossible_regimes_before_training(run_cli, subset_teache
     rc, _, err = run_cli("audit", subset_teacher, "--attacks", "kd", "--seeds", "1", "--out", tmp_path / "a", *extra)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "a" / "runs").exists()
+
+
+def test_the_thief_never_draws_the_teachers_images_when_the_config_repeats_its_subset(subset_teacher):
+    """The owner audits with the config the teacher trained with (its train_subset included): the thief's images
+    are still the ones the teacher never saw. A different subset is the user's own choice and is kept. Seen
+    failing (the thief drew the teacher's 700 images) with the config's subset taken as the thief's."""
+    from nasty.config import load_config
+    from nasty.data import load_dataset
+    from nasty.pipelines.common import teacher_subset, thief_data
+
+    own, plain, other = (load_config(None, {"data": {"train_subset": k}} if k else {}) for k in (700, None, 500))
+    assert teacher_subset(subset_teacher, own) == teacher_subset(subset_teacher, plain) == 700
+    assert teacher_subset(subset_teacher, other) is None
+    full = load_dataset("digits")
+    for cfg in (own, plain):
+        data, note = thief_data(cfg, [subset_teacher], None)
+        assert "never saw" in note and len(data.y_train) + len(data.y_val) == len(full.y_train) + len(full.y_val) - 700
+    data, note = thief_data(other, [subset_teacher], None)
+    assert "never saw" not in note and len(data.y_train) + len(data.y_val) == 500

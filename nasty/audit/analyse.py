@@ -42,7 +42,9 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
                                   "pooled_share": stats.POOLED_SHARE, "resolution": s.resolution}},
         "method": method_text(s),
         "dataset": {"name": data.name, "classes": list(data.classes), "test_size": int(len(y)),
-                    "test_per_class": [int(v) for v in np.bincount(y, minlength=an.C)], "train_images": int(len(data.y_train))},
+                    "test_per_class": [int(v) for v in np.bincount(y, minlength=an.C)], "train_images": int(len(data.y_train)),
+                    **({"thief": {"images": int(s.queries or len(data.y_train)), "labelled": int(s.labelled),
+                                  "pool": int(len(data.y_train))}} if s.labelled is not None else {})},
         "baselines": an.baselines,
         "targets": targets,
         "defense_effect": _defense_effect(targets, attacks),
@@ -144,7 +146,7 @@ class _Analysis:
                                                                       else "both baselines") if rule == "gain"
                               else f"fidelity: accuracy / teacher's > {s.fidelity:g}")
                 + f", one-sided, {CORRECTION_TEXT[s.correction]}-adjusted p < {stats.ALPHA:g}",
-                "assumes": assumptions(a, s.query, self.data, s.surrogate), "params": self.config["params"][a],
+                "assumes": assumptions(a, s.query, self.data, s.surrogate, s.labelled, s.queries), "params": self.config["params"][a],
                 "status": "ok", "reason": None, "transferred_classes": [], "transferred_count": 0, "num_classes": self.C,
                 "students": {}}
 
@@ -316,8 +318,10 @@ def defense_text(defense: dict | None) -> str:
     return "; ".join(parts)
 
 
-def assumptions(method: str, query: str, data, surrogate: str | None = None) -> str:
-    """Plain-language statement of what the attack assumes of the thief in this audit."""
+def assumptions(method: str, query: str, data, surrogate: str | None = None, labelled: int | None = None,
+                queries: int | None = None) -> str:
+    """Plain-language statement of what the attack assumes of the thief in this audit (``labelled``/``queries``:
+    the thief's regime, its images drawn from the training split of ``data``)."""
     cls = get_attack(method)
     access = query.split(":")[0]
     what = {"weights": "the teacher's weights (white-box)", "logits": "the teacher's logits", "probs": "the teacher's full probability vector",
@@ -326,7 +330,11 @@ def assumptions(method: str, query: str, data, surrogate: str | None = None) -> 
         what = "the teacher's weights (white-box)"
     if not cls.needs_teacher:
         what = "no access to the teacher"
-    if cls.uses_labels:
+    if labelled is not None:
+        m = queries or len(data.y_train)
+        images = (f"on {m} images of the teacher's distribution, {labelled} of them with their ground-truth labels" if cls.uses_labels
+                  else f"on {m} images of the teacher's distribution, no labels")
+    elif cls.uses_labels:
         images = f"and the ground-truth labels of {len(data.y_train)} training images of the teacher's distribution"
     elif surrogate:
         images = f"on unlabelled images of another dataset ({surrogate}), no labels"

@@ -295,7 +295,8 @@ def _intro(audit: dict, k: dict) -> list[str]:
     lines = [f"Teacher {code(cfg['teacher'])} (SHA-256 {t(str(cfg['teacher_sha256'])[:12])}…)"
              + (f", reference {code(cfg['reference'])}" if cfg.get("reference") else "")
              + f"; dataset {t(ds['name'])} ({len(ds['classes'])} classes, {t(ds['test_size'])} test images; "
-             f"the thief trains on {t(ds['train_images'])} images).",
+             + (f"the thief holds {t(ds['thief']['images'])} of {t(ds['thief']['pool'])} training images, {t(ds['thief']['labelled'])} "
+                "of them labelled)." if ds.get("thief") else f"the thief trains on {t(ds['train_images'])} images)."),
              f"Teacher access: {code('--query ' + str(cfg['query']))}. Students: {t(', '.join(map(str, cfg['students'])))}; seeds: "
              f"{t(', '.join(map(str, cfg['seeds'])))}; {t(cfg['train'].get('epochs'))} epochs each.",
              f"Status: {b(t(audit['status']))}" + (f" ({t('; '.join(map(str, audit['problems'])))})" if audit["problems"] else "") + "."]

@@ -14,7 +14,9 @@ with bootstrap intervals and no p-values, are still read and rendered). Top-leve
   ``pooled_share`` and ``resolution``; v1 had ``bootstrap`` instead);
 - ``method``: the statistical method in words (``gain``, ``fidelity``, ``pooled`` (v3), ``interval``, ``test``,
   ``correction``, ``decision``, ``power``);
-- ``dataset``: ``name``, ``classes``, ``test_size``, ``test_per_class``, ``train_images``;
+- ``dataset``: ``name``, ``classes``, ``test_size``, ``test_per_class``, ``train_images``, and (added within v3, in
+  the thief's regime) ``thief``: ``images`` (what every thief holds), ``labelled`` (of them) and ``pool`` (the
+  training images they are drawn from);
 - ``baselines``: ``{"scratch"|"label-smoothing": {student: {accuracy, accuracy_sd, accuracy_per_seed,
   per_class_accuracy}}}``;
 - ``targets``: ``{"teacher": T, "reference": T}`` (reference only with ``--reference``), where ``T`` has
@@ -92,6 +94,10 @@ def validate(obj: object, where: str = "audit.json") -> dict:
     classes = obj["dataset"].get("classes")
     if not isinstance(classes, list) or not classes:
         raise NastyError(f"{where}: dataset.classes missing")
+    thief = obj["dataset"].get("thief")
+    if thief is not None and not (isinstance(thief, dict) and all(isinstance(thief.get(k), int) and not isinstance(thief.get(k), bool)
+                                                                   for k in ("images", "labelled", "pool"))):
+        raise NastyError(f"{where}: dataset.thief must give images, labelled and pool as integers")
     if "teacher" not in obj["targets"]:
         raise NastyError(f"{where}: targets.teacher missing")
     for g, tgt in obj["targets"].items():

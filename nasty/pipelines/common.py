@@ -29,12 +29,14 @@ def open_teacher(path: str | Path, data, what: str = "teacher") -> tuple[nn.Modu
 
 def teacher_subset(path: str | Path, cfg: dict) -> int | None:
     """How many training images the checkpoint at ``path`` trained on when that was a ``train_subset`` of
-    the same dataset and split as ``cfg``'s (so a thief's images can be kept apart from them), else ``None``."""
+    the same dataset and split as ``cfg``'s (so a thief's images can be kept apart from them), else ``None``.
+    ``cfg`` may name no subset or the teacher's own (the owner's config, which the teacher trained with); a
+    different subset is the user's choice of the thief's images, and is kept."""
     side = read_sidecar(path)[1]
     theirs = (side.get("config") or {}).get("data") or {}
     d = cfg["data"]
     k = theirs.get("train_subset")
-    if d["train_subset"] is not None or not isinstance(k, int) or isinstance(k, bool):
+    if not isinstance(k, int) or isinstance(k, bool) or d["train_subset"] not in (None, k):
         return None
     if theirs.get("dataset") != d["dataset"] or theirs.get("split_seed", 0) != d["split_seed"]:
         return None
@@ -49,6 +51,6 @@ def thief_data(cfg: dict, teachers: list[str | Path], norm, log=None):
     if k is None:
         return data_from_config(cfg, normalization=norm), ("the thief's images come from the training split the teacher trained on "
                                                            "(train the teacher with --train-subset to keep them apart)")
-    data = data_from_config(cfg, normalization=norm, exclude_subset=k)
+    data = data_from_config(cfg, normalization=norm, train_subset=None, exclude_subset=k)
     return data, f"the thief's images are the {len(data.y_train) + len(data.y_val)} training images the teacher never saw " \
                  f"(it trained on a subset of {k})"
