@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from nasty.checkpoint import load_checkpoint
+from nasty.attacks.run import thief_view
 from nasty.config import load_config
+from nasty.errors import NastyError
 from nasty.pipelines.leakage import measure, thief_pool
 from nasty.runs import data_from_config
 
@@ -41,6 +43,13 @@ def main() -> None:
     data = data_from_config(cfg)
     pool, note = thief_pool(cfg, data)
     regimes = args.regimes or [f"{cfg['probe']['labelled']}:{cfg['probe']['queries']}"]
+    for regime in regimes:  # every regime's bounds before anything trains (a run used to stop at the third)
+        try:
+            n, m = (int(v) for v in regime.split(":"))
+            thief_view(pool, n, m, "labels")
+        except (ValueError, NastyError) as e:
+            print(f"error: regime {regime!r}: {e if isinstance(e, NastyError) else 'expected N:M, two integers'}", file=sys.stderr)
+            sys.exit(2)
     out = {"meta": {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d %H:%M"), "pool": note}, "regimes": {}}
     print(f"{note}; seeds {args.seeds}")
