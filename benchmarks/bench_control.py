@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from nasty.checkpoint import load_checkpoint
 from nasty.attacks.run import thief_view
+from nasty.checkpoint import load_checkpoint
 from nasty.config import load_config
 from nasty.errors import NastyError
 from nasty.pipelines.leakage import measure, thief_pool
