@@ -105,3 +105,15 @@ def test_the_thief_never_draws_the_teachers_images_when_the_config_repeats_its_s
         assert "never saw" in note and len(data.y_train) + len(data.y_val) == len(full.y_train) + len(full.y_val) - 700
     data, note = thief_data(other, [subset_teacher], None)
     assert "never saw" not in note and len(data.y_train) + len(data.y_val) == 500
+
+
+def test_audit_with_a_reference_in_the_thiefs_regime(run_cli, subset_teacher, tmp_path):
+    """--reference with --labelled: the floors are reported for both targets and the defense effect is per
+    attack. Seen failing (an internal KeyError after every run had trained) with the floor taken as an attack."""
+    out = tmp_path / "r"
+    rc, _, err = run_cli("audit", subset_teacher, "--reference", subset_teacher, "--attacks", "kd", "--students", "mlp:hidden=16",
+                         "--seeds", "1", "--labelled", "30", "--queries", "150", "--epochs", "2", "--batch-size", "64", "--out", out)
+    assert rc in (0, 1), err
+    audit = json.loads((out / "audit.json").read_text())
+    assert list(audit["defense_effect"]) == ["kd"]
+    assert all("hard-label" in audit["targets"][g]["floors"] for g in ("teacher", "reference"))

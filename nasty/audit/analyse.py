@@ -47,7 +47,7 @@ def analyse(s: AuditSettings, data, attacks: list[str], runs: dict, teacher_pred
                                   "pool": int(len(data.y_train))}} if s.labelled is not None else {})},
         "baselines": an.baselines,
         "targets": targets,
-        "defense_effect": _defense_effect(targets, attacks),
+        "defense_effect": _defense_effect(targets),
         "gate": {"fail_on": s.fail_on, "failed": bool(failing), "failing_attacks": failing},
     }
 
@@ -235,13 +235,16 @@ def resolution_text(resolution: float) -> str:
             f"{resolution:g} points would not be found with the configured power)")
 
 
-def _defense_effect(targets: dict, attacks: list[str]) -> dict | None:
-    """With a reference: per attack, the classes the defense protects, those it leaves, those it opens."""
+def _defense_effect(targets: dict) -> dict | None:
+    """With a reference: per attack of both targets, the classes the defense protects, those it leaves, those
+    it opens (the floors of the thief's regime are not attacks, and have no entry)."""
     if "reference" not in targets:
         return None
     defense_effect = {}
-    for a in attacks:
-        t, r = targets["teacher"]["attacks"][a], targets["reference"]["attacks"][a]
+    for a, t in targets["teacher"]["attacks"].items():
+        r = targets["reference"]["attacks"].get(a)
+        if r is None:
+            continue
         if t["status"] == r["status"] == "ok":
             tt, rr = set(t["transferred_classes"]), set(r["transferred_classes"])
             defense_effect[a] = {"protected_classes": sorted(rr - tt), "still_transferred": sorted(rr & tt),
